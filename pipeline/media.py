@@ -1,0 +1,205 @@
+"""Media decoding with PyAV: probing, the frame grid, streamed video frames and audio.
+
+Every time here is in seconds from the container's start, so video frames and audio samples
+share one clock. Nothing holds a whole video in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import numpy as np
+
+DEFAULT_FPS = 30.0
+SAMPLE_RATE = 16_000
+IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "gif", "tiff_pipe")
+VIDEO_EXTENSIONS = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".flv", ".m4v", ".mpg", ".mpeg", ".ts", ".wmv"}
+AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus", ".wma"}
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | AUDIO_EXTENSIONS
+
+
+class MediaError(Exception):
+    """A file that cannot be used as media; the message names the problem, not the file."""
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    has_video: bool
+    has_audio: bool
+    fps: float
+    width: int
+    height: int
+    duration: float
+
+
+@dataclass
+class Media:
+    """One input file, its id in the store and its frame grid: what a stage is given."""
+
+    path: Path
+    video_id: str
+    info: MediaInfo
+    timestamps: np.ndarray  # (n,) float64 seconds; one row per frame
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.timestamps)
+
+    def audio(self) -> np.ndarray | None:
+        """The audio track as 16 kHz mono float32 from t=0, decoded once per Media."""
+        if "audio" not in self._cache:
+            self._cache["audio"] = read_audio(self.path) if self.info.has_audio else None
+        return self._cache["audio"]
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    try:
+        return av.open(str(path))
+    except FileNotFoundError:
+        raise MediaError("no such file") from None
+    except PermissionError:
+        raise MediaError("permission denied") from None
+    except IsADirectoryError:
+        raise MediaError("is a directory") from None
+    except av.error.FFmpegError as e:
+        raise MediaError(f"not a readable media file ({e.strerror or e})") from None
+
+
+def _start_time(container: av.container.InputContainer) -> float:
+    return container.start_time / av.time_base if container.start_time is not None else 0.0
+
+
+def probe(path: Path) -> MediaInfo:
+    with _open(path) as container:
+        if container.format.name in IMAGE_FORMATS:
+            raise MediaError(f"a still image ({container.format.name}), not a video or audio file")
+        video = container.streams.video[0] if container.streams.video else None
+        has_audio = bool(container.streams.audio)
+        if video is None and not has_audio:
+            raise MediaError("no video or audio stream")
+        duration = container.duration / av.time_base if container.duration else 0.0
+        if video is None:
+            return MediaInfo(False, True, DEFAULT_FPS, 0, 0, duration)
+        rate = video.average_rate or video.guessed_rate or video.base_rate
+        return MediaInfo(
+            has_video=True,
+            has_audio=has_audio,
+            fps=float(rate) if rate else DEFAULT_FPS,
+            width=video.codec_context.width,
+            height=video.codec_context.height,
+            duration=duration,
+        )
+
+
+def frame_grid(path: Path, info: MediaInfo, fps: float = DEFAULT_FPS) -> np.ndarray:
+    """Presentation times of the decoded video frames; a regular grid at `fps` for audio-only files.
+
+    The video is decoded (not converted to pixels) rather than demuxed, so the grid holds exactly
+    the frames a decoder produces, and a damaged file fails here, before any model runs.
+    """
+    if not info.has_video:
+        n = int(np.floor(_audio_duration(path) * fps))
+        if n == 0:
+            raise MediaError("audio track is empty")
+        return np.arange(n, dtype=np.float64) / fps
+    times = []
+    with _open(path) as container:
+        start = _start_time(container)
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        try:
+            for frame in container.decode(stream):
+                times.append(_frame_time(frame, start, len(times), info.fps))
+        except av.error.FFmpegError as e:
+            if not times:
+                raise MediaError(f"video stream cannot be decoded ({e.strerror or e})") from None
+            # A truncated tail: keep the frames that decoded, as players do.
+    if not times:
+        raise MediaError("video stream has no frames")
+    grid = np.asarray(times, dtype=np.float64)
+    if np.any(np.diff(grid) <= 0):
+        raise MediaError("video frame timestamps are not increasing")
+    return grid
+
+
+def _frame_time(frame: av.VideoFrame, start: float, index: int, fps: float) -> float:
+    if frame.pts is None or frame.time_base is None:
+        return index / fps
+    return float(frame.pts * frame.time_base) - start
+
+
+def iter_video_frames(
+    path: Path, batch_size: int = 32, max_side: int | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields (timestamps (b,), frames (b,h,w,3) uint8 RGB) in presentation order.
+
+    `max_side` downscales frames whose longer side exceeds it, during conversion.
+    """
+    with _open(path) as container:
+        start = _start_time(container)
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        fps = float(stream.average_rate or DEFAULT_FPS)
+        times: list[float] = []
+        frames: list[np.ndarray] = []
+        index = 0
+        try:
+            for frame in container.decode(stream):
+                times.append(_frame_time(frame, start, index, fps))
+                frames.append(_to_rgb(frame, max_side))
+                index += 1
+                if len(frames) == batch_size:
+                    yield np.asarray(times), np.stack(frames)
+                    times, frames = [], []
+        except av.error.FFmpegError:
+            pass  # a truncated tail, as in frame_grid
+        if frames:
+            yield np.asarray(times), np.stack(frames)
+
+
+def _to_rgb(frame: av.VideoFrame, max_side: int | None) -> np.ndarray:
+    if max_side and max(frame.width, frame.height) > max_side:
+        scale = max_side / max(frame.width, frame.height)
+        width, height = round(frame.width * scale), round(frame.height * scale)
+        return frame.to_ndarray(format="rgb24", width=width, height=height)
+    return frame.to_ndarray(format="rgb24")
+
+
+def read_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """The first audio track as mono float32 at `sample_rate`, sample 0 at t=0.
+
+    Leading silence is inserted when the track starts after the container does, so sample
+    index / sample_rate is a time on the same clock as the frame grid.
+    """
+    chunks: list[np.ndarray] = []
+    with _open(path) as container:
+        if not container.streams.audio:
+            raise MediaError("no audio stream")
+        start = _start_time(container)
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        offset = None
+        try:
+            for frame in container.decode(stream):
+                if offset is None and frame.pts is not None and frame.time_base is not None:
+                    offset = float(frame.pts * frame.time_base) - start
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+        except av.error.FFmpegError as e:
+            if not chunks:
+                raise MediaError(f"audio stream cannot be decoded ({e.strerror or e})") from None
+        for out in resampler.resample(None):
+            chunks.append(out.to_ndarray().reshape(-1))
+    audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    lead = max(0, round((offset or 0.0) * sample_rate))
+    if lead:
+        audio = np.concatenate([np.zeros(lead, np.float32), audio])
+    return audio.astype(np.float32, copy=False)
+
+
+def _audio_duration(path: Path) -> float:
+    return len(read_audio(path)) / SAMPLE_RATE

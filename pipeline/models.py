@@ -1,0 +1,71 @@
+"""Finding model weights: a local path, the cache, or a verified download.
+
+Weights are downloaded once into the cache (`$RCMA_CACHE`, default ~/.cache/rcma), checked
+against a SHA-256, and renamed into place only when the checksum matches. Offline, a missing
+file fails with one line saying which file and how to provide it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.request
+import uuid
+from pathlib import Path
+
+CACHE_ENV = "RCMA_CACHE"
+DOWNLOAD_TIMEOUT_S = 30
+
+
+class ModelUnavailable(Exception):
+    """Weights that are neither on disk nor downloadable; the message says how to provide them."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "rcma"))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_weights(
+    name: str, url: str, sha256: str | None, *, env_var: str, option: str, local: str | Path | None = None
+) -> Path:
+    """Path of verified weights for `name`: `local`, else `$env_var`, else the cache, else a download.
+
+    `sha256` may be None where the publisher gives no checksum; then a download is kept as is and
+    its checksum is recorded by the caller as provenance.
+    """
+    given = local or os.environ.get(env_var)
+    if given:
+        path = Path(given).expanduser()
+        if not path.is_file():
+            raise ModelUnavailable(
+                f"{name}: weights file {path} (from {option} or ${env_var}) does not exist"
+            )
+        return path
+    target = cache_dir() / name / url.rsplit("/", 1)[-1]
+    if target.is_file() and (sha256 is None or sha256_file(target) == sha256):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(tmp, "wb") as out:
+            while block := response.read(1 << 20):
+                out.write(block)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ModelUnavailable(
+            f"{name}: weights {target.name} are not in {target.parent} and could not be downloaded "
+            f"from {url} ({getattr(e, 'reason', e)}); download it and pass {option} PATH or set ${env_var}"
+        ) from None
+    if sha256 is not None and (actual := sha256_file(tmp)) != sha256:
+        tmp.unlink(missing_ok=True)
+        raise ModelUnavailable(f"{name}: downloaded {target.name} has SHA-256 {actual}, expected {sha256}")
+    os.replace(tmp, target)
+    return target

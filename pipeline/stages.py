@@ -1,0 +1,106 @@
+"""The one interface every extraction stage implements, and the registry of stages by name.
+
+A stage knows nothing of HDF5, Dask or progress bars: it is given one decoded `Media` and
+yields blocks of rows on that file's frame grid. The runner writes them and owns the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, ClassVar
+
+import numpy as np
+
+from pipeline.media import Media
+
+STAGES = {
+    "faces": "pipeline.faces:FacesStage",
+    "audio": "pipeline.audio:AudioStage",
+    "text": "pipeline.text:TextStage",
+}
+ALL = "all"
+
+
+@dataclass
+class Rows:
+    """Consecutive rows `start, start+1, ...` of per-frame arrays; every array has the same length."""
+
+    start: int
+    arrays: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+
+@dataclass
+class Extra:
+    """Arrays that are not on the frame grid (a transcript's words) and attrs, yielded once at the end."""
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage(ABC):
+    name: ClassVar[str]
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> Stage:
+        """Builds the stage from the extract command's options, taking the ones it accepts."""
+        accepted = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in options.items() if k in accepted})
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """Every setting that changes the output, as plain data; its hash decides what is done."""
+
+    def load(self) -> None:
+        """Loads models. Called once per process before the first `run`."""
+
+    def provenance(self) -> dict[str, Any]:
+        """Model names, weights checksums and library versions, recorded with each shard."""
+        return {}
+
+    @abstractmethod
+    def run(self, media: Media) -> Iterator[Rows | Extra]:
+        """Yields every frame's rows, in order, covering the whole grid; then optionally one Extra."""
+
+
+def config_hash(stage: Stage) -> str:
+    text = json.dumps({"stage": stage.name, **stage.config()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def build_stage(name: str, options: dict[str, Any]) -> Stage:
+    """A stage by name, built from plain options (so a Dask worker can build the same one)."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; choose from {', '.join([*STAGES, ALL])}")
+    module, cls = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), cls).from_options(options)
+
+
+def expand(names: list[str]) -> list[str]:
+    out: list[str] = []
+    for name in names:
+        for one in STAGES if name == ALL else [name]:
+            if one not in STAGES:
+                raise ValueError(f"unknown stage {one!r}; choose from {', '.join([*STAGES, ALL])}")
+            if one not in out:
+                out.append(one)
+    return out
+
+
+def library_versions(*packages: str) -> dict[str, str]:
+    out = {}
+    for package in packages:
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return out

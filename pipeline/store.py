@@ -1,0 +1,315 @@
+"""The feature store: one small HDF5 shard per (video, stage), and an index file that links them.
+
+Layout (see README "Store layout"):
+    store.h5                       index: /videos/<video_id>/{attrs, timestamps, <stage>/...}
+    store.h5.d/grid/<id>.h5        frame grid: timestamps and the video's attrs
+    store.h5.d/<stage>/<id>.h5     one stage's arrays for one video, with provenance attrs
+    store.h5.d/failed/<stage>/<id>.json   the last error of a failed (video, stage)
+
+Shards are written to a temporary name and renamed, so a killed process leaves either a whole
+shard or none. The index holds only relative external links and attrs, and is rebuilt from the
+shards (again via a temporary file and a rename), so it can always be recreated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+GRID = "grid"
+FAILED = "failed"
+CHUNK_BYTES = 1 << 20
+VIDEO_ATTRS = ("source", "fps", "n_frames", "duration", "width", "height", "has_video", "has_audio")
+
+
+class StoreError(Exception):
+    """A store that cannot be opened or used; the message names the file and the problem."""
+
+
+def shard_root(store: Path) -> Path:
+    return store.with_name(store.name + ".d")
+
+
+def shard_path(store: Path, stage: str, video_id: str) -> Path:
+    return shard_root(store) / stage / f"{video_id}.h5"
+
+
+def failure_path(store: Path, stage: str, video_id: str) -> Path:
+    return shard_root(store) / FAILED / stage / f"{video_id}.json"
+
+
+def check_store_path(store: Path) -> None:
+    if not store.parent.is_dir():
+        raise StoreError(f"{store}: folder {store.parent} does not exist")
+    if store.exists() and not store.is_file():
+        raise StoreError(f"{store}: exists and is not a file")
+
+
+class ShardWriter:
+    """Writes one shard: rows on the frame grid in blocks, then extra arrays and attrs.
+
+    Nothing is visible under the shard's name until `commit`; an exception or a kill leaves
+    only a temporary file, which the next `rebuild_index` removes.
+    """
+
+    def __init__(self, path: Path, n_rows: int, attrs: dict[str, Any]):
+        self.path = path
+        self.n_rows = n_rows
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        self.file = h5py.File(self.tmp, "w")
+        self.rows_written: dict[str, int] = {}
+        set_attrs(self.file, attrs)
+
+    def write_rows(self, start: int, arrays: dict[str, np.ndarray]) -> None:
+        for name, block in arrays.items():
+            block = np.asarray(block)
+            if name not in self.file:
+                row_bytes = max(1, block[0].nbytes if len(block) else block.itemsize)
+                chunk_rows = int(np.clip(CHUNK_BYTES // row_bytes, 1, max(1, self.n_rows)))
+                self.file.create_dataset(
+                    name,
+                    shape=(self.n_rows, *block.shape[1:]),
+                    dtype=block.dtype,
+                    chunks=(chunk_rows, *block.shape[1:]),
+                    compression="lzf",
+                )
+                self.rows_written[name] = 0
+            if start + len(block) > self.n_rows:
+                raise ValueError(f"{name}: rows {start}..{start + len(block)} past {self.n_rows}")
+            self.file[name][start : start + len(block)] = block
+            self.rows_written[name] += len(block)
+
+    def write_extra(self, arrays: dict[str, np.ndarray], attrs: dict[str, Any] | None = None) -> None:
+        for name, value in arrays.items():
+            value = np.asarray(value)
+            if value.dtype.kind == "U":
+                value = value.astype(object)
+                self.file.create_dataset(name, data=value, dtype=h5py.string_dtype())
+            else:
+                self.file.create_dataset(name, data=value)
+        set_attrs(self.file, attrs or {})
+
+    def commit(self) -> None:
+        short = {k: v for k, v in self.rows_written.items() if v != self.n_rows}
+        if short:
+            raise ValueError(f"rows written do not cover the {self.n_rows} frames: {short}")
+        self.file.close()
+        _fsync(self.tmp)
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def write_shard(
+    store: Path, stage: str, video_id: str, rows: dict[str, np.ndarray], attrs: dict[str, Any]
+) -> Path:
+    """Writes a whole shard at once (rows all on the frame grid)."""
+    n_rows = len(next(iter(rows.values())))
+    path = shard_path(store, stage, video_id)
+    with ShardWriter(path, n_rows, attrs) as writer:
+        writer.write_rows(0, rows)
+    return path
+
+
+def set_attrs(obj: h5py.HLObject, attrs: dict[str, Any]) -> None:
+    for key, value in attrs.items():
+        if isinstance(value, dict | list | tuple) and not isinstance(value, np.ndarray):
+            value = json.dumps(value, sort_keys=True)
+        elif value is None:
+            value = ""
+        obj.attrs[key] = value
+
+
+def read_shard_attrs(path: Path) -> dict[str, Any] | None:
+    """A finished shard's attrs, or None when it is missing or unreadable."""
+    try:
+        with h5py.File(path, "r") as f:
+            return {k: _plain(v) for k, v in f.attrs.items()}
+    except (OSError, KeyError):
+        return None
+
+
+def read_rows(path: Path, name: str) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        return f[name][:]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode()
+    return value
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def record_failure(store: Path, stage: str, video_id: str, source: str, error: str) -> None:
+    path = failure_path(store, stage, video_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"video_id": video_id, "stage": stage, "source": source, "error": error, "time": time.time()}
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)
+
+
+def clear_failure(store: Path, stage: str, video_id: str) -> None:
+    failure_path(store, stage, video_id).unlink(missing_ok=True)
+
+
+def _ids_under(folder: Path, suffix: str) -> Iterator[tuple[str, Path]]:
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.rglob(f"*{suffix}")):
+        if not path.name.startswith("."):
+            yield path.relative_to(folder).as_posix()[: -len(suffix)], path
+
+
+def stage_names(store: Path) -> list[str]:
+    root = shard_root(store)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in (GRID, FAILED))
+
+
+def failures(store: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """{stage: {video_id: record}} for every recorded failure."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    root = shard_root(store) / FAILED
+    if root.is_dir():
+        for stage_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            for video_id, path in _ids_under(stage_dir, ".json"):
+                out.setdefault(stage_dir.name, {})[video_id] = json.loads(path.read_text())
+    return out
+
+
+def rebuild_index(store: Path) -> int:
+    """Writes store.h5 afresh from the finished shards; returns the number of videos in it."""
+    root = shard_root(store)
+    for stale in root.rglob(".*.tmp") if root.is_dir() else []:
+        if time.time() - stale.stat().st_mtime > 3600:
+            stale.unlink(missing_ok=True)  # left by a killed writer long ago
+    grids = dict(_ids_under(root / GRID, ".h5"))
+    stages = {stage: dict(_ids_under(root / stage, ".h5")) for stage in stage_names(store)}
+    tmp = store.with_name(f".{store.name}.{uuid.uuid4().hex}.tmp")
+    count = 0
+    with h5py.File(tmp, "w") as index:
+        index.attrs["layout"] = "rcma-sharded-v1"
+        index.attrs["shards"] = root.name
+        videos = index.create_group("videos")
+        for video_id, grid in grids.items():
+            attrs = read_shard_attrs(grid)
+            if attrs is None:
+                continue
+            group = videos.require_group(video_id)
+            set_attrs(group, {k: attrs[k] for k in VIDEO_ATTRS if k in attrs})
+            group["timestamps"] = h5py.ExternalLink(_relative(grid, store), "/timestamps")
+            for stage, shards in stages.items():
+                if video_id in shards:
+                    group[stage] = h5py.ExternalLink(_relative(shards[video_id], store), "/")
+            count += 1
+    _fsync(tmp)
+    os.replace(tmp, store)
+    return count
+
+
+def _relative(path: Path, store: Path) -> str:
+    return path.relative_to(store.parent).as_posix()
+
+
+def open_store(store: Path) -> h5py.File:
+    """Opens a store index for reading, with a one-line error when it is missing or damaged."""
+    store = Path(store)
+    if not store.exists():
+        raise StoreError(f"{store}: no such store (run `rcma extract ... --store {store}` first)")
+    try:
+        f = h5py.File(store, "r")
+    except OSError:
+        raise StoreError(
+            f"{store}: not a readable HDF5 store (truncated or corrupt); "
+            f"`rcma index --store {store}` rebuilds it from {shard_root(store).name}/"
+        ) from None
+    if "videos" not in f:
+        f.close()
+        raise StoreError(f"{store}: not an rcma store (no /videos group)")
+    return f
+
+
+def video_ids(f: h5py.File) -> list[str]:
+    """Ids of the videos in an open store. Ids may contain '/', so nested groups are walked."""
+    found: list[str] = []
+
+    def walk(group: h5py.Group, prefix: str) -> None:
+        for key in group:
+            if not isinstance(group.get(key, getlink=True), h5py.HardLink):
+                continue
+            child = group[key]
+            if isinstance(child, h5py.Group):
+                if "n_frames" in child.attrs:
+                    found.append(prefix + key)
+                else:
+                    walk(child, f"{prefix}{key}/")
+
+    walk(f["videos"], "")
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class StageCount:
+    done: list[str]
+    failed: dict[str, str]
+    missing: list[str]
+
+
+def stage_counts(store: Path) -> dict[str, StageCount]:
+    """Per stage: finished videos, failed videos with their errors, and known videos with neither."""
+    root = shard_root(store)
+    failed = failures(store)
+    known = {vid for vid, _ in _ids_under(root / GRID, ".h5")}
+    for records in failed.values():
+        known |= set(records)
+    out = {}
+    for stage in sorted(set(stage_names(store)) | set(failed)):
+        done = {vid for vid, _ in _ids_under(root / stage, ".h5")}
+        errors = {vid: r["error"] for vid, r in failed.get(stage, {}).items() if vid not in done}
+        missing = sorted(known - done - set(errors))
+        out[stage] = StageCount(sorted(done), errors, missing)
+    return out
+
+
+def pack_store(store: Path, out: Path) -> None:
+    """Copies every video, following the external links, into one self-contained file."""
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    with open_store(store) as src, h5py.File(tmp, "w") as dst:
+        set_attrs(dst, {"layout": "rcma-packed-v1"})
+        for video_id in video_ids(src):
+            parent, _, name = f"videos/{video_id}".rpartition("/")
+            src.copy(src[f"videos/{video_id}"], dst.require_group(parent), name=name, expand_external=True)
+    os.replace(tmp, out)
