@@ -68,6 +68,8 @@ def extract(
 
     def show_failures(job: runner.Job, outcomes: list[runner.Outcome]) -> None:
         for o in outcomes:
+            if o.warning:
+                console.print(f"[yellow]warning:[/yellow] {o.source}: {o.stage}: {o.warning}", highlight=False)
             if o.status == "failed":
                 console.print(f"[red]failed:[/red] {o.source}: {o.stage}: {o.error}", highlight=False)
 

@@ -41,6 +41,7 @@ class Outcome:
     stage: str
     status: str  # "done" | "skipped" | "failed"
     error: str = ""
+    warning: str = ""  # a stage's note on a video it handled, e.g. "no video stream"
     frames: int = 0
     seconds: float = 0.0
 
@@ -79,7 +80,7 @@ def discover(inputs: Iterable[Path]) -> tuple[list[Job], Report]:
     for given in inputs:
         given = Path(given)
         if given.is_dir():
-            for path in sorted(p for p in given.rglob("*") if p.is_file()):
+            for path in sorted(p for p in given.rglob("*") if p.is_file() or p.is_symlink()):
                 if any(part.startswith(".") for part in path.relative_to(given).parts):
                     continue
                 if path.suffix.lower() not in MEDIA_EXTENSIONS:
@@ -90,13 +91,14 @@ def discover(inputs: Iterable[Path]) -> tuple[list[Job], Report]:
                         continue
                 found.append((path, given))
         elif given.exists() or given.is_symlink():
-            found.append((given, given.parent))
+            found.append((given, given.parent if given.is_absolute() else Path(".")))
         else:
             report.bad_paths.append((given, "no such file or folder"))
-    unique: dict[Path, Path] = {}
+    unique: dict[Path, tuple[Path, Path]] = {}
     for path, root in found:
-        unique.setdefault(path.resolve(), root)
-    return [Job(path, vid) for path, vid in _assign_ids(unique).items()], report
+        unique.setdefault(path.absolute(), (path, root))  # the same file named twice runs once
+    files = dict(unique.values())
+    return [Job(path, vid) for path, vid in _assign_ids(files).items()], report
 
 
 def _assign_ids(files: dict[Path, Path]) -> dict[Path, str]:
@@ -110,7 +112,7 @@ def _assign_ids(files: dict[Path, Path]) -> dict[Path, str]:
             ids[paths[0]] = stem
             continue
         for path in paths:
-            relative = path.relative_to(files[path].resolve())
+            relative = Path(os.path.relpath(path, files[path]))
             ids[path] = relative.with_suffix("").as_posix()
     counts = Counter(ids.values())
     for path, vid in ids.items():
@@ -147,7 +149,7 @@ class Extractor:
             started = time.perf_counter()
             try:
                 self._load(stage)
-                self._write(stage, media, chash, ghash, progress)
+                warning = self._write(stage, media, chash, ghash, progress)
             except FatalError:
                 raise
             except Exception as e:  # one bad video must never stop the others
@@ -156,7 +158,7 @@ class Extractor:
             st.clear_failure(self.store, stage.name, job.video_id)
             seconds = time.perf_counter() - started
             outcomes.append(
-                Outcome(job.video_id, source, stage.name, "done", frames=media.n_frames, seconds=seconds)
+                Outcome(job.video_id, source, stage.name, "done", "", warning, media.n_frames, seconds)
             )
         return outcomes
 
@@ -175,7 +177,12 @@ class Extractor:
 
     def _media(self, job: Job) -> Media:
         """The job's frame grid, from its grid shard when the file is unchanged, else decoded anew."""
-        stat = job.path.stat()
+        try:
+            stat = job.path.stat()
+        except FileNotFoundError:
+            raise MediaError("no such file (a dangling link?)" if job.path.is_symlink() else "no such file") from None
+        except PermissionError:
+            raise MediaError("permission denied") from None
         identity = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "fps_for_audio": self.fps}
         grid = st.shard_path(self.store, st.GRID, job.video_id)
         attrs = st.read_shard_attrs(grid)
@@ -192,15 +199,16 @@ class Extractor:
             st.GRID,
             job.video_id,
             rows,
-            {"source": str(job.path), "n_frames": len(timestamps), "identity": identity, **fields},
+            {"source": str(job.path.absolute()), "n_frames": len(timestamps), "identity": identity, **fields},
         )
         return Media(job.path, job.video_id, info, timestamps)
 
-    def _write(self, stage: Stage, media: Media, chash: str, ghash: str, progress: Progress | None) -> None:
+    def _write(self, stage: Stage, media: Media, chash: str, ghash: str, progress: Progress | None) -> str:
+        """Runs the stage into its shard; returns the stage's warning, if it gave one."""
         attrs: dict[str, Any] = {
             "stage": stage.name,
             "video_id": media.video_id,
-            "source": str(media.path),
+            "source": str(media.path.absolute()),
             "config": stage.config(),
             "config_hash": chash,
             "grid_hash": ghash,
@@ -210,6 +218,7 @@ class Extractor:
         started = time.perf_counter()
         path = st.shard_path(self.store, stage.name, media.video_id)
         label = f"{stage.name} {media.video_id}"
+        warning = ""
         with st.ShardWriter(path, media.n_frames, attrs) as writer:
             next_row = 0
             if progress:
@@ -226,7 +235,9 @@ class Extractor:
                         progress(label, next_row, media.n_frames)
                 elif isinstance(item, Extra):
                     writer.write_extra(item.arrays, item.attrs)
+                    warning = item.attrs.get("warning", warning)
             st.set_attrs(writer.file, {"seconds": time.perf_counter() - started})
+        return warning
 
 
 def library_versions_attr() -> dict[str, Any]:

@@ -1,0 +1,140 @@
+"""`rcma extract`, `status`, `index` end to end with the real faces stage (crops only, offline)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import CREMA_MP4, SINGLE_FACE
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline import runner
+from pipeline import store as st
+from pipeline.stages import build_stage
+
+REPO = Path(__file__).resolve().parents[1]
+FACES = ["--stage", "faces", "--visual-model", "none", "--quiet"]
+
+
+def rcma(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO, capture_output=True, text=True)
+
+
+def read_all(store: Path) -> dict[str, np.ndarray]:
+    arrays = {}
+    with st.open_store(store) as f:
+        for video_id in st.video_ids(f):
+            faces = f[f"videos/{video_id}/faces"]
+            for name in faces:
+                arrays[f"{video_id}/{name}"] = faces[name][:]
+    return arrays
+
+
+def test_extract_reports_bad_files_and_exits_nonzero(store, tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    shutil.copy(SINGLE_FACE, folder / "good.mp4")
+    (folder / "broken.mp4").write_bytes(SINGLE_FACE.read_bytes()[:20000])
+    (folder / "readme.txt").write_text("notes")
+    result = CliRunner().invoke(app, ["extract", str(folder), "--store", str(store), *FACES])
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert any(line.startswith("failed:") and "broken.mp4: faces: corrupt or truncated video" in line for line in lines)
+    assert any(line.startswith("skipped:") and "readme.txt" in line for line in lines)
+    assert "1 done, 0 already done, 1 failed" in result.output
+    status = CliRunner().invoke(app, ["status", "--store", str(store)])
+    assert status.exit_code == 0
+    assert "faces broken: corrupt or truncated video" in status.output
+    with st.open_store(store) as f:
+        assert st.video_ids(f) == ["good"]
+
+
+def test_store_in_a_missing_folder_and_missing_input_are_one_line_errors(tmp_path):
+    result = CliRunner().invoke(app, ["extract", str(SINGLE_FACE), "--store", str(tmp_path / "no" / "s.h5"), *FACES])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output and len(result.output.strip().splitlines()) == 1
+    result = CliRunner().invoke(app, ["extract", str(tmp_path / "nope.mp4"), "--store", str(tmp_path / "s.h5"), *FACES])
+    assert result.exit_code == 2
+    assert "nope.mp4: no such file or folder" in result.output
+
+
+def test_unknown_stage_is_a_clear_error(store):
+    result = CliRunner().invoke(app, ["extract", str(SINGLE_FACE), "--store", str(store), "--stage", "pose"])
+    assert result.exit_code == 2 and "unknown stage 'pose'" in result.output
+
+
+@pytest.mark.slow
+def test_kill_9_loses_no_finished_video_and_the_rerun_completes_identically(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for path in CREMA_MP4:
+        shutil.copy(path, videos / path.name)
+    killed = tmp_path / "killed" / "store.h5"
+    killed.parent.mkdir()
+    command = [sys.executable, "-m", "cli", "extract", str(videos), "--store", str(killed), *FACES]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = st.shard_root(killed) / "faces"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(shards.glob("*.h5"))) < 2:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = sorted(p.stem for p in shards.glob("*.h5"))
+    assert 2 <= len(finished) < len(CREMA_MP4), "kill landed outside the run; test proves nothing"
+    with h5py.File(killed, "r") as f:  # the index written before the kill still opens
+        assert set(st.video_ids(f)) <= set(finished) | {p.stem for p in CREMA_MP4}
+    rerun = rcma("extract", str(videos), "--store", str(killed), *FACES)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{len(CREMA_MP4) - len(finished)} done, {len(finished)} already done, 0 failed" in rerun.stderr
+
+    clean = tmp_path / "clean" / "store.h5"
+    clean.parent.mkdir()
+    assert rcma("extract", str(videos), "--store", str(clean), *FACES).returncode == 0
+    after_kill, uninterrupted = read_all(killed), read_all(clean)
+    assert after_kill.keys() == uninterrupted.keys()
+    for key, value in uninterrupted.items():
+        np.testing.assert_array_equal(after_kill[key], value, err_msg=key)
+
+
+@pytest.mark.slow
+def test_dask_cluster_writes_the_same_store(tmp_path):
+    from distributed import LocalCluster
+
+    videos = [CREMA_MP4[0], SINGLE_FACE]
+    local = tmp_path / "local" / "store.h5"
+    local.parent.mkdir()
+    jobs, _ = runner.discover(videos)
+    options = {"visual_model": "none", "crops": True, "device": "cpu"}
+    runner.run_local(jobs, runner.Extractor(local, [build_stage("faces", options)]))
+
+    distributed = tmp_path / "dask" / "store.h5"
+    distributed.parent.mkdir()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        scheduler_file = tmp_path / "scheduler.json"
+        scheduler_file.write_text(json.dumps(cluster.scheduler.identity()))
+        outcomes = runner.run_dask(jobs, cluster.scheduler_address, distributed, [("faces", options)], 30.0, False)
+        assert sorted(o.status for o in outcomes) == ["done", "done"]
+        again = runner.run_dask(jobs, str(scheduler_file), distributed, [("faces", options)], 30.0, False)
+        assert sorted(o.status for o in again) == ["skipped", "skipped"]
+    a, b = read_all(local), read_all(distributed)
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_index_command_repairs_a_damaged_index(store):
+    jobs, _ = runner.discover([SINGLE_FACE])
+    runner.run_local(jobs, runner.Extractor(store, []))
+    store.write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(100))
+    result = CliRunner().invoke(app, ["index", "--store", str(store)])
+    assert result.exit_code == 0 and "1 videos indexed" in result.output
+    with st.open_store(store) as f:
+        assert st.video_ids(f) == ["single_face"]

@@ -1,0 +1,234 @@
+"""The runner and the store: discovery, the frame grid, resumption, config changes, bad input.
+
+These use a light stage (each frame's mean colour, computed from the decoded frames) so that the
+mechanics are tested in seconds; the real stages have their own tests.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import av
+import h5py
+import numpy as np
+import pytest
+from conftest import CREMA_FLV, CREMA_MP4, HAMILTON, JFK, PEXELS, SINGLE_FACE
+
+from pipeline import runner
+from pipeline import store as st
+from pipeline.media import Media, iter_video_frames
+from pipeline.stages import Extra, Rows, Stage
+
+
+class FrameMean(Stage):
+    name = "meancolour"
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
+    def config(self) -> dict:
+        return {"scale": self.scale}
+
+    def run(self, media: Media):
+        done = 0
+        for times, frames in iter_video_frames(media.path, batch_size=16):
+            assert np.allclose(times, media.timestamps[done : done + len(times)])
+            means = frames.reshape(len(frames), -1, 3).mean(axis=1) * self.scale
+            yield Rows(done, {"present": np.ones(len(frames), bool), "mean": means.astype(np.float32)})
+            done += len(frames)
+        yield Extra(attrs={"frames_seen": done})
+
+
+def decoded_frame_count(path: Path) -> int:
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def extract(store: Path, paths: list[Path], stage: Stage | None = None, **kwargs) -> runner.Report:
+    jobs, report = runner.discover(paths)
+    extractor = runner.Extractor(store, [stage or FrameMean()], **kwargs)
+    report.outcomes = runner.run_local(jobs, extractor)
+    return report
+
+
+def test_discover_takes_media_by_content_and_makes_unique_ids(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(CREMA_MP4[0], tmp_path / "a" / "clip.mp4")
+    shutil.copy(CREMA_FLV[0], tmp_path / "b" / "clip.flv")
+    shutil.copy(SINGLE_FACE, tmp_path / "b" / "renamed.bin")  # media by content, not by name
+    (tmp_path / "notes.txt").write_text("not media")
+    (tmp_path / ".hidden.mp4").write_bytes(b"ignored")
+    jobs, report = runner.discover([tmp_path, tmp_path / "missing.mp4"])
+    assert sorted(j.video_id for j in jobs) == ["a/clip", "b/clip", "renamed"]
+    assert [p.name for p, _ in report.not_media] == ["notes.txt"]
+    assert [p.name for p, _ in report.bad_paths] == ["missing.mp4"]
+
+
+def test_store_has_one_row_per_decoded_frame_and_opens_with_plain_h5py(store, monkeypatch):
+    videos = [CREMA_MP4[0], CREMA_FLV[1], PEXELS, SINGLE_FACE]
+    report = extract(store, videos)
+    assert report.ok and report.counts()["done"] == 4
+    monkeypatch.chdir("/")  # external links resolve next to store.h5, not the working directory
+    with h5py.File(store, "r") as f:
+        for path in videos:
+            video = f[f"videos/{path.stem}"]
+            n = decoded_frame_count(path)
+            assert video.attrs["n_frames"] == n
+            assert video["timestamps"].shape == (n,)
+            assert np.all(np.diff(video["timestamps"][:]) > 0)
+            assert video["meancolour/mean"].shape == (n, 3)
+            assert video["meancolour/present"][:].all()
+            assert video.attrs["source"] == str(path)
+            attrs = video["meancolour"].attrs
+            assert attrs["config_hash"] and attrs["grid_hash"] and attrs["seconds"] > 0
+            assert "torch" in attrs["versions"] and attrs["frames_seen"] == n
+        assert f["videos/WolfgangLanger_Pexels"].attrs["fps"] == pytest.approx(23.976, abs=1e-3)
+        assert f["videos/single_face"].attrs["fps"] == pytest.approx(30.0)
+
+
+def test_rerun_skips_done_work_and_gives_identical_arrays(store):
+    extract(store, [CREMA_MP4[0], SINGLE_FACE])
+    first = st.read_rows(st.shard_path(store, "meancolour", "single_face"), "mean")
+    mtime = st.shard_path(store, "meancolour", "single_face").stat().st_mtime_ns
+    report = extract(store, [CREMA_MP4[0], SINGLE_FACE])
+    assert report.counts() == {"skipped": 2}
+    assert st.shard_path(store, "meancolour", "single_face").stat().st_mtime_ns == mtime
+    report = extract(store, [CREMA_MP4[0], SINGLE_FACE], force=True)
+    assert report.counts() == {"done": 2}
+    assert np.array_equal(st.read_rows(st.shard_path(store, "meancolour", "single_face"), "mean"), first)
+
+
+def test_changed_config_is_recomputed_not_mixed(store):
+    extract(store, [SINGLE_FACE])
+    report = extract(store, [SINGLE_FACE], stage=FrameMean(scale=2.0))
+    assert report.counts() == {"done": 1}
+    with st.open_store(store) as f:
+        assert f["videos/single_face/meancolour"].attrs["config"] == '{"scale": 2.0}'
+
+
+def test_changed_source_file_is_recomputed(store, tmp_path):
+    video = tmp_path / "clip.mp4"
+    shutil.copy(CREMA_MP4[0], video)
+    extract(store, [video])
+    shutil.copy(CREMA_MP4[1], video)
+    report = extract(store, [video])
+    assert report.counts() == {"done": 1}
+    with st.open_store(store) as f:
+        assert f["videos/clip"].attrs["n_frames"] == decoded_frame_count(CREMA_MP4[1])
+
+
+def make_audio_only(src: Path, dst: Path) -> None:
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        stream = out.add_stream_from_template(inp.streams.audio[0])
+        for packet in inp.demux(inp.streams.audio[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+
+
+def make_truncated(src: Path, dst: Path) -> None:
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) // 2])
+
+
+def make_empty_video(dst: Path) -> None:
+    with av.open(str(dst), "w") as out:
+        stream = out.add_stream("mpeg4", rate=30)
+        stream.width, stream.height = 64, 64
+        out.start_encoding()
+
+
+BAD_INPUTS = {
+    "truncated.mp4": (make_truncated, "corrupt or truncated video"),
+    "notes.mp4": (lambda src, dst: dst.write_text("hello, not a video\n" * 50), "not a readable media file"),
+    "empty.mp4": (lambda src, dst: make_empty_video(dst), "no video or audio stream"),
+    "dangling.mp4": (lambda src, dst: dst.symlink_to(dst.parent / "gone.mp4"), "no such file"),
+}
+
+
+def test_each_bad_input_fails_alone_with_a_clear_line(store, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, (make, _) in BAD_INPUTS.items():
+        make(CREMA_MP4[0], folder / name)
+    shutil.copy(SINGLE_FACE, folder / "good.mp4")
+    report = extract(store, [folder])
+    errors = {Path(o.source).name: o.error for o in report.failed}
+    assert set(errors) == set(BAD_INPUTS)
+    for name, (_, message) in BAD_INPUTS.items():
+        assert message in errors[name], errors[name]
+        assert "\n" not in errors[name]
+    assert [o.video_id for o in report.outcomes if o.status == "done"] == ["good"]
+    counts = st.stage_counts(store)["meancolour"]
+    assert counts.done == ["good"] and set(counts.failed) == {"truncated", "notes", "empty", "dangling"}
+    with st.open_store(store) as f:
+        assert st.video_ids(f) == ["good"]
+
+
+def test_audio_only_media_gets_a_grid_at_the_given_fps(store, tmp_path):
+    audio = tmp_path / "speech.m4a"
+    make_audio_only(CREMA_MP4[0], audio)
+    jobs, _ = runner.discover([audio, JFK])
+    extractor = runner.Extractor(store, [], fps=25.0)
+    runner.run_local(jobs, extractor)
+    with st.open_store(store) as f:
+        jfk = f["videos/jfk"]
+        assert not jfk.attrs["has_video"] and jfk.attrs["has_audio"]
+        assert jfk.attrs["n_frames"] == int(11.0 * 25)
+        assert np.allclose(np.diff(jfk["timestamps"][:]), 1 / 25)
+        assert f["videos/speech"].attrs["n_frames"] == pytest.approx(2.27 * 25, abs=2)
+
+
+def test_failure_is_cleared_once_the_video_succeeds(store, tmp_path):
+    video = tmp_path / "clip.mp4"
+    make_truncated(CREMA_MP4[0], video)
+    assert not extract(store, [video]).ok
+    assert st.stage_counts(store)["meancolour"].failed
+    shutil.copy(CREMA_MP4[0], video)
+    assert extract(store, [video]).ok
+    counts = st.stage_counts(store)["meancolour"]
+    assert counts.done == ["clip"] and not counts.failed
+
+
+def test_truncated_index_is_a_clear_error_and_rebuilds_from_shards(store):
+    extract(store, [SINGLE_FACE, CREMA_MP4[0]])
+    data = store.read_bytes()
+    store.write_bytes(data[: len(data) // 3])
+    with pytest.raises(st.StoreError, match="truncated or corrupt.*rcma index"):
+        st.open_store(store)
+    assert st.rebuild_index(store) == 2
+    with st.open_store(store) as f:
+        assert st.video_ids(f) == ["1001_DFA_ANG_XX", "single_face"]
+
+
+def test_not_a_store_and_missing_store_are_clear_errors(tmp_path):
+    with pytest.raises(st.StoreError, match="no such store"):
+        st.open_store(tmp_path / "nope.h5")
+    with pytest.raises(st.StoreError, match="folder .* does not exist"):
+        st.check_store_path(tmp_path / "missing" / "store.h5")
+
+
+def test_interrupted_shard_write_leaves_nothing_visible(store):
+    class Crashes(FrameMean):
+        def run(self, media):
+            yield from list(super().run(media))[:1]
+            raise RuntimeError("worker died")
+
+    report = extract(store, [CREMA_MP4[0]], stage=Crashes())
+    assert report.failed[0].error == "RuntimeError: worker died"
+    assert not st.shard_path(store, "meancolour", "1001_DFA_ANG_XX").exists()
+    leftovers = [p for p in st.shard_root(store).rglob("*") if p.suffix == ".tmp"]
+    assert leftovers == []
+
+
+def test_pack_copies_everything_into_one_file(store, tmp_path):
+    extract(store, [SINGLE_FACE, HAMILTON])
+    packed = tmp_path / "elsewhere" / "packed.h5"
+    packed.parent.mkdir()
+    st.pack_store(store, packed)
+    shutil.rmtree(st.shard_root(store))
+    with h5py.File(packed, "r") as f:
+        assert f["videos/short_hamilton_clip/meancolour/mean"].shape == (decoded_frame_count(HAMILTON), 3)
+        assert f["videos/single_face"].attrs["n_frames"] == 72
+        assert os.path.getsize(packed) > 0
