@@ -69,7 +69,9 @@ def extract(
     def show_failures(job: runner.Job, outcomes: list[runner.Outcome]) -> None:
         for o in outcomes:
             if o.warning:
-                console.print(f"[yellow]warning:[/yellow] {o.source}: {o.stage}: {o.warning}", highlight=False)
+                console.print(
+                    f"[yellow]warning:[/yellow] {o.source}: {o.stage}: {o.warning}", highlight=False
+                )
             if o.status == "failed":
                 console.print(f"[red]failed:[/red] {o.source}: {o.stage}: {o.error}", highlight=False)
 

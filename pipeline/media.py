@@ -88,14 +88,19 @@ def probe(path: Path) -> MediaInfo:
         if video is None:
             return MediaInfo(False, True, DEFAULT_FPS, 0, 0, duration)
         rate = video.average_rate or video.guessed_rate or video.base_rate
-        return MediaInfo(
-            has_video=True,
-            has_audio=has_audio,
-            fps=float(rate) if rate else DEFAULT_FPS,
-            width=video.codec_context.width,
-            height=video.codec_context.height,
-            duration=duration,
-        )
+        width, height = video.codec_context.width, video.codec_context.height
+        if _quarter_turns(container, video) % 2:
+            width, height = height, width
+        return MediaInfo(True, has_audio, float(rate) if rate else DEFAULT_FPS, width, height, duration)
+
+
+def _quarter_turns(container: av.container.InputContainer, video: av.VideoStream) -> int:
+    """The display rotation of the first frame, in counter-clockwise quarter turns (0 if unknown)."""
+    try:
+        frame = next(container.decode(video))
+    except (StopIteration, av.error.FFmpegError):
+        return 0
+    return round(frame.rotation / 90) % 4
 
 
 def frame_grid(path: Path, info: MediaInfo, fps: float = DEFAULT_FPS) -> np.ndarray:
@@ -180,11 +185,15 @@ def iter_video_frames(
 
 
 def _to_rgb(frame: av.VideoFrame, max_side: int | None) -> np.ndarray:
+    """The frame as displayed: phone videos store a display rotation instead of rotated pixels."""
     if max_side and max(frame.width, frame.height) > max_side:
         scale = max_side / max(frame.width, frame.height)
         width, height = round(frame.width * scale), round(frame.height * scale)
-        return frame.to_ndarray(format="rgb24", width=width, height=height)
-    return frame.to_ndarray(format="rgb24")
+        image = frame.to_ndarray(format="rgb24", width=width, height=height)
+    else:
+        image = frame.to_ndarray(format="rgb24")
+    quarter_turns = round(frame.rotation / 90) % 4  # counter-clockwise, as np.rot90 turns them
+    return np.ascontiguousarray(np.rot90(image, quarter_turns)) if quarter_turns else image
 
 
 def read_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

@@ -180,7 +180,9 @@ class Extractor:
         try:
             stat = job.path.stat()
         except FileNotFoundError:
-            raise MediaError("no such file (a dangling link?)" if job.path.is_symlink() else "no such file") from None
+            raise MediaError(
+                "no such file (a dangling link?)" if job.path.is_symlink() else "no such file"
+            ) from None
         except PermissionError:
             raise MediaError("permission denied") from None
         identity = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "fps_for_audio": self.fps}

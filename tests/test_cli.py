@@ -47,7 +47,10 @@ def test_extract_reports_bad_files_and_exits_nonzero(store, tmp_path):
     result = CliRunner().invoke(app, ["extract", str(folder), "--store", str(store), *FACES])
     assert result.exit_code == 1
     lines = result.output.splitlines()
-    assert any(line.startswith("failed:") and "broken.mp4: faces: corrupt or truncated video" in line for line in lines)
+    assert any(
+        line.startswith("failed:") and "broken.mp4: faces: corrupt or truncated video" in line
+        for line in lines
+    )
     assert any(line.startswith("skipped:") and "readme.txt" in line for line in lines)
     assert "1 done, 0 already done, 1 failed" in result.output
     status = CliRunner().invoke(app, ["status", "--store", str(store)])
@@ -58,10 +61,14 @@ def test_extract_reports_bad_files_and_exits_nonzero(store, tmp_path):
 
 
 def test_store_in_a_missing_folder_and_missing_input_are_one_line_errors(tmp_path):
-    result = CliRunner().invoke(app, ["extract", str(SINGLE_FACE), "--store", str(tmp_path / "no" / "s.h5"), *FACES])
+    result = CliRunner().invoke(
+        app, ["extract", str(SINGLE_FACE), "--store", str(tmp_path / "no" / "s.h5"), *FACES]
+    )
     assert result.exit_code == 2
     assert "does not exist" in result.output and len(result.output.strip().splitlines()) == 1
-    result = CliRunner().invoke(app, ["extract", str(tmp_path / "nope.mp4"), "--store", str(tmp_path / "s.h5"), *FACES])
+    result = CliRunner().invoke(
+        app, ["extract", str(tmp_path / "nope.mp4"), "--store", str(tmp_path / "s.h5"), *FACES]
+    )
     assert result.exit_code == 2
     assert "nope.mp4: no such file or folder" in result.output
 
@@ -120,7 +127,9 @@ def test_dask_cluster_writes_the_same_store(tmp_path):
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         scheduler_file = tmp_path / "scheduler.json"
         scheduler_file.write_text(json.dumps(cluster.scheduler.identity()))
-        outcomes = runner.run_dask(jobs, cluster.scheduler_address, distributed, [("faces", options)], 30.0, False)
+        outcomes = runner.run_dask(
+            jobs, cluster.scheduler_address, distributed, [("faces", options)], 30.0, False
+        )
         assert sorted(o.status for o in outcomes) == ["done", "done"]
         again = runner.run_dask(jobs, str(scheduler_file), distributed, [("faces", options)], 30.0, False)
         assert sorted(o.status for o in again) == ["skipped", "skipped"]

@@ -16,7 +16,7 @@ from conftest import CREMA_FLV, CREMA_MP4, HAMILTON, JFK, PEXELS, SINGLE_FACE
 
 from pipeline import runner
 from pipeline import store as st
-from pipeline.media import Media, iter_video_frames
+from pipeline.media import Media, iter_video_frames, probe
 from pipeline.stages import Extra, Rows, Stage
 
 
@@ -232,3 +232,20 @@ def test_pack_copies_everything_into_one_file(store, tmp_path):
         assert f["videos/short_hamilton_clip/meancolour/mean"].shape == (decoded_frame_count(HAMILTON), 3)
         assert f["videos/single_face"].attrs["n_frames"] == 72
         assert os.path.getsize(packed) > 0
+
+
+def test_display_rotation_is_applied_to_frames_and_size(tmp_path):
+    rotated = tmp_path / "portrait.mp4"
+    with av.open(str(SINGLE_FACE)) as inp, av.open(str(rotated), "w") as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        stream.set_display_rotation(90)
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    info = probe(rotated)
+    assert (info.width, info.height) == (360, 640)
+    _, upright = next(iter_video_frames(SINGLE_FACE, batch_size=2))
+    _, turned = next(iter_video_frames(rotated, batch_size=2))
+    assert turned.shape == (2, 640, 360, 3)
+    np.testing.assert_array_equal(turned, np.rot90(upright, 1, axes=(1, 2)))
