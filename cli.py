@@ -136,6 +136,23 @@ def status(store: StoreOption = Path("store.h5")) -> None:
 
 
 @app.command()
+def show(store: StoreOption = Path("store.h5")) -> None:
+    """Per video: frames, frame rate, and the share of frames each stage found data on."""
+    from pipeline.store import StoreError, summarize
+
+    try:
+        videos = summarize(store)
+    except StoreError as e:
+        raise fail(str(e)) from None
+    stages = sorted({stage for v in videos for stage in v.present})
+    table = Table("video", "frames", "fps", "seconds", *(f"{s} present" for s in stages))
+    for v in videos:
+        shares = (f"{v.present[s]:.0%}" if s in v.present else "-" for s in stages)
+        table.add_row(v.video_id, str(v.n_frames), f"{v.fps:.3f}", f"{v.duration:.1f}", *shares)
+    Console().print(table)
+
+
+@app.command()
 def index(store: StoreOption = Path("store.h5")) -> None:
     """Rebuild store.h5 from its shards (after a crash, or to repair a damaged index)."""
     from pipeline.store import rebuild_index

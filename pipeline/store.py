@@ -313,3 +313,28 @@ def pack_store(store: Path, out: Path) -> None:
             parent, _, name = f"videos/{video_id}".rpartition("/")
             src.copy(src[f"videos/{video_id}"], dst.require_group(parent), name=name, expand_external=True)
     os.replace(tmp, out)
+
+
+@dataclass(frozen=True)
+class VideoSummary:
+    video_id: str
+    n_frames: int
+    fps: float
+    duration: float
+    present: dict[str, float]  # stage -> share of frames present
+
+
+def summarize(store: Path) -> list[VideoSummary]:
+    """Per video in the index: length, and for each stage the share of frames with data."""
+    out = []
+    with open_store(store) as f:
+        for video_id in video_ids(f):
+            group = f[f"videos/{video_id}"]
+            present = {
+                stage: float(np.mean(group[stage]["present"][:])) if group[stage]["present"].size else 0.0
+                for stage in group
+                if isinstance(group[stage], h5py.Group) and "present" in group[stage]
+            }
+            n = int(group.attrs["n_frames"])
+            out.append(VideoSummary(video_id, n, float(group.attrs["fps"]), n / float(group.attrs["fps"]), present))
+    return out

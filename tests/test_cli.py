@@ -147,3 +147,14 @@ def test_index_command_repairs_a_damaged_index(store):
     assert result.exit_code == 0 and "1 videos indexed" in result.output
     with st.open_store(store) as f:
         assert st.video_ids(f) == ["single_face"]
+
+
+def test_show_summarises_each_video(store):
+    jobs, _ = runner.discover([SINGLE_FACE, CREMA_MP4[0]])
+    options = {"visual_model": "none", "crops": False, "device": "cpu"}
+    runner.run_local(jobs, runner.Extractor(store, [build_stage("faces", options)]))
+    result = CliRunner().invoke(app, ["show", "--store", str(store)])
+    assert result.exit_code == 0
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 3}
+    assert "72" in rows["single_face"] and "30.000" in rows["single_face"]
+    assert "100%" in rows["1001_DFA_ANG_XX"]  # a face on every CREMA-D frame
