@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one line per message, whatever the width
 
 StoreOption = Annotated[Path, typer.Option("--store", help="The feature store's index file (store.h5).")]
 QuietOption = Annotated[
@@ -39,6 +39,29 @@ def extract(
     crops: Annotated[
         bool, typer.Option("--crops/--no-crops", help="Store the 112x112 aligned faces.")
     ] = True,
+    audio_model: Annotated[
+        str, typer.Option(help="logmel, wav2vec2, hubert, wavlm or whisper-encoder.")
+    ] = "logmel",
+    audio_layer: Annotated[
+        int | None, typer.Option(help="Transformer layer of the audio model (default: the last).")
+    ] = None,
+    audio_weights: Annotated[
+        str | None, typer.Option(help="Local checkpoint for wav2vec2/hubert/wavlm ($RCMA_AUDIO_WEIGHTS).")
+    ] = None,
+    logmel_pool: Annotated[
+        str, typer.Option(help="logmel: stats (band mean+std, 128) or flat (96x64 patch).")
+    ] = "stats",
+    asr_model: Annotated[
+        str | None,
+        typer.Option(help="Whisper name, .pt checkpoint or CTranslate2 folder ($RCMA_ASR_MODEL)."),
+    ] = None,
+    asr_backend: Annotated[str, typer.Option(help="openai-whisper or faster-whisper.")] = "openai-whisper",
+    text_model: Annotated[
+        str | None, typer.Option(help="sentence-transformers name or folder ($RCMA_TEXT_MODEL).")
+    ] = None,
+    text_unit: Annotated[
+        str, typer.Option(help="Per frame: word-context (the word in its segment), word, or segment.")
+    ] = "word-context",
     fps: Annotated[float, typer.Option(help="Frame rate of the grid given to audio-only files.")] = 30.0,
     device: Annotated[str, typer.Option(help="cpu, cuda, or auto.")] = "auto",
     force: Annotated[bool, typer.Option(help="Recompute even what is already done.")] = False,
@@ -57,12 +80,24 @@ def extract(
         names = expand([n.strip() for item in stage for n in item.split(",") if n.strip()])
     except (StoreError, ValueError) as e:
         raise fail(str(e)) from None
-    options = {"visual_model": visual_model, "crops": crops, "device": device}
+    options = {
+        "visual_model": visual_model,
+        "crops": crops,
+        "device": device,
+        "audio_model": audio_model,
+        "audio_layer": audio_layer,
+        "audio_weights": audio_weights,
+        "logmel_pool": logmel_pool,
+        "asr_model": asr_model,
+        "asr_backend": asr_backend,
+        "text_model": text_model,
+        "text_unit": text_unit,
+    }
     jobs, report = runner.discover(paths)
     for path, problem in report.bad_paths:
-        console.print(f"[red]error:[/red] {path}: {problem}", highlight=False)
+        console.print(f"[red]error:[/red] {path}: {problem}", highlight=False, soft_wrap=True)
     for path, problem in report.not_media:
-        console.print(f"[yellow]skipped:[/yellow] {path}: {problem}", highlight=False)
+        console.print(f"[yellow]skipped:[/yellow] {path}: {problem}", highlight=False, soft_wrap=True)
     if not jobs:
         raise fail("no media files found in " + ", ".join(map(str, paths)))
 
@@ -73,7 +108,9 @@ def extract(
                     f"[yellow]warning:[/yellow] {o.source}: {o.stage}: {o.warning}", highlight=False
                 )
             if o.status == "failed":
-                console.print(f"[red]failed:[/red] {o.source}: {o.stage}: {o.error}", highlight=False)
+                console.print(
+                    f"[red]failed:[/red] {o.source}: {o.stage}: {o.error}", highlight=False, soft_wrap=True
+                )
 
     try:
         if scheduler:
@@ -94,7 +131,7 @@ def extract(
                     bars.advance(files)
 
                 report.outcomes = runner.run_local(jobs, extractor, on_frames, on_job)
-    except runner.FatalError as e:
+    except (runner.FatalError, ValueError) as e:  # ValueError: a stage option out of range
         raise fail(str(e)) from None
     counts = report.counts()
     console.print(
@@ -173,6 +210,195 @@ def pack(
     except StoreError as e:
         raise fail(str(e)) from None
     console.print(f"{out}: written")
+
+
+models_app = typer.Typer(no_args_is_help=True, help="Local models: list them, convert Whisper weights.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Whisper and text models usable here without a download, and the ones used by default."""
+    from pipeline import asr, text
+
+    for name, kind, path in asr.local_models():
+        Console().print(f"whisper  {name:<12} {kind:<24} {path}", highlight=False, soft_wrap=True)
+    for name, path in text.local_models():
+        Console().print(
+            f"text     {name:<12} {'sentence-transformers':<24} {path}", highlight=False, soft_wrap=True
+        )
+
+
+@models_app.command("convert-whisper")
+def models_convert_whisper(
+    source: Annotated[
+        Path | None, typer.Argument(help="CTranslate2 Whisper folder (default: the packaged tiny.en).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Checkpoint to write (default: into the rcma cache).")
+    ] = None,
+) -> None:
+    """Convert a CTranslate2 (faster-whisper) model into a checkpoint openai-whisper loads."""
+    from pipeline import asr
+    from pipeline.ct2_whisper import ConversionError
+
+    try:
+        path = asr.convert_whisper(source, out)
+    except (ConversionError, asr.ModelUnavailable) as e:
+        raise fail(str(e)) from None
+    console.print(
+        f"{path}: written (load with whisper.load_model or pass --asr-model)", highlight=False, soft_wrap=True
+    )
+
+
+labels_app = typer.Typer(no_args_is_help=True, help="Valence/arousal labels in a store.")
+app.add_typer(labels_app, name="labels")
+
+
+@labels_app.command("import")
+def labels_import(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Aff-Wild2 <video_id>.txt files, label CSVs, or folders of them.")
+    ],
+    store: StoreOption = Path("store.h5"),
+    split: Annotated[str | None, typer.Option(help="train, val or test, for every imported video.")] = None,
+    split_file: Annotated[
+        Path | None, typer.Option(help="A CSV or text file of `video_id,split` lines.")
+    ] = None,
+) -> None:
+    """Import per-frame or per-clip valence/arousal labels; an error writes nothing."""
+    from pipeline.labels import LabelError, import_labels
+
+    try:
+        imported = import_labels(store, paths, split, split_file)
+    except LabelError as e:
+        raise fail(str(e)) from None
+    for item in imported:
+        if item.warning:
+            console.print(f"[yellow]warning:[/yellow] {item.warning}", highlight=False, soft_wrap=True)
+    splits = sorted({item.split or "(no split)" for item in imported})
+    frames = sum(int(item.present.sum()) for item in imported)
+    console.print(
+        f"{store}: labels for {len(imported)} videos, {frames} labelled frames; splits: {', '.join(splits)}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def train(
+    features: Annotated[Path, typer.Option(help="The store, with labels.")] = Path("store.h5"),
+    out: Annotated[Path, typer.Option(help="Run folder (checkpoints, logs).")] = Path("runs/rcma"),
+    modalities: Annotated[str, typer.Option(help="Any of audio,visual,text.")] = "audio,visual,text",
+    fusion: Annotated[str, typer.Option(help="rcma, or concat (baseline).")] = "rcma",
+    joint: Annotated[str, typer.Option(help="others (RCMA) or all (RJCMA).")] = "others",
+    visual: Annotated[str, typer.Option(help="auto, embedding, or crops (end-to-end CNN).")] = "auto",
+    window: Annotated[int, typer.Option(help="Frames per window, K.")] = 300,
+    hop: Annotated[int, typer.Option(help="Training window hop.")] = 200,
+    width: Annotated[int, typer.Option(help="TCN output width per modality.")] = 128,
+    iterations: Annotated[int, typer.Option(help="Recursive attention iterations, L.")] = 3,
+    batch_size: Annotated[int, typer.Option(help="Windows per step.")] = 32,
+    epochs: Annotated[int, typer.Option(help="At most this many epochs.")] = 50,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (Adam).")] = 1e-3,
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better val CCC.")] = 10,
+    train_split: Annotated[str, typer.Option(help="Split trained on.")] = "train",
+    val_split: Annotated[str, typer.Option(help="Split for early stopping.")] = "val",
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, or auto.")] = "auto",
+    threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from last.pt.")] = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Train the TCN + recursive cross-modal attention model on a store's labelled videos."""
+    from fusion.train import TrainConfig, TrainError
+    from fusion.train import train as run_training
+
+    cfg = TrainConfig(
+        features=str(features),
+        out=str(out),
+        modalities=[m.strip() for m in modalities.split(",") if m.strip()],
+        fusion=fusion,
+        joint=joint,
+        visual=visual,
+        window=window,
+        hop=hop,
+        eval_hop=max(1, window // 2),
+        width=width,
+        iterations=iterations,
+        batch_size=batch_size,
+        epochs=epochs,
+        lr=lr,
+        patience=patience,
+        train_split=train_split,
+        val_split=val_split,
+        seed=seed,
+        device=device,
+        threads=threads,
+    )
+    try:
+        result = run_training(cfg, resume=resume, quiet=quiet)
+    except (TrainError, ValueError) as e:
+        raise fail(str(e)) from None
+    console.print(
+        f"best val CCC {result['best_ccc']:.4f} at epoch {result['best_epoch']} -> {result['best']}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Option(help="A checkpoint (best.pt or last.pt).")],
+    features: Annotated[Path, typer.Option(help="The feature store with labels.")] = Path("store.h5"),
+    split: Annotated[str, typer.Option(help="train, val, test, or all labelled videos.")] = "val",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda, or auto.")] = "auto",
+) -> None:
+    """CCC, PCC and RMSE per dimension, over all frames of the split and per video."""
+    import json
+
+    from fusion.predict import PredictError
+    from fusion.predict import evaluate as run_evaluation
+
+    try:
+        result = run_evaluation(model, features, None if split == "all" else split, device)
+    except PredictError as e:
+        raise fail(str(e)) from None
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table("video", "frames", "CCC V", "CCC A", "PCC V", "PCC A", "RMSE V", "RMSE A")
+    rows = [*result["videos"].items(), ("all frames", result["overall"])]
+    for name, s in rows:
+        table.add_row(
+            name,
+            str(s["frames"]),
+            *(f"{s[f'{k}_{d}']:.4f}" for k in ("ccc", "pcc", "rmse") for d in ("valence", "arousal")),
+        )
+    Console().print(table)
+    Console().print(
+        f"mean CCC ({result['split']}): {result['overall']['ccc']:.4f}", highlight=False, soft_wrap=True
+    )
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Option(help="A checkpoint (best.pt or last.pt).")],
+    features: Annotated[Path, typer.Option(help="The feature store.")] = Path("store.h5"),
+    out: Annotated[Path, typer.Option(help="Folder for CSVs, submission/ and plots/.")] = Path("predictions"),
+    split: Annotated[str | None, typer.Option(help="Only this split's videos (default: all).")] = None,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="A PNG per video.")] = True,
+    device: Annotated[str, typer.Option(help="cpu, cuda, or auto.")] = "auto",
+) -> None:
+    """Per-frame valence/arousal for every video: CSV, Aff-Wild2 submission .txt, and a plot."""
+    from fusion.predict import PredictError
+    from fusion.predict import predict as run_prediction
+
+    try:
+        videos = run_prediction(model, features, out, split, plots, device)
+    except PredictError as e:
+        raise fail(str(e)) from None
+    console.print(f"{out}: predictions for {len(videos)} videos", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

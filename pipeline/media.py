@@ -69,7 +69,9 @@ def _open(path: Path) -> av.container.InputContainer:
     except IsADirectoryError:
         raise MediaError("is a directory") from None
     except av.error.FFmpegError as e:
-        raise MediaError(f"not a readable media file ({e.strerror or e})") from None
+        raise MediaError(
+            f"not a readable media file: corrupt, truncated or not media ({e.strerror or e})"
+        ) from None
 
 
 def _start_time(container: av.container.InputContainer) -> float:

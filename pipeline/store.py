@@ -335,6 +335,6 @@ def summarize(store: Path) -> list[VideoSummary]:
                 for stage in group
                 if isinstance(group[stage], h5py.Group) and "present" in group[stage]
             }
-            n = int(group.attrs["n_frames"])
-            out.append(VideoSummary(video_id, n, float(group.attrs["fps"]), n / float(group.attrs["fps"]), present))
+            n, fps = int(group.attrs["n_frames"]), float(group.attrs["fps"])
+            out.append(VideoSummary(video_id, n, fps, n / fps, present))
     return out

@@ -48,14 +48,15 @@ def test_extract_reports_bad_files_and_exits_nonzero(store, tmp_path):
     assert result.exit_code == 1
     lines = result.output.splitlines()
     assert any(
-        line.startswith("failed:") and "broken.mp4: faces: corrupt or truncated video" in line
+        line.startswith("failed:")
+        and "broken.mp4: faces: not a readable media file: corrupt, truncated" in line
         for line in lines
     )
     assert any(line.startswith("skipped:") and "readme.txt" in line for line in lines)
     assert "1 done, 0 already done, 1 failed" in result.output
     status = CliRunner().invoke(app, ["status", "--store", str(store)])
     assert status.exit_code == 0
-    assert "faces broken: corrupt or truncated video" in status.output
+    assert "faces broken: not a readable media file: corrupt, truncated" in status.output
     with st.open_store(store) as f:
         assert st.video_ids(f) == ["good"]
 
