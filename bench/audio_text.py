@@ -1,0 +1,180 @@
+"""Real-time factors of the audio and text stages, against openai-whisper's own `transcribe`.
+
+RTF = compute seconds / media seconds (lower is faster), wall and CPU time, models loaded, one
+warm-up run each, then `--repeat` rounds in which every workload runs once; each keeps its best.
+Media: JFK (11 s) and the six CREMA-D mp4 clips (about 13 s together).
+
+The reference is `whisper.transcribe(model, audio)` called the usual way (default options, fp16
+off on CPU) on the same tiny.en weights. Given a path it would decode with the ffmpeg binary,
+which this machine lacks, so it is given the waveform decoded by PyAV; decoding is then not in
+its time, while the stages' times include decoding (a few milliseconds per file here).
+
+    .venv/bin/python bench/audio_text.py [--repeat 3] [--out bench/out/audio_text.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline import asr  # noqa: E402
+from pipeline.audio import AudioStage  # noqa: E402
+from pipeline.media import SAMPLE_RATE, Media, frame_grid, probe  # noqa: E402
+from pipeline.text import TextStage  # noqa: E402
+
+DATA = ROOT / "data"
+SETS = {
+    "jfk": [DATA / "jfk" / "jfk.flac"],
+    "crema-d": sorted((DATA / "crema-d" / "mp4").glob("*.mp4")),
+}
+
+
+def fresh_media(path: Path) -> Media:
+    info = probe(path)
+    return Media(path, path.stem, info, frame_grid(path, info))
+
+
+def seconds_of(paths: list[Path]) -> float:
+    return sum(len(fresh_media(p).audio()) / SAMPLE_RATE for p in paths)
+
+
+def timed(work: Callable[[Path], object], paths: list[Path], repeat: int) -> tuple[float, float]:
+    """Best (wall, CPU) seconds over `repeat` passes of `work` over every path.
+
+    CPU time is this process's, all threads together: on a shared machine it moves much less
+    than wall time when other jobs compete for the cores.
+    """
+    best_wall = best_cpu = float("inf")
+    for _ in range(repeat):
+        wall, cpu = time.perf_counter(), time.process_time()
+        for path in paths:
+            work(path)
+        best_wall = min(best_wall, time.perf_counter() - wall)
+        best_cpu = min(best_cpu, time.process_time() - cpu)
+    return best_wall, best_cpu
+
+
+def run_stage(stage) -> Callable[[Path], object]:
+    return lambda path: list(stage.run(fresh_media(path)))
+
+
+def random_ssl_weights(kind: str, folder: Path) -> str:
+    """wav2vec2/HuBERT/WavLM BASE with random weights: the real ones cannot be downloaded here,
+    and the compute time does not depend on the weights' values."""
+    import torchaudio
+
+    factory = {
+        "wav2vec2": torchaudio.models.wav2vec2_base,
+        "hubert": torchaudio.models.hubert_base,
+        "wavlm": torchaudio.models.wavlm_base,
+    }[kind]
+    path = folder / f"{kind}.pt"
+    torch.save(factory().state_dict(), path)
+    return str(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "audio_text.json")
+    args = parser.parse_args()
+
+    import whisper
+
+    durations = {name: seconds_of(paths) for name, paths in SETS.items()}
+    print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    warm = SETS["crema-d"][:1]
+    loads: dict[str, float] = {}
+    work: dict[str, Callable[[Path], object]] = {}
+
+    def load(label: str, stage) -> None:
+        started = time.perf_counter()
+        stage.load()
+        loads[label] = time.perf_counter() - started
+        work[label] = run_stage(stage)
+
+    tmp = tempfile.TemporaryDirectory()
+    load("audio logmel (stats)", AudioStage(device="cpu"))
+    load("audio logmel (flat)", AudioStage(logmel_pool="flat", device="cpu"))
+    load("audio whisper-encoder tiny.en", AudioStage(audio_model="whisper-encoder", device="cpu"))
+    for kind in ("wav2vec2", "hubert", "wavlm"):
+        weights = random_ssl_weights(kind, Path(tmp.name))
+        load(f"audio {kind} (random weights)", AudioStage(kind, audio_weights=weights, device="cpu"))
+    started = time.perf_counter()
+    reference_model = whisper.load_model(str(asr.resolve(None).path), device="cpu")
+    loads["whisper.load_model"] = time.perf_counter() - started
+    decoded = {p: fresh_media(p).audio() for paths in SETS.values() for p in paths}
+    work["whisper.transcribe (reference)"] = lambda p: whisper.transcribe(reference_model, decoded[p])
+    work["whisper.transcribe word_timestamps"] = lambda p: whisper.transcribe(
+        reference_model, decoded[p], word_timestamps=True
+    )
+    for backend in asr.BACKENDS:
+        stage = TextStage(asr_backend=backend, device="cpu")
+        load(f"text stage, {backend}", stage)
+        work[f"  transcription only, {backend}"] = lambda p, s=stage: s.transcribe(decoded[p])
+
+    # Round-robin: every workload runs once per round and keeps its best round, so a burst of
+    # load from other jobs on a shared machine does not fall on one workload only.
+    for run in work.values():
+        timed(run, warm, 1)
+    wall = {label: dict.fromkeys(SETS, float("inf")) for label in work}
+    cpu = {label: dict.fromkeys(SETS, float("inf")) for label in work}
+    for _ in range(args.repeat):
+        for label, run in work.items():
+            for name, paths in SETS.items():
+                w, c = timed(run, paths, 1)
+                wall[label][name] = min(wall[label][name], w)
+                cpu[label][name] = min(cpu[label][name], c)
+    tmp.cleanup()
+    results = {label: {n: wall[label][n] / durations[n] for n in SETS} for label in work}
+    cpu_results = {label: {n: cpu[label][n] / durations[n] for n in SETS} for label in work}
+    header = [f"{'wall ' + n:>14}" for n in SETS] + [f"{'cpu ' + n:>14}" for n in SETS]
+    print(f"{'RTF (seconds / media second)':<36}" + "".join(header))
+    for label in work:
+        cells = [f"{results[label][n]:>14.3f}" for n in SETS] + [
+            f"{cpu_results[label][n]:>14.3f}" for n in SETS
+        ]
+        print(f"{label:<36}" + "".join(cells))
+
+    reference = results["whisper.transcribe (reference)"]
+    cpu_reference = cpu_results["whisper.transcribe (reference)"]
+    print("\nratio to whisper.transcribe (reference), wall then CPU, per set:")
+    for label in results:
+        cells = [f"{results[label][n] / reference[n]:>14.2f}" for n in SETS]
+        cells += [f"{cpu_results[label][n] / cpu_reference[n]:>14.2f}" for n in SETS]
+        print(f"{label:<36}" + "".join(cells))
+    print("\nmodel load seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in loads.items()))
+    machine = {
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "load_average_at_end": os.getloadavg(),
+        "ffmpeg": shutil.which("ffmpeg") or "absent (reference given the waveform)",
+        "media_seconds": durations,
+    }
+    print(json.dumps(machine))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"rtf_wall": results, "rtf_cpu": cpu_results, "load_s": loads, "repeat": args.repeat, **machine}
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

