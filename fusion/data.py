@@ -1,0 +1,237 @@
+"""A store as training data: every needed array read once into one contiguous tensor per modality.
+
+All videos' frames are stacked end to end (video i owns rows offsets[i]:offsets[i+1]) with one
+extra all-zero row at the end, N, that padding positions point to. A window is a start row and a
+length; cutting a batch of windows is one gather with precomputed indices, on whatever device
+the tensors live on, so the training loop never touches HDF5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.store import StoreError, open_store, video_ids
+
+from .model import CNN_CHANNELS, CROP_STORED, MODALITIES
+
+STAGE_OF = {"audio": "audio", "visual": "faces", "text": "text"}
+READ_BLOCK = 4096  # crops are read and resized this many frames at a time
+
+
+class DataError(Exception):
+    """A store or split that cannot be trained or evaluated on; the message says why in one line."""
+
+
+@dataclass
+class StoreData:
+    video_ids: list[str]
+    offsets: np.ndarray  # (videos + 1,) int64
+    timestamps: np.ndarray  # (N,) float64
+    features: dict[str, torch.Tensor]  # (N + 1, D) float16, or (N + 1, 3, 48, 48) uint8 crops
+    present: dict[str, torch.Tensor]  # (N + 1,) bool
+    labels: torch.Tensor  # (N + 1, 2) float32
+    labelled: torch.Tensor  # (N + 1,) bool
+    dims: dict[str, int]  # input width per modality, as the model sees it
+    visual_input: str  # "embedding", "crops" or "" (no visual)
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.offsets[-1])
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def read_splits(store: Path) -> dict[str, str]:
+    """video id -> split ("" when labelled without a split); videos without labels are left out."""
+    with open_store(store) as f:
+        out = {}
+        for vid in video_ids(f):
+            group = f[f"videos/{vid}"]
+            if "labels" in group:
+                split = group["labels"].attrs.get("split", "")
+                out[vid] = split.decode() if isinstance(split, bytes) else str(split)
+        return out
+
+
+def select_videos(store: Path, splits: list[str] | None, need_labels: bool) -> list[str]:
+    """Video ids in the given splits (all videos when None), with a clear error when none are."""
+    with open_store(store) as f:
+        every = video_ids(f)
+    if splits is None and not need_labels:
+        if not every:
+            raise DataError(f"{store}: the store has no videos")
+        return every
+    known = read_splits(store)
+    chosen = [v for v in every if v in known and (splits is None or known[v] in splits)]
+    if not chosen:
+        have = sorted({s or "(none)" for s in known.values()})
+        wanted = ", ".join(splits) if splits else "any"
+        raise DataError(
+            f"{store}: no labelled videos in split {wanted} (splits present: {', '.join(have) or 'none'}; "
+            "set them with `rcma labels import ... --split` or `--split-file`)"
+        )
+    return chosen
+
+
+def load(
+    store: Path,
+    modalities: list[str],
+    videos: list[str],
+    visual: str = "auto",
+    device: str | torch.device = "cpu",
+) -> StoreData:
+    """Reads the given videos' arrays for `modalities` once, checks them, and moves them to `device`.
+
+    visual: "embedding" (faces/embedding), "crops" (faces/crops, for the end-to-end CNN) or "auto"
+    (the embedding when every video has one, else the crops).
+    """
+    bad = [m for m in modalities if m not in MODALITIES]
+    if bad or not modalities:
+        raise DataError(f"unknown modality {bad or modalities}; choose from {', '.join(MODALITIES)}")
+    try:
+        f = open_store(store)
+    except StoreError as e:
+        raise DataError(str(e)) from None
+    with f:
+        groups = [f[f"videos/{v}"] for v in videos]
+        lengths = np.array([int(g.attrs["n_frames"]) for g in groups], np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        n = int(offsets[-1])
+        visual_input = _visual_input(store, groups, videos, visual) if "visual" in modalities else ""
+        timestamps = np.zeros(n, np.float64)
+        labels = np.zeros((n + 1, 2), np.float32)
+        labelled = np.zeros(n + 1, bool)
+        features: dict[str, np.ndarray] = {}
+        present: dict[str, np.ndarray] = {}
+        dims: dict[str, int] = {}
+        for m in modalities:
+            stage = STAGE_OF[m]
+            name = "crops" if m == "visual" and visual_input == "crops" else "embedding"
+            for vid, g in zip(videos, groups, strict=True):
+                if stage not in g or name not in g[stage]:
+                    flag = " --crops" if name == "crops" else ""
+                    raise DataError(
+                        f"{store}: video {vid} has no {stage}/{name} (run `rcma extract ... --stage {stage}"
+                        f"{flag} --store {store}`)"
+                    )
+            if name == "crops":
+                features[m] = np.zeros((n + 1, 3, CROP_STORED, CROP_STORED), np.uint8)
+                dims[m] = CNN_CHANNELS[-1]
+            else:
+                widths = {g[stage][name].shape[1] for g in groups}
+                if len(widths) > 1:
+                    raise DataError(f"{store}: {stage}/{name} widths differ between videos: {sorted(widths)}")
+                dims[m] = widths.pop()
+                features[m] = np.zeros((n + 1, dims[m]), np.float16)
+            present[m] = np.zeros(n + 1, bool)
+        for i, (vid, g) in enumerate(zip(videos, groups, strict=True)):
+            lo, hi = offsets[i], offsets[i + 1]
+            timestamps[lo:hi] = g["timestamps"][:]
+            if "labels" in g:
+                lab = g["labels"]
+                labels[lo:hi, 0] = lab["valence"][:]
+                labels[lo:hi, 1] = lab["arousal"][:]
+                labelled[lo:hi] = lab["present"][:]
+            for m in modalities:
+                group = g[STAGE_OF[m]]
+                present[m][lo:hi] = group["present"][:]
+                if m == "visual" and visual_input == "crops":
+                    _read_crops(group["crops"], features[m][lo:hi])
+                else:
+                    block = group["embedding"][:]
+                    if not np.isfinite(block).all():
+                        bad_rows = np.flatnonzero(~np.isfinite(block).all(axis=1))
+                        raise DataError(
+                            f"{store}: video {vid}: {STAGE_OF[m]}/embedding has NaN or inf values "
+                            f"({len(bad_rows)} frames, first at frame {bad_rows[0]})"
+                        )
+                    features[m][lo:hi] = block
+        if not np.isfinite(labels).all():
+            raise DataError(f"{store}: labels contain NaN or inf values")
+    return StoreData(
+        video_ids=list(videos),
+        offsets=offsets,
+        timestamps=timestamps,
+        features={m: torch.from_numpy(a).to(device) for m, a in features.items()},
+        present={m: torch.from_numpy(a).to(device) for m, a in present.items()},
+        labels=torch.from_numpy(labels).to(device),
+        labelled=torch.from_numpy(labelled).to(device),
+        dims=dims,
+        visual_input=visual_input,
+    )
+
+
+def _visual_input(store: Path, groups: list[h5py.Group], videos: list[str], visual: str) -> str:
+    if visual not in ("auto", "embedding", "crops"):
+        raise DataError(f"visual input must be auto, embedding or crops, not {visual!r}")
+    missing = [v for v, g in zip(videos, groups, strict=True) if "faces" not in g]
+    if missing:
+        raise DataError(
+            f"{store}: video {missing[0]} has no faces features "
+            f"(run `rcma extract ... --stage faces --store {store}`)"
+        )
+    if visual != "auto":
+        return visual
+    return "embedding" if all("embedding" in g["faces"] for g in groups) else "crops"
+
+
+def _read_crops(dataset: h5py.Dataset, out: np.ndarray) -> None:
+    """(n, 112, 112, 3) uint8 -> (n, 3, 48, 48) uint8, area-resized block by block."""
+    for lo in range(0, len(out), READ_BLOCK):
+        block = torch.from_numpy(dataset[lo : lo + READ_BLOCK]).permute(0, 3, 1, 2).float()
+        small = F.interpolate(block, size=(CROP_STORED, CROP_STORED), mode="area")
+        out[lo : lo + len(block)] = small.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def windows(
+    offsets: np.ndarray, window: int, hop: int, chosen: list[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(start row, length) of every window of the chosen videos; windows never cross a video's end.
+
+    Starts go 0, hop, 2 hop, ... and a last window ends exactly at the video's end, so every frame
+    is covered. A video shorter than `window` gives one window of its length (padded when cut).
+    """
+    starts, lengths = [], []
+    for i in range(len(offsets) - 1) if chosen is None else chosen:
+        lo, hi = int(offsets[i]), int(offsets[i + 1])
+        n = hi - lo
+        if n == 0:
+            continue
+        if n <= window:
+            starts.append(lo)
+            lengths.append(n)
+            continue
+        s = list(range(0, n - window + 1, hop))
+        if s[-1] != n - window:
+            s.append(n - window)
+        starts += [lo + x for x in s]
+        lengths += [window] * len(s)
+    return np.array(starts, np.int64), np.array(lengths, np.int64)
+
+
+def window_index(
+    starts: torch.Tensor, lengths: torch.Tensor, window: int, pad_row: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices (B, K) of a batch of windows, padding positions pointing at `pad_row`, and validity."""
+    steps = torch.arange(window, device=starts.device)
+    valid = steps.unsqueeze(0) < lengths.unsqueeze(1)
+    index = torch.where(valid, starts.unsqueeze(1) + steps, pad_row)
+    return index, valid
+
+
+def cut(data: StoreData, index: torch.Tensor, valid: torch.Tensor) -> dict[str, object]:
+    """One batch: features, presence, labels and masks gathered at `index` (B, K)."""
+    return {
+        "inputs": {m: x[index] for m, x in data.features.items()},
+        "present": {m: p[index] for m, p in data.present.items()},
+        "valid": valid,
+        "labels": data.labels[index],
+        "labelled": data.labelled[index] & valid,
+    }

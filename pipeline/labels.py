@@ -1,0 +1,310 @@
+"""Valence/arousal label import: annotation files -> one "labels" shard per video, on its frame grid.
+
+Formats:
+- Aff-Wild2 VA files `<video_id>.txt`: a `valence,arousal` header, then one line per frame;
+  -5 marks an unannotated frame (stored with present=False).
+- CSV with a `video_id` column (or `file`, a path whose name without extension is the id),
+  `valence` and `arousal`, and either `frame` (0-based index), `time` (seconds, matched to the
+  nearest frame of the video's timestamps; several rows on one frame are averaged), or neither
+  (one row per clip, given to all of its frames).
+
+Labels that run a few frames past the video or stop a few frames short (at most
+max(TOLERANCE_FRAMES, TOLERANCE_SHARE * n)) are trimmed or padded with a warning; anything
+larger, an unknown video id or a malformed file is an error. Everything is read and checked
+before the first shard is written, so an error changes nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import store as st
+
+STAGE = "labels"
+UNANNOTATED = -5.0
+TOLERANCE_FRAMES = 5
+TOLERANCE_SHARE = 0.01
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"valid": "val", "validation": "val", "training": "train", "dev": "val"}
+
+
+class LabelError(Exception):
+    """Labels that cannot be imported; the message names the file or video and the problem."""
+
+
+@dataclass
+class VideoLabels:
+    video_id: str
+    source: str
+    format: str
+    valence: np.ndarray  # (n,) float32
+    arousal: np.ndarray
+    present: np.ndarray  # (n,) bool
+    split: str = ""
+    warning: str = ""
+
+
+def tolerance(n_frames: int) -> int:
+    return max(TOLERANCE_FRAMES, math.ceil(TOLERANCE_SHARE * n_frames))
+
+
+def import_labels(
+    store: Path, paths: list[Path], split: str | None = None, split_file: Path | None = None
+) -> list[VideoLabels]:
+    """Reads, checks and writes labels for every video found in `paths`; returns what was written."""
+    store = Path(store)
+    if split is not None and split_file is not None:
+        raise LabelError("give --split or --split-file, not both")
+    if split is not None:
+        split = _split_name(split, "--split")
+    grid = _store_grid(store)
+    files = _label_files(paths)
+    parsed: list[VideoLabels] = []
+    for path in files:
+        parsed += _read_affwild2(path, grid) if path.suffix.lower() == ".txt" else _read_csv(path, grid)
+    seen: dict[str, str] = {}
+    for item in parsed:
+        if item.video_id in seen:
+            raise LabelError(
+                f"video {item.video_id} is labelled twice: {seen[item.video_id]} and {item.source}"
+            )
+        seen[item.video_id] = item.source
+    mapping = read_split_file(split_file) if split_file is not None else {}
+    old = _existing_splits(store)
+    for item in parsed:
+        item.split = split or mapping.get(item.video_id) or old.get(item.video_id, "")
+    for item in parsed:
+        rows = {"valence": item.valence, "arousal": item.arousal, "present": item.present}
+        attrs = {
+            "split": item.split,
+            "source": item.source,
+            "format": item.format,
+            "labelled_frames": int(item.present.sum()),
+        }
+        st.write_shard(store, STAGE, item.video_id, rows, attrs)
+    st.rebuild_index(store)
+    return parsed
+
+
+def read_split_file(path: Path) -> dict[str, str]:
+    """video id -> split from `id,split` (CSV, optional header), or whitespace-separated lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise LabelError(f"{path}: no such split file")
+    out: dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = [p.strip() for p in (line.split(",") if "," in line else line.split())]
+        if len(parts) < 2:
+            raise LabelError(f"{path}:{number}: expected `video_id,split`, got {line!r}")
+        vid, name = parts[0], parts[-1]
+        if number == 1 and name.lower() == "split":
+            continue
+        out[vid] = _split_name(name, f"{path}:{number}")
+    return out
+
+
+def _split_name(name: str, where: str) -> str:
+    name = SPLIT_ALIASES.get(name.strip().lower(), name.strip().lower())
+    if name not in SPLITS:
+        raise LabelError(f"{where}: unknown split {name!r}; use one of {', '.join(SPLITS)}")
+    return name
+
+
+def _store_grid(store: Path) -> dict[str, np.ndarray]:
+    try:
+        f = st.open_store(store)
+    except st.StoreError as e:
+        raise LabelError(str(e)) from None
+    with f:
+        return {vid: f[f"videos/{vid}/timestamps"][:] for vid in st.video_ids(f)}
+
+
+def _existing_splits(store: Path) -> dict[str, str]:
+    """Splits of already imported labels, kept when a re-import names none."""
+    out = {}
+    with st.open_store(store) as f:
+        for vid in st.video_ids(f):
+            group = f[f"videos/{vid}"]
+            if STAGE in group and group[STAGE].attrs.get("split"):
+                out[vid] = _text(group[STAGE].attrs["split"])
+    return out
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _label_files(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in (".txt", ".csv") and not p.name.startswith(".")
+            )
+            if not found:
+                raise LabelError(f"{path}: no .txt or .csv label files in this folder")
+            files += found
+        elif path.is_file():
+            if path.suffix.lower() not in (".txt", ".csv"):
+                raise LabelError(f"{path}: not a label file (expected .txt or .csv)")
+            files.append(path)
+        else:
+            raise LabelError(f"{path}: no such file or folder")
+    return files
+
+
+def _unknown(vid: str, source: Path | str, grid: dict[str, np.ndarray]) -> LabelError:
+    return LabelError(f"{source}: video {vid!r} is not in the store ({len(grid)} videos there)")
+
+
+def _fit(
+    values: np.ndarray, present: np.ndarray, n: int, vid: str, source: Path
+) -> tuple[str, np.ndarray, np.ndarray]:
+    """Pads or trims per-frame labels to n frames within the tolerance, else raises."""
+    m = len(values)
+    if m == n:
+        return "", values, present
+    if abs(m - n) > tolerance(n):
+        raise LabelError(
+            f"{source}: {m} label rows for video {vid} with {n} frames "
+            f"(more than {tolerance(n)} apart; wrong file or frame rate?)"
+        )
+    if m > n:
+        return f"{vid}: {m - n} label rows past the last frame dropped", values[:n], present[:n]
+    pad = n - m
+    values = np.concatenate([values, np.zeros((pad, 2), values.dtype)])
+    present = np.concatenate([present, np.zeros(pad, bool)])
+    return f"{vid}: {pad} frames at the end have no label row (marked unlabelled)", values, present
+
+
+def _check_range(values: np.ndarray, present: np.ndarray, source: Path | str, vid: str) -> None:
+    v = values[present]
+    if not np.isfinite(v).all():
+        raise LabelError(f"{source}: video {vid}: labels contain NaN or inf")
+    if len(v) and (v.min() < -1 or v.max() > 1):
+        raise LabelError(f"{source}: video {vid}: labels outside [-1, 1] (min {v.min():g}, max {v.max():g})")
+
+
+def _labels(
+    vid: str, source: Path, fmt: str, values: np.ndarray, present: np.ndarray, warning: str = ""
+) -> VideoLabels:
+    _check_range(values, present, source, vid)
+    values = np.where(present[:, None], values, 0).astype(np.float32)
+    return VideoLabels(
+        vid, str(source), fmt, values[:, 0].copy(), values[:, 1].copy(), present, warning=warning
+    )
+
+
+def _read_affwild2(path: Path, grid: dict[str, np.ndarray]) -> list[VideoLabels]:
+    vid = path.stem
+    if vid not in grid:
+        raise _unknown(vid, path, grid)
+    lines = path.read_text().splitlines()
+    if not lines or lines[0].replace(" ", "").lower() != "valence,arousal":
+        raise LabelError(f"{path}: expected a `valence,arousal` header line (Aff-Wild2 VA format)")
+    rows = [line for line in lines[1:] if line.strip()]
+    try:
+        values = np.array([[float(x) for x in line.split(",")] for line in rows], np.float64).reshape(-1, 2)
+    except ValueError:
+        raise LabelError(
+            f"{path}: every line after the header must be two numbers `valence,arousal`"
+        ) from None
+    present = ~((values == UNANNOTATED).any(axis=1))
+    warning, values, present = _fit(values, present, len(grid[vid]), vid, path)
+    return [_labels(vid, path, "affwild2", values, present, warning)]
+
+
+def _read_csv(path: Path, grid: dict[str, np.ndarray]) -> list[VideoLabels]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = {c.strip().lower(): c for c in reader.fieldnames or []}
+        rows = list(reader)
+    id_col = next((columns[c] for c in ("video_id", "video", "file") if c in columns), None)
+    if id_col is None or "valence" not in columns or "arousal" not in columns:
+        raise LabelError(
+            f"{path}: a label CSV needs video_id (or file), valence and arousal columns; "
+            f"has {', '.join(columns)}"
+        )
+    when = "frame" if "frame" in columns else "time" if "time" in columns else None
+    by_video: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        by_video.setdefault(_video_id(row[id_col].strip(), grid, path), []).append(row)
+    out = []
+    for vid, group in by_video.items():
+        try:
+            values = np.array(
+                [[float(r[columns["valence"]]), float(r[columns["arousal"]])] for r in group], np.float64
+            )
+            keys = np.array([float(r[columns[when]]) for r in group]) if when else None
+        except ValueError:
+            raise LabelError(f"{path}: video {vid}: non-numeric valence, arousal or {when} value") from None
+        timestamps = grid[vid]
+        n = len(timestamps)
+        if when is None:
+            if len(group) != 1:
+                raise LabelError(
+                    f"{path}: video {vid} has {len(group)} rows but no frame or time column to place them"
+                )
+            present = np.full(n, not (values == UNANNOTATED).any())
+            out.append(_labels(vid, path, "csv-clip", np.repeat(values, n, 0), present))
+            continue
+        if when == "frame":
+            if (keys != np.round(keys)).any() or (keys < 0).any():
+                raise LabelError(f"{path}: video {vid}: frame numbers must be whole numbers from 0")
+            frames = keys.astype(np.int64)
+        else:
+            frames = _nearest_frames(keys, timestamps)
+        outside = (frames < 0) | (frames >= n)
+        warning = ""
+        if outside.any():
+            beyond = np.maximum(-frames, frames - (n - 1)).max()
+            if beyond > tolerance(n):
+                raise LabelError(
+                    f"{path}: video {vid}: labels reach {beyond} frames outside its {n} frames "
+                    f"(more than {tolerance(n)}; wrong video or {when} unit?)"
+                )
+            warning = f"{vid}: {int(outside.sum())} label rows outside the video's {n} frames dropped"
+            frames, values = frames[~outside], values[~outside]
+        labelled = ~(values == UNANNOTATED).any(axis=1)
+        frames, values = frames[labelled], values[labelled]
+        total = np.zeros((n, 2))
+        count = np.zeros(n)
+        np.add.at(total, frames, values)
+        np.add.at(count, frames, 1)
+        present = count > 0
+        per_frame = total / np.maximum(count, 1)[:, None]
+        out.append(_labels(vid, path, f"csv-{when}", per_frame, present, warning))
+    return out
+
+
+def _video_id(value: str, grid: dict[str, np.ndarray], source: Path) -> str:
+    """The store id for a CSV's id cell: itself, else the name of a file path without its extension."""
+    for candidate in (value, Path(value).stem, str(Path(value).with_suffix(""))):
+        if candidate in grid:
+            return candidate
+    raise _unknown(value, source, grid)
+
+
+def _nearest_frames(times: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
+    """Index of the nearest timestamp; times before/after the grid extrapolate by its frame period."""
+    n = len(timestamps)
+    period = float(np.median(np.diff(timestamps))) if n > 1 else 1.0
+    i = np.clip(np.searchsorted(timestamps, times), 1, max(n - 1, 1))
+    left, right = timestamps[i - 1], timestamps[np.minimum(i, n - 1)]
+    nearest = np.where(np.abs(times - left) <= np.abs(right - times), i - 1, i)
+    nearest = np.minimum(nearest, n - 1)
+    before = times < timestamps[0] - period / 2
+    after = times > timestamps[-1] + period / 2
+    nearest = np.where(before, -np.ceil((timestamps[0] - times) / period).astype(np.int64), nearest)
+    nearest = np.where(after, n - 1 + np.ceil((times - timestamps[-1]) / period).astype(np.int64), nearest)
+    return nearest.astype(np.int64)

@@ -1,0 +1,142 @@
+"""Label import: Aff-Wild2 .txt, CSV by frame, by time and per clip; mismatches; splits."""
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from synthetic import FPS, add_video
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline import store as st
+from pipeline.labels import LabelError, import_labels, tolerance
+
+
+def make_store(store: Path, lengths: dict[str, int]) -> Path:
+    for vid, n in lengths.items():
+        add_video(
+            store, vid, n, {"audio": {"present": np.ones(n, bool), "embedding": np.zeros((n, 4), np.float16)}}
+        )
+    st.rebuild_index(store)
+    return store
+
+
+def read_labels(store: Path, vid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    with h5py.File(store, "r") as f:
+        g = f[f"videos/{vid}/labels"]
+        split = g.attrs["split"]
+        return g["valence"][:], g["arousal"][:], g["present"][:], split
+
+
+def affwild2(path: Path, rows: list[tuple[float, float]]) -> Path:
+    path.write_text("valence,arousal\n" + "".join(f"{v},{a}\n" for v, a in rows))
+    return path
+
+
+def test_affwild2_folder_with_unannotated_frames_and_small_mismatches(store, tmp_path):
+    make_store(store, {"a": 10, "b": 600, "c": 20})
+    folder = tmp_path / "VA_Set"
+    folder.mkdir()
+    affwild2(
+        folder / "a.txt", [(0.1 * i, -0.05 * i) for i in range(10)][:4] + [(-5, -5)] * 2 + [(0.2, 0.3)] * 4
+    )
+    affwild2(folder / "b.txt", [(0.5, 0.5)] * 604)  # 4 rows too many: trimmed
+    affwild2(folder / "c.txt", [(-0.5, 0.25)] * 17)  # 3 short: padded
+    result = import_labels(store, [folder], split="train")
+    warnings = {r.video_id: r.warning for r in result}
+    assert warnings["a"] == "" and "dropped" in warnings["b"] and "no label" in warnings["c"]
+    v, a, present, split = read_labels(store, "a")
+    assert split == "train" and len(v) == 10
+    np.testing.assert_array_equal(present, [1, 1, 1, 1, 0, 0, 1, 1, 1, 1])
+    np.testing.assert_allclose(v[:4], [0, 0.1, 0.2, 0.3], atol=1e-6)
+    np.testing.assert_allclose(a[6:], 0.3)
+    _, _, present_b, _ = read_labels(store, "b")
+    assert len(present_b) == 600 and present_b.all()
+    _, _, present_c, _ = read_labels(store, "c")
+    assert present_c[:17].all() and not present_c[17:].any()
+
+
+def test_large_mismatch_or_unknown_video_writes_nothing(store, tmp_path):
+    make_store(store, {"a": 100, "b": 100})
+    good = affwild2(tmp_path / "a.txt", [(0.1, 0.1)] * 100)
+    long = affwild2(tmp_path / "b.txt", [(0.1, 0.1)] * (100 + tolerance(100) + 1))
+    with pytest.raises(LabelError, match=r"b\.txt: 106 label rows for video b with 100 frames"):
+        import_labels(store, [good, long])
+    unknown = affwild2(tmp_path / "zzz.txt", [(0.1, 0.1)] * 100)
+    with pytest.raises(LabelError, match="'zzz' is not in the store"):
+        import_labels(store, [good, unknown])
+    assert not (st.shard_root(store) / "labels").exists()
+    with h5py.File(store, "r") as f:
+        assert "labels" not in f["videos/a"]
+    (tmp_path / "x").mkdir()
+    bad = affwild2(tmp_path / "x" / "a.txt", [(2.0, 0.0)] * 100)
+    with pytest.raises(LabelError, match=r"outside \[-1, 1\]"):
+        import_labels(store, [bad])
+
+
+def test_csv_by_frame_by_time_and_per_clip(store, tmp_path):
+    make_store(store, {"v1": 30, "v2": 30, "clip": 45})
+    by_frame = tmp_path / "frames.csv"
+    by_frame.write_text("video_id,frame,valence,arousal\nv1,0,0.1,0.2\nv1,5,0.3,0.4\nv1,31,0.0,0.0\n")
+    result = import_labels(store, [by_frame], split="val")
+    assert "1 label rows outside" in result[0].warning
+    v, a, present, split = read_labels(store, "v1")
+    assert split == "val" and present.sum() == 2 and present[0] and present[5]
+    assert v[5] == pytest.approx(0.3) and a[0] == pytest.approx(0.2)
+
+    by_time = tmp_path / "times.csv"
+    t = 10 / FPS  # frame 10; two rows landing on it are averaged
+    by_time.write_text(
+        f"video_id,time,valence,arousal\nv2,{t},0.2,0.0\nv2,{t + 0.004},0.4,0.2\nv2,0.0,-0.5,0.5\n"
+    )
+    import_labels(store, [by_time])
+    v, a, present, split = read_labels(store, "v2")
+    assert split == "" and present.sum() == 2
+    assert v[10] == pytest.approx(0.3) and a[10] == pytest.approx(0.1) and v[0] == pytest.approx(-0.5)
+
+    per_clip = tmp_path / "clips.csv"
+    per_clip.write_text("file,valence,arousal\nsome/dir/clip.wav,-0.7,0.6\n")
+    split_file = tmp_path / "splits.csv"
+    split_file.write_text("video_id,split\nclip,test\n")
+    import_labels(store, [per_clip], split_file=split_file)
+    v, a, present, split = read_labels(store, "clip")
+    assert split == "test" and present.all() and len(v) == 45
+    np.testing.assert_allclose(v, -0.7)
+    np.testing.assert_allclose(a, 0.6)
+    # re-importing without a split keeps the one already stored
+    import_labels(store, [by_frame])
+    assert read_labels(store, "v1")[3] == "val"
+
+
+def test_csv_errors(store, tmp_path):
+    make_store(store, {"v1": 30})
+    cases = {
+        "video_id,valence,arousal\nv1,0.1,0.1\nv1,0.2,0.2\n": "2 rows but no frame or time column",
+        "video_id,time,valence,arousal\nv1,5.0,0.1,0.1\n": "frames outside its 30 frames",
+        "id,valence,arousal\nv1,0.1,0.1\n": "needs video_id",
+        "video_id,frame,valence,arousal\nv1,1.5,0.1,0.1\n": "whole numbers",
+        "video_id,valence,arousal\nnope,0.1,0.1\n": "'nope' is not in the store",
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        path = tmp_path / f"bad{i}.csv"
+        path.write_text(text)
+        with pytest.raises(LabelError, match=message):
+            import_labels(store, [path])
+    assert not (st.shard_root(store) / "labels").exists()
+    with pytest.raises(LabelError, match="unknown split"):
+        import_labels(store, [tmp_path / "bad0.csv"], split="holdout")
+
+
+def test_cli_labels_import(store, tmp_path):
+    make_store(store, {"v1": 30})
+    path = tmp_path / "l.csv"
+    path.write_text("video_id,valence,arousal\nv1,0.1,0.2\n")
+    result = CliRunner().invoke(
+        app, ["labels", "import", str(path), "--store", str(store), "--split", "train"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "labels for 1 videos, 30 labelled frames; splits: train" in result.output
+    path.write_text("video_id,valence,arousal\nv9,0.1,0.2\n")
+    result = CliRunner().invoke(app, ["labels", "import", str(path), "--store", str(store)])
+    assert result.exit_code == 2 and "not in the store" in result.output

@@ -1,0 +1,151 @@
+"""The metric and the model against their equations, on small tensors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fusion.metrics import ccc, ccc_loss, pcc, rmse, scores
+from fusion.model import (
+    CROP_STORED,
+    CrossModalAttention,
+    Fusion,
+    ModelConfig,
+    RecursiveCrossModalAttention,
+)
+
+
+def reference_ccc(x: np.ndarray, y: np.ndarray) -> float:
+    """Lin (1989), written out term by term."""
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sx = sum((a - mx) ** 2 for a in x) / n
+    sy = sum((b - my) ** 2 for b in y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / n
+    return 2 * sxy / (sx + sy + (mx - my) ** 2)
+
+
+def test_ccc_known_values():
+    assert ccc(np.array([1.0, 2, 3]), np.array([1.0, 2, 3])) == pytest.approx(1.0)
+    # a shift by 1: var 2/3 each, cov 2/3 -> (4/3) / (2/3 + 2/3 + 1) = 4/7
+    assert ccc(np.array([1.0, 2, 3]), np.array([2.0, 3, 4])) == pytest.approx(4 / 7)
+    assert ccc(np.array([1.0, 2, 3]), np.array([3.0, 2, 1])) == pytest.approx(-1.0)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=200), rng.normal(size=200) * 0.5 + 0.3
+    assert ccc(x, y) == pytest.approx(reference_ccc(list(x), list(y)))
+    assert pcc(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
+    assert rmse(x, y) == pytest.approx(math.sqrt(np.mean((x - y) ** 2)))
+    s = scores(np.stack([x, y], 1), np.stack([y, x], 1))
+    assert s["ccc"] == pytest.approx(reference_ccc(list(x), list(y)))
+
+
+def test_ccc_loss_matches_metric_and_ignores_unlabelled_frames():
+    rng = np.random.default_rng(1)
+    pred = torch.tensor(rng.normal(size=(3, 10, 2)), dtype=torch.float32)
+    true = torch.tensor(rng.normal(size=(3, 10, 2)), dtype=torch.float32)
+    mask = torch.tensor(rng.random((3, 10)) > 0.3)
+    loss = ccc_loss(pred, true, mask)
+    p, t = pred[mask].numpy(), true[mask].numpy()
+    expected = (
+        1 - (reference_ccc(list(p[:, 0]), list(t[:, 0])) + reference_ccc(list(p[:, 1]), list(t[:, 1]))) / 2
+    )
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    changed = pred.clone()
+    changed[~mask] = 100.0
+    assert ccc_loss(changed, true, mask).item() == pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_attention_step_follows_the_equations():
+    torch.manual_seed(0)
+    k, d_m, d = 7, 4, 8
+    step = CrossModalAttention(k, d_m, d)
+    x, j = torch.randn(2, k, d_m), torch.randn(2, k, d)
+    out = step(x, j)
+    assert step.w_j.shape == (k, k) and step.w_c.shape == (d_m, d_m) and step.w_h.shape == (d, d_m)
+    for b in range(2):
+        c = torch.tanh(x[b].T @ step.w_j @ j[b] / math.sqrt(d))
+        assert c.shape == (d_m, d)
+        h = torch.relu(x[b] @ step.w_c @ c)
+        assert h.shape == (k, d)
+        torch.testing.assert_close(out[b], h @ step.w_h + x[b])
+    with torch.no_grad():
+        step.w_h.zero_()
+    torch.testing.assert_close(step(x, j), x)  # the residual path alone
+
+
+def test_recursion_runs_l_times_with_shared_weights_and_recomputed_joints():
+    torch.manual_seed(0)
+    mods, k, w = ["audio", "visual", "text"], 6, 3
+    rcma = RecursiveCrossModalAttention(mods, k, w, iterations=3, joint="others")
+    assert rcma.attend["audio"].w_h.shape == (2 * w, w)
+    xs = {m: torch.randn(2, k, w) for m in mods}
+    valid = torch.ones(2, k, 1)
+    expected = dict(xs)
+    for _ in range(3):
+        joints = {m: torch.cat([expected[o] for o in mods if o != m], -1) for m in mods}
+        expected = {m: rcma.attend[m](expected[m], joints[m]) for m in mods}
+    out = rcma(xs, valid)
+    for m in mods:
+        torch.testing.assert_close(out[m], expected[m])
+    rcma.iterations = 2
+    assert not torch.allclose(rcma(xs, valid)["audio"], out["audio"])
+    rcma.iterations = 0
+    torch.testing.assert_close(rcma(xs, valid)["audio"], xs["audio"])
+    joint_all = RecursiveCrossModalAttention(mods, k, w, iterations=1, joint="all")
+    assert joint_all.attend["audio"].w_h.shape == (3 * w, w)
+    pair = RecursiveCrossModalAttention(["audio", "visual"], k, w, iterations=1, joint="others")
+    assert pair.joint_of == {"audio": ["visual"], "visual": ["audio"]}
+
+
+def _batch(b: int, k: int, dims: dict[str, int], seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    inputs = {m: torch.randn(b, k, d, generator=g) for m, d in dims.items()}
+    present = {m: torch.ones(b, k, dtype=torch.bool) for m in dims}
+    return inputs, present
+
+
+def test_padding_and_absent_frames_cannot_change_the_output():
+    torch.manual_seed(0)
+    dims = {"audio": 5, "visual": 6, "text": 7}
+    model = Fusion(ModelConfig(inputs=dims, window=16, width=8, iterations=2)).eval()
+    inputs, present = _batch(2, 16, dims)
+    valid = torch.ones(2, 16, dtype=torch.bool)
+    valid[1, 10:] = False  # a video shorter than the window
+    present["visual"][0, 3:6] = False  # no face on three frames
+    out = model(inputs, present, valid)
+    assert out.shape == (2, 16, 2) and out.abs().max() <= 1
+    noisy = {m: x.clone() for m, x in inputs.items()}
+    for x in noisy.values():
+        x[1, 10:] = 50.0
+    noisy["visual"][0, 3:6] = -50.0
+    torch.testing.assert_close(model(noisy, present, valid)[valid], out[valid])
+    # the masks matter: a face on those frames changes the prediction
+    present["visual"][0, 3:6] = True
+    assert not torch.allclose(model(noisy, present, valid)[0], out[0])
+
+
+@pytest.mark.parametrize(
+    ("dims", "fusion"),
+    [({"audio": 5}, "rcma"), ({"audio": 5, "text": 3}, "concat"), ({"audio": 5, "text": 3}, "rcma")],
+)
+def test_baselines_and_subsets(dims, fusion):
+    model = Fusion(ModelConfig(inputs=dims, window=12, width=8, fusion=fusion))
+    assert (model.rcma is not None) == (fusion == "rcma" and len(dims) > 1)
+    inputs, present = _batch(3, 12, dims)
+    assert model(inputs, present, torch.ones(3, 12, dtype=torch.bool)).shape == (3, 12, 2)
+
+
+def test_visual_crops_go_through_the_cnn_with_augmentation_in_training_only():
+    torch.manual_seed(0)
+    dims = {"audio": 4, "visual": 128}
+    model = Fusion(ModelConfig(inputs=dims, window=8, width=8, visual_crops=True))
+    inputs, present = _batch(2, 8, {"audio": 4})
+    inputs["visual"] = torch.randint(0, 256, (2, 8, 3, CROP_STORED, CROP_STORED), dtype=torch.uint8)
+    present["visual"] = torch.ones(2, 8, dtype=torch.bool)
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    out = model(inputs, present, valid)
+    out.sum().backward()
+    assert model.face_cnn.net[0].weight.grad is not None
+    model.eval()
+    torch.testing.assert_close(model(inputs, present, valid), model(inputs, present, valid))

@@ -1,0 +1,213 @@
+"""Training, resuming, evaluation and prediction on synthetic stores, and the bad inputs."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from synthetic import add_video, interaction_store
+from typer.testing import CliRunner
+
+from cli import app
+from fusion import data as fd
+from fusion.predict import PredictError, evaluate, predict
+from fusion.train import TrainConfig, TrainError, load_checkpoint, train
+from pipeline import store as st
+
+SMALL = dict(window=32, hop=16, eval_hop=16, width=32, batch_size=16, warmup_steps=20, lr=3e-3, patience=100)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models train fastest on one thread, and two threads crawl when other work shares the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def interaction(tmp_path_factory) -> Path:
+    return interaction_store(tmp_path_factory.mktemp("interaction") / "store.h5")
+
+
+def config(store: Path, out: Path, **kw) -> TrainConfig:
+    return TrainConfig(features=str(store), out=str(out), **{**SMALL, **kw})
+
+
+def test_rcma_beats_each_modality_alone_on_an_interaction(interaction, tmp_path):
+    """Valence = a(t) v(t): only a model that combines audio and visual can predict it."""
+    best = {}
+    for name, mods in (("rcma", ["audio", "visual"]), ("audio", ["audio"]), ("visual", ["visual"])):
+        result = train(config(interaction, tmp_path / name, modalities=mods, epochs=8), quiet=True)
+        best[name] = result["best_ccc"]
+    assert best["rcma"] > 0.85
+    assert best["rcma"] > max(best["audio"], best["visual"]) + 0.3, best
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(interaction, tmp_path):
+    mods = ["audio", "visual"]
+    train(config(interaction, tmp_path / "whole", modalities=mods, epochs=3), quiet=True)
+    train(config(interaction, tmp_path / "split", modalities=mods, epochs=1), quiet=True)
+    with pytest.raises(TrainError, match="already holds a run"):
+        train(config(interaction, tmp_path / "split", modalities=mods, epochs=3), quiet=True)
+    with pytest.raises(TrainError, match="differs from the run's"):
+        train(config(interaction, tmp_path / "split", modalities=mods, epochs=3, width=16), resume=True)
+    train(config(interaction, tmp_path / "split", modalities=mods, epochs=3), resume=True, quiet=True)
+    whole = load_checkpoint(tmp_path / "whole" / "last.pt")
+    split = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert whole["state"] == split["state"] and whole["state"]["epoch"] == 3
+    for key, value in whole["model"].items():
+        assert torch.equal(value, split["model"][key]), key
+    for key in ("optimizer", "scheduler"):
+        assert str(whole[key]) == str(split[key])
+    with (tmp_path / "split" / "metrics.csv").open() as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
+    for name in ("best.pt", "last.pt", "config.json", "metrics.csv", "curves.png"):
+        assert (tmp_path / "split" / name).is_file()
+    assert any((tmp_path / "split" / "tb").iterdir())
+    assert json.loads((tmp_path / "split" / "config.json").read_text())["data"]["dims"] == {
+        "audio": 16,
+        "visual": 16,
+    }
+
+
+def test_evaluate_and_predict_outputs(interaction, tmp_path):
+    run = tmp_path / "run"
+    train(config(interaction, run, modalities=["audio", "visual"], epochs=1), quiet=True)
+    result = evaluate(run / "best.pt", interaction, "val", device="cpu")
+    assert set(result["videos"]) == {"vid12", "vid13", "vid14", "vid15"}
+    assert result["overall"]["frames"] == 4 * 300
+    assert {"ccc_valence", "pcc_arousal", "rmse_valence", "ccc"} <= result["overall"].keys()
+    out = tmp_path / "pred"
+    videos = predict(run / "best.pt", interaction, out, split="val", device="cpu")
+    assert len(videos) == 4
+    with (out / "vid12.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 300 and list(rows[0]) == ["frame", "time", "valence", "arousal"]
+    assert float(rows[30]["time"]) == pytest.approx(1.0)
+    lines = (out / "submission" / "vid12.txt").read_text().splitlines()
+    assert lines[0] == "valence,arousal" and len(lines) == 301
+    assert (out / "plots" / "vid12.png").stat().st_size > 1000
+    cli = CliRunner().invoke(
+        app, ["evaluate", "--model", str(run / "best.pt"), "--features", str(interaction), "--json"]
+    )
+    assert cli.exit_code == 0, cli.output
+    assert json.loads(cli.stdout)["overall"]["frames"] == 1200
+
+
+def test_cli_train_and_predict(interaction, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "pred"
+    args = ["--features", str(interaction), "--out", str(run), "--modalities", "audio,visual"]
+    small = ["--window", "32", "--hop", "16", "--width", "16", "--epochs", "1", "--threads", "1", "--quiet"]
+    cli = CliRunner().invoke(app, ["train", *args, *small])
+    assert cli.exit_code == 0, cli.output
+    assert "best val CCC" in cli.output and (run / "best.pt").is_file()
+    cli = CliRunner().invoke(
+        app, ["predict", "--model", str(run / "best.pt"), "--features", str(interaction), "--out", str(out)]
+    )
+    assert cli.exit_code == 0, cli.output
+    assert len(list(out.glob("*.csv"))) == 16 and len(list((out / "plots").glob("*.png"))) == 16
+
+
+def test_windows_stay_inside_videos_and_cover_every_frame():
+    offsets = np.array([0, 10, 10, 110, 350])  # lengths 10 (short), 0, 100, 240
+    starts, lengths = fd.windows(offsets, 50, 40)
+    assert starts.tolist() == [0, 10, 50, 60, 110, 150, 190, 230, 270, 300]
+    assert lengths.tolist() == [10] + [50] * 9
+    covered = np.zeros(350, int)
+    for s, n in zip(starts, lengths, strict=True):
+        video = np.searchsorted(offsets, s, side="right") - 1
+        assert s + n <= offsets[video + 1]
+        covered[s : s + n] += 1
+    assert covered.min() >= 1
+    index, valid = fd.window_index(torch.tensor([0, 110]), torch.tensor([10, 50]), 50, 350)
+    assert valid[0].sum() == 10 and (index[0, 10:] == 350).all() and index[1, -1] == 159
+
+
+def write_av_store(
+    store: Path, lengths: list[int], audio_dim: int = 4, visual: str = "embedding", text=False
+):
+    rng = np.random.default_rng(0)
+    for i, n in enumerate(lengths):
+        stages = {
+            "audio": {
+                "present": np.ones(n, bool),
+                "embedding": rng.normal(size=(n, audio_dim)).astype(np.float16),
+            }
+        }
+        faces = {"present": rng.random(n) > 0.2}
+        if visual == "embedding":
+            faces["embedding"] = rng.normal(size=(n, 6)).astype(np.float16)
+        elif visual == "crops":
+            faces["crops"] = rng.integers(0, 255, (n, 112, 112, 3), dtype=np.uint8)
+        if visual:
+            stages["faces"] = faces
+        if text:
+            stages["text"] = {
+                "present": rng.random(n) > 0.5,
+                "embedding": rng.normal(size=(n, 5)).astype(np.float16),
+            }
+        y = rng.uniform(-1, 1, (2, n))
+        labelled = rng.random(n) > 0.1
+        add_video(store, f"v{i}", n, stages, (y[0], y[1]), "train" if i % 2 == 0 else "val", labelled)
+    st.rebuild_index(store)
+    return store
+
+
+def test_short_videos_and_crops_train_on_all_three_modalities(tmp_path):
+    store = write_av_store(tmp_path / "s.h5", [20, 7, 45, 12], visual="crops", text=True)
+    cfg = config(store, tmp_path / "run", modalities=["audio", "visual", "text"], epochs=1, window=16, hop=8)
+    result = train(cfg, quiet=True)
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert ckpt["data"]["visual_input"] == "crops" and ckpt["model_config"]["visual_crops"]
+    assert np.isfinite(result["best_ccc"])
+    out = tmp_path / "pred"
+    predict(tmp_path / "run" / "best.pt", store, out, plots=False, device="cpu")
+    with (out / "v1.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 7  # shorter than the window: padded, then cut back
+
+
+def test_bad_inputs_are_one_line_errors_that_change_nothing(tmp_path):
+    store = write_av_store(tmp_path / "s.h5", [40, 40, 40, 40])
+    with pytest.raises(TrainError, match=r"video v0 has no text/embedding \(run `rcma extract"):
+        train(config(store, tmp_path / "r0", modalities=["audio", "text"], epochs=1), quiet=True)
+    assert not (tmp_path / "r0").exists()
+    with pytest.raises(TrainError, match="no labelled videos in split test"):
+        train(config(store, tmp_path / "r1", modalities=["audio"], val_split="test", epochs=1), quiet=True)
+    with pytest.raises(TrainError, match="unknown modality"):
+        train(config(store, tmp_path / "r1", modalities=["smell"], epochs=1), quiet=True)
+
+    run = tmp_path / "run"
+    train(config(store, run, modalities=["audio", "visual"], epochs=1), quiet=True)
+    wider = write_av_store(tmp_path / "wide.h5", [40, 40], audio_dim=8)
+    with pytest.raises(PredictError, match="audio 4 in the checkpoint, 8 in the store"):
+        evaluate(run / "best.pt", wider, "val")
+    no_faces = write_av_store(tmp_path / "nofaces.h5", [40, 40], visual="")
+    out = tmp_path / "pred"
+    with pytest.raises(PredictError, match="video v0 has no faces features"):
+        predict(run / "best.pt", no_faces, out)
+    assert not out.exists()
+    with pytest.raises(PredictError, match="no such checkpoint"):
+        evaluate(tmp_path / "nope.pt", store)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(PredictError, match="not a readable checkpoint"):
+        evaluate(tmp_path / "junk.pt", store)
+
+    bad = st.shard_path(store, "audio", "v2")
+    emb = st.read_rows(bad, "embedding")
+    emb[17, 1] = np.nan
+    st.write_shard(store, "audio", "v2", {"present": np.ones(40, bool), "embedding": emb}, {})
+    with pytest.raises(
+        TrainError, match="video v2: audio/embedding has NaN or inf values .* first at frame 17"
+    ):
+        train(config(store, tmp_path / "r2", modalities=["audio"], epochs=1), quiet=True)
+
+    before = (run / "last.pt").stat().st_mtime_ns
+    cli = CliRunner().invoke(
+        app, ["train", "--features", str(store), "--out", str(run), "--modalities", "audio,visual"]
+    )
+    assert cli.exit_code == 2 and "already holds a run" in cli.output
+    assert (run / "last.pt").stat().st_mtime_ns == before
