@@ -343,7 +343,7 @@ class AudioStage(Stage):
         return {
             "audio_embedder": self.audio_model,
             "embedding_dim": self.embedder.dim,
-            "versions_audio": library_versions("torchaudio", "openai-whisper"),
+            "versions": library_versions("torchaudio", "openai-whisper"),
             **self.embedder.provenance(),
         }
 

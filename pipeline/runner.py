@@ -25,6 +25,7 @@ from pipeline.models import ModelUnavailable
 from pipeline.stages import Extra, Rows, Stage, build_stage, config_hash, library_versions
 
 INDEX_EVERY_S = 2.0
+RUNNER_LIBRARIES = library_versions("rcma", "torch", "numpy", "av", "h5py")
 Progress = Callable[[str, int, int], None]  # (label, frames done, frames total)
 
 
@@ -207,6 +208,8 @@ class Extractor:
 
     def _write(self, stage: Stage, media: Media, chash: str, ghash: str, progress: Progress | None) -> str:
         """Runs the stage into its shard; returns the stage's warning, if it gave one."""
+        provenance = dict(stage.provenance())
+        versions = {**RUNNER_LIBRARIES, **provenance.pop("versions", {})}
         attrs: dict[str, Any] = {
             "stage": stage.name,
             "video_id": media.video_id,
@@ -214,8 +217,8 @@ class Extractor:
             "config": stage.config(),
             "config_hash": chash,
             "grid_hash": ghash,
-            **library_versions_attr(),
-            **stage.provenance(),
+            **provenance,
+            "versions": versions,
         }
         started = time.perf_counter()
         path = st.shard_path(self.store, stage.name, media.video_id)
@@ -240,10 +243,6 @@ class Extractor:
                     warning = item.attrs.get("warning", warning)
             st.set_attrs(writer.file, {"seconds": time.perf_counter() - started})
         return warning
-
-
-def library_versions_attr() -> dict[str, Any]:
-    return {"versions": library_versions("rcma", "torch", "numpy", "av", "h5py")}
 
 
 def _grid_hash(timestamps: np.ndarray) -> str:

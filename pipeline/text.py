@@ -160,7 +160,7 @@ class TextStage(Stage):
             "text_model_path": str(path or ""),
             "text_weights_sha256": sha256_file(weights) if weights else "",
             "embedding_dim": self.dim,
-            "versions_text": library_versions(
+            "versions": library_versions(
                 "openai-whisper", "faster-whisper", "ctranslate2", "sentence-transformers", "transformers"
             ),
         }

@@ -1,0 +1,442 @@
+"""The faces stage: one subject per video, found by MTCNN, tracked, aligned and embedded.
+
+Per frame it writes (absent frames in brackets):
+    present   (n,) bool
+    boxes     (n,4) float32   x1,y1,x2,y2 in original-frame pixels, as MTCNN gives them (a box may
+                              reach past the frame's edge)                                [NaN]
+    landmarks (n,5,2) float32 left eye, right eye, nose, mouth left, mouth right (x,y)   [NaN]
+    score     (n,) float32    MTCNN's O-Net face probability                              [0]
+    crops     (n,112,112,3) uint8  aligned onto the ArcFace template (unless --no-crops) [zeros]
+    embedding (n,D) float16   the visual embedder's output (unless --visual-model none)  [zeros]
+
+Speed: MTCNN spends most of its time running P-Net over the fine levels of a full-frame image
+pyramid. Once the subject is found, each next frame is searched only in a window around the
+last box (SEARCH_RADIUS box sizes each way) and only at the pyramid levels that fit faces from
+SEARCH_MIN_FACE times the tracked size up. Those levels are the same as the full detector's, so
+the boxes stay close to what full-frame MTCNN gives; the full frame is searched again only when
+the window holds no face that matches the track. Between two window searches, REFINE_FRAMES
+frames are tracked by O-Net alone on the last box (MTCNN's last stage, about 1 ms), which
+keeps the box and landmarks within the spread of the full detector's own results.
+
+Subject: the largest face of the first frame with a face; then the detection that overlaps or
+is near the last box, so another face entering the frame does not take the track over. A track
+missing for REACQUIRE_AFTER_S (a cut, the subject leaving) is given up for the largest face.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from pipeline.align import CROP_SIZE, align_face
+from pipeline.media import Media, iter_video_frames
+from pipeline.models import ModelUnavailable, sha256_file
+from pipeline.stages import Rows, Stage, library_versions
+from pipeline.visual import NONE, VGGFACE2, Embedder, build_embedder
+
+MIN_FACE_PX = 20  # MTCNN's default smallest face, kept so small faces (Hamilton's ~40 px) are found
+THRESHOLDS = (0.6, 0.7, 0.7)  # P-Net, R-Net, O-Net; MTCNN's defaults
+PYRAMID_FACTOR = 0.709  # MTCNN's default scale step
+SEARCH_RADIUS = 1.5  # the tracking window reaches this many box sizes from the box's centre
+SEARCH_MIN_FACE = 0.7  # smallest face looked for in the window, relative to the tracked box
+MATCH_IOU = 0.3  # a detection with this IoU with the last box is the same subject...
+MATCH_CENTRE = 0.5  # ...or one whose centre is within this many box sizes of the last one's
+MATCH_SCALE = 1.5  # ...and whose size is within this factor of it
+REFINE_FRAMES = 2  # frames tracked by O-Net alone on the last box between two window searches
+REACQUIRE_AFTER_S = 0.5  # a track lost this long is given up for the largest face in view
+DECODE_BATCH = 16
+PREFETCH_BATCHES = 2
+# The networks run on a small window are too small to gain from intra-op threads on a CPU (their
+# synchronisation costs more, and collapses when other processes share the cores); one thread
+# detects while the decode thread keeps another core busy.
+DETECTOR_CPU_THREADS = 1
+ABSENT_BLOCK = 1024
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class Face:
+    box: np.ndarray  # (4,) x1,y1,x2,y2
+    landmarks: np.ndarray  # (5,2)
+    score: float
+
+    @property
+    def size(self) -> float:
+        return float(max(self.box[2] - self.box[0], self.box[3] - self.box[1]))
+
+    @property
+    def centre(self) -> np.ndarray:
+        return (self.box[:2] + self.box[2:]) / 2
+
+
+def pyramid_min_face(min_face: float) -> float:
+    """The largest MTCNN min_face_size <= `min_face` whose pyramid is a tail of the default one.
+
+    Keeping to the default pyramid's scales is what keeps windowed detections close to full ones.
+    """
+    if min_face <= MIN_FACE_PX:
+        return float(MIN_FACE_PX)
+    level = math.floor(math.log(min_face / MIN_FACE_PX) / math.log(1 / PYRAMID_FACTOR) + 1e-9)
+    return MIN_FACE_PX / PYRAMID_FACTOR**level
+
+
+class Mtcnn:
+    """facenet-pytorch's three MTCNN networks with their packaged weights, run on one image."""
+
+    def __init__(self, device: str):
+        from facenet_pytorch import ONet, PNet, RNet
+
+        # channels-last makes the nets' max-pooling several times faster on CPU, same results
+        self.nets = [
+            net.eval().to(device, memory_format=torch.channels_last) for net in (PNet(), RNet(), ONet())
+        ]
+        self.device = device
+
+    def pixels(self, image: np.ndarray) -> torch.Tensor:
+        """(1,h,w,3) float view of a contiguous (1,3,h,w) tensor, the layout detect_face permutes to.
+
+        Contiguous channels make detect_face's many small crops and resizes cheaper.
+        """
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)
+        return pixels.float().contiguous()[None].permute(0, 2, 3, 1)
+
+    @torch.no_grad()
+    def detect(self, image: np.ndarray, min_face: float) -> list[Face]:
+        from facenet_pytorch.models.utils.detect_face import detect_face
+
+        min_face = pyramid_min_face(min_face)
+        if min(image.shape[:2]) < min_face:
+            return []  # no pyramid level fits
+        boxes, points = detect_face(
+            self.pixels(image), min_face, *self.nets, THRESHOLDS, PYRAMID_FACTOR, self.device
+        )
+        boxes = np.asarray(boxes[0], dtype=np.float32).reshape(-1, 5)
+        points = np.asarray(points[0], dtype=np.float32).reshape(-1, 5, 2)
+        return [Face(b[:4].copy(), p, float(b[4])) for b, p in zip(boxes, points, strict=True)]
+
+    @torch.no_grad()
+    def refine(self, image: np.ndarray, box: np.ndarray) -> Face | None:
+        """O-Net alone on the square around `box`, as MTCNN's last stage runs on R-Net's boxes."""
+        from facenet_pytorch.models.utils.detect_face import bbreg, imresample, pad, rerec
+
+        height, width = image.shape[:2]
+        square = rerec(torch.tensor([[*box, 0.0]], dtype=torch.float32))
+        y, ey, x, ex = pad(square.clone(), width, height)
+        if ey[0] <= y[0] - 1 or ex[0] <= x[0] - 1:
+            return None
+        pixels = self.pixels(image).permute(0, 3, 1, 2)
+        crop = imresample(pixels[:, :, y[0] - 1 : ey[0], x[0] - 1 : ex[0]], (48, 48))
+        reg, points, prob = self.nets[2]((crop - 127.5) * 0.0078125)
+        score = float(prob[0, 1])
+        if score < THRESHOLDS[2]:
+            return None
+        square = square.to(self.device)
+        side_x, side_y = square[0, 2] - square[0, 0] + 1, square[0, 3] - square[0, 1] + 1
+        xs = side_x * points[0, :5] + square[0, 0] - 1
+        ys = side_y * points[0, 5:] + square[0, 1] - 1
+        refined = bbreg(square.clone(), reg)
+        landmarks = torch.stack([xs, ys], dim=1).cpu().numpy().astype(np.float32)
+        return Face(refined[0, :4].cpu().numpy().astype(np.float32), landmarks, score)
+
+
+def weights_sha256() -> dict[str, str]:
+    """SHA-256 of MTCNN's packaged weight files."""
+    import facenet_pytorch
+
+    data = Path(facenet_pytorch.__file__).parent / "data"
+    return {name: sha256_file(data / f"{name}.pt") for name in ("pnet", "rnet", "onet")}
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0.0, w) * max(0.0, h)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+class SubjectTracker:
+    """Follows one face: the largest to start, then whichever detection continues its track."""
+
+    def __init__(self, detector: Mtcnn, reacquire_after: int):
+        self.detector = detector
+        self.reacquire_after = reacquire_after
+        self.last: Face | None = None
+        self.missed = 0
+        self.full_detections = 0
+        self.refined = 0  # frames since the last window search
+
+    def update(self, frame: np.ndarray) -> Face | None:
+        everywhere = None
+        if self.last is not None and self.missed == 0 and self.refined < REFINE_FRAMES:
+            face = self.detector.refine(frame, self.last.box)
+            if face is not None and self._continuation([face]) is not None:
+                self.refined += 1
+                self.last = face
+                return face
+        self.refined = 0
+        if self.last is not None:
+            face = self._continuation(self._search_window(frame))
+            if face is None:
+                everywhere = self._detect_full(frame)
+                face = self._continuation(everywhere)
+            if face is not None:
+                return self._keep(face)
+            self.missed += 1
+            if self.missed < self.reacquire_after:
+                return None
+        if everywhere is None:
+            everywhere = self._detect_full(frame)
+        if not everywhere:
+            return None
+        return self._keep(max(everywhere, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1])))
+
+    def _keep(self, face: Face) -> Face:
+        self.last, self.missed = face, 0
+        return face
+
+    def _detect_full(self, frame: np.ndarray) -> list[Face]:
+        self.full_detections += 1
+        return self.detector.detect(frame, MIN_FACE_PX)
+
+    def _search_window(self, frame: np.ndarray) -> list[Face]:
+        assert self.last is not None
+        height, width = frame.shape[:2]
+        size, (cx, cy) = self.last.size, self.last.centre
+        reach = SEARCH_RADIUS * size
+        x0, y0 = max(0, math.floor(cx - reach)), max(0, math.floor(cy - reach))
+        x1, y1 = min(width, math.ceil(cx + reach)), min(height, math.ceil(cy + reach))
+        if x1 <= x0 or y1 <= y0:
+            return []
+        faces = self.detector.detect(frame[y0:y1, x0:x1], SEARCH_MIN_FACE * size)
+        offset = np.array([x0, y0], dtype=np.float32)
+        for face in faces:
+            face.box += np.tile(offset, 2)
+            face.landmarks += offset
+        return faces
+
+    def _continuation(self, faces: list[Face]) -> Face | None:
+        assert self.last is not None
+        last = self.last
+        best, best_key = None, None
+        for face in faces:
+            overlap = iou(face.box, last.box)
+            distance = float(np.linalg.norm(face.centre - last.centre)) / max(last.size, 1.0)
+            ratio = face.size / max(last.size, 1.0)
+            near = distance <= MATCH_CENTRE and 1 / MATCH_SCALE <= ratio <= MATCH_SCALE
+            if overlap < MATCH_IOU and not near:
+                continue
+            key = (overlap, -distance)
+            if best_key is None or key > best_key:
+                best, best_key = face, key
+        return best
+
+
+T = TypeVar("T")
+
+
+def prefetched(items: Iterator[T], depth: int = PREFETCH_BATCHES) -> Iterator[T]:
+    """`items`, produced by a thread up to `depth` ahead, so decoding overlaps the models."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    break
+            else:
+                put(end)
+        except BaseException as e:  # handed to the consumer, raised there
+            put(e)
+        finally:
+            close = getattr(items, "close", None)
+            if close:
+                close()
+
+    thread = threading.Thread(target=produce, daemon=True, name="faces-decode")
+    thread.start()
+    try:
+        while (item := slots.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Runs the block with `count` intra-op threads (None: unchanged), then restores the caller's."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def grid_rows(times: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """The grid row of each decoded frame time (nearest within half a frame), else -1."""
+    if len(grid) == 0:
+        return np.full(len(times), -1)
+    right = np.clip(np.searchsorted(grid, times), 0, len(grid) - 1)
+    left = np.clip(right - 1, 0, len(grid) - 1)
+    rows = np.where(np.abs(grid[left] - times) <= np.abs(grid[right] - times), left, right)
+    step = float(np.median(np.diff(grid))) if len(grid) > 1 else 1.0
+    return np.where(np.abs(grid[rows] - times) <= step / 2, rows, -1)
+
+
+class FacesStage(Stage):
+    name = "faces"
+
+    def __init__(self, visual_model: str = VGGFACE2, crops: bool = True, device: str = "auto"):
+        self.visual_model = str(visual_model)
+        self.crops = bool(crops)
+        self.device = device
+        self.detector: Mtcnn | None = None
+        self.embedder: Embedder | None = None
+        self._model_sha: tuple[tuple[str, int, int], str] | None = None
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "visual_model": self.visual_model,
+            "visual_model_sha256": self._model_file_sha256(),
+            "crops": self.crops,
+            "crop_size": CROP_SIZE,
+            "alignment": "arcface-5-point-similarity",
+            "detector": {
+                "min_face_px": MIN_FACE_PX,
+                "thresholds": list(THRESHOLDS),
+                "pyramid_factor": PYRAMID_FACTOR,
+                "search_radius": SEARCH_RADIUS,
+                "search_min_face": SEARCH_MIN_FACE,
+                "match_iou": MATCH_IOU,
+                "match_centre": MATCH_CENTRE,
+                "match_scale": MATCH_SCALE,
+                "refine_frames": REFINE_FRAMES,
+                "reacquire_after_s": REACQUIRE_AFTER_S,
+            },
+        }
+
+    def _model_file_sha256(self) -> str | None:
+        """A model file's checksum, so replacing the file at the same path recomputes."""
+        if self.visual_model in (VGGFACE2, NONE):
+            return None
+        path = Path(self.visual_model).expanduser()
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if self._model_sha is None or self._model_sha[0] != key:
+            self._model_sha = (key, sha256_file(path))
+        return self._model_sha[1]
+
+    def load(self) -> None:
+        device = self._resolve_device()
+        self.detector = Mtcnn(device)
+        self.embedder = build_embedder(self.visual_model, device)
+
+    def _resolve_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ModelUnavailable(
+                    f"--device {self.device}: no CUDA device here (use --device cpu or auto)"
+                )
+            return self.device
+        if self.device == "cpu":
+            return "cpu"
+        raise ModelUnavailable(f"--device {self.device}: choose from {', '.join(DEVICES)}")
+
+    def provenance(self) -> dict[str, Any]:
+        embedder = self.embedder
+        return {
+            "face_detector": "MTCNN (facenet-pytorch P-Net, R-Net, O-Net, packaged weights)",
+            "face_detector_sha256": weights_sha256(),
+            "visual_model": embedder.name if embedder else NONE,
+            "visual_weights_sha256": embedder.sha256 if embedder else None,
+            "visual_dim": embedder.dim if embedder else 0,
+            "versions": library_versions("facenet-pytorch", "opencv-python-headless", "onnxruntime"),
+        }
+
+    def run(self, media: Media) -> Iterator[Rows]:
+        if self.detector is None:
+            self.load()
+        n = media.n_frames
+        next_row = 0
+        if media.info.has_video:
+            tracker = SubjectTracker(self.detector, max(1, round(REACQUIRE_AFTER_S * media.info.fps)))
+            threads = DETECTOR_CPU_THREADS if self.detector.device == "cpu" else None
+            for times, frames in prefetched(iter_video_frames(media.path, DECODE_BATCH)):
+                found = []
+                stop = next_row
+                with torch_threads(threads):  # every frame, on or off the grid: the track needs each step
+                    faces = [tracker.update(frame) for frame in frames]
+                for row, frame, face in zip(grid_rows(times, media.timestamps), frames, faces, strict=True):
+                    if row < next_row:
+                        continue  # off the grid, or a repeated time
+                    stop = max(stop, row + 1)
+                    if face is not None:
+                        found.append((row - next_row, frame, face))
+                if stop > next_row:
+                    yield Rows(next_row, self._block(stop - next_row, found))
+                    next_row = stop
+        while next_row < n:
+            count = min(ABSENT_BLOCK, n - next_row)
+            yield Rows(next_row, self._absent(count))
+            next_row += count
+
+    def _absent(self, count: int) -> dict[str, np.ndarray]:
+        arrays = {
+            "present": np.zeros(count, dtype=bool),
+            "boxes": np.full((count, 4), np.nan, dtype=np.float32),
+            "landmarks": np.full((count, 5, 2), np.nan, dtype=np.float32),
+            "score": np.zeros(count, dtype=np.float32),
+        }
+        if self.crops:
+            arrays["crops"] = np.zeros((count, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
+        if self.embedder is not None:
+            arrays["embedding"] = np.zeros((count, self.embedder.dim), dtype=np.float16)
+        return arrays
+
+    def _block(self, count: int, found: list[tuple[int, np.ndarray, Face]]) -> dict[str, np.ndarray]:
+        """`count` rows, filled in at the (row, frame, face) triples where a face was found."""
+        arrays = self._absent(count)
+        if not found:
+            return arrays
+        index = np.array([row for row, _, _ in found])
+        arrays["present"][index] = True
+        arrays["boxes"][index] = [face.box for _, _, face in found]
+        arrays["landmarks"][index] = [face.landmarks for _, _, face in found]
+        arrays["score"][index] = [face.score for _, _, face in found]
+        if self.crops or self.embedder is not None:
+            crops = np.stack([align_face(frame, face.landmarks) for _, frame, face in found])
+            if self.crops:
+                arrays["crops"][index] = crops
+            if self.embedder is not None:
+                arrays["embedding"][index] = self.embedder(crops).astype(np.float16)
+        return arrays

@@ -1,0 +1,337 @@
+"""The faces stage on the real media in data/: detection, tracking, alignment, embedders, the grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from conftest import CREMA_FLV, CREMA_MP4, HAMILTON, JFK, PEXELS, SINGLE_FACE
+
+from pipeline import visual
+from pipeline.align import ARCFACE_TEMPLATE, CROP_SIZE, similarity_transform
+from pipeline.faces import FacesStage, Mtcnn, grid_rows
+from pipeline.media import Media, frame_grid, probe
+from pipeline.models import CACHE_ENV, ModelUnavailable
+from pipeline.runner import Extractor, FatalError, discover, run_local
+from pipeline.stages import build_stage
+from pipeline.store import open_store
+
+PEXELS_HAND_OVER_MOUTH = [*range(55, 100), *range(150, 216)]  # frames where a hand covers the mouth
+HAMILTON_FIRST_SHOT = range(0, 20)  # the performer (right, ~40 px) and a seated man (left, ~25 px)
+
+
+def media_for(path: Path, timestamps: np.ndarray | None = None) -> Media:
+    info = probe(path)
+    return Media(path, path.stem, info, frame_grid(path, info) if timestamps is None else timestamps)
+
+
+def collect(stage: FacesStage, media: Media) -> dict[str, np.ndarray]:
+    blocks = list(stage.run(media))
+    assert [b.start for b in blocks] == list(np.cumsum([0] + [len(b) for b in blocks[:-1]]))
+    return {k: np.concatenate([b.arrays[k] for b in blocks]) for k in blocks[0].arrays}
+
+
+def decoded_frame_count(path: Path) -> int:
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+@pytest.fixture(scope="module")
+def stage() -> FacesStage:
+    stage = FacesStage(visual_model="none", crops=True, device="cpu")
+    stage.load()
+    return stage
+
+
+@pytest.fixture(scope="module")
+def extracted(stage: FacesStage):
+    """Each file's arrays, extracted once per module."""
+    cache: dict[Path, dict[str, np.ndarray]] = {}
+
+    def get(path: Path) -> dict[str, np.ndarray]:
+        if path not in cache:
+            cache[path] = collect(stage, media_for(path))
+        return cache[path]
+
+    return get
+
+
+def check_plausible_faces(arrays: dict[str, np.ndarray], rows: np.ndarray) -> None:
+    """Landmarks inside their box, eyes above nose above mouth, a probability for a score."""
+    boxes, points = arrays["boxes"][rows], arrays["landmarks"][rows]
+    assert np.isfinite(boxes).all() and np.isfinite(points).all()
+    size = (boxes[:, 2:] - boxes[:, :2])[:, None, :]
+    tolerance = 0.1 * size
+    assert (points >= boxes[:, None, :2] - tolerance).all() and (
+        points <= boxes[:, None, 2:] + tolerance
+    ).all()
+    eyes_y, nose_y, mouth_y = points[:, :2, 1].mean(1), points[:, 2, 1], points[:, 3:, 1].mean(1)
+    assert (eyes_y < nose_y).all() and (nose_y < mouth_y).all()
+    assert (points[:, 0, 0] < points[:, 1, 0]).all()  # left eye left of right eye
+    assert ((arrays["score"][rows] > 0) & (arrays["score"][rows] <= 1)).all()
+
+
+@pytest.mark.parametrize("path", CREMA_MP4, ids=lambda p: p.stem)
+def test_crema_face_on_every_frame(extracted, path: Path):
+    arrays = extracted(path)
+    info = probe(path)
+    assert arrays["present"].all()
+    boxes = arrays["boxes"]
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    assert ((centre[:, 0] > 0.3 * info.width) & (centre[:, 0] < 0.7 * info.width)).all()
+    assert ((centre[:, 1] > 0.15 * info.height) & (centre[:, 1] < 0.7 * info.height)).all()
+    height = boxes[:, 3] - boxes[:, 1]
+    assert ((height > 0.15 * info.height) & (height < 0.6 * info.height)).all()
+    assert (arrays["score"] > 0.9).all()
+    check_plausible_faces(arrays, np.arange(len(boxes)))
+    # one subject, followed smoothly: no frame-to-frame jump larger than a fifth of the face
+    assert np.abs(np.diff(centre, axis=0)).max() < 0.2 * height.mean()
+
+
+@pytest.mark.parametrize(
+    "path, fps",
+    [(CREMA_MP4[0], 29.97), (CREMA_FLV[0], 29.97), (SINGLE_FACE, 30.0), (PEXELS, 23.976)],
+    ids=["crema-mp4", "crema-flv", "single-face", "pexels"],
+)
+def test_one_row_per_decoded_frame(extracted, path: Path, fps: float):
+    assert probe(path).fps == pytest.approx(fps, abs=0.01)
+    arrays = extracted(path)
+    n = decoded_frame_count(path)
+    assert all(len(a) == n for a in arrays.values())
+    assert arrays["present"].mean() > 0.95
+
+
+def test_array_layout_and_absent_values(extracted):
+    arrays = extracted(SINGLE_FACE)
+    n = len(arrays["present"])
+    assert arrays["present"].dtype == bool
+    assert arrays["boxes"].shape == (n, 4) and arrays["boxes"].dtype == np.float32
+    assert arrays["landmarks"].shape == (n, 5, 2) and arrays["landmarks"].dtype == np.float32
+    assert arrays["score"].shape == (n,) and arrays["score"].dtype == np.float32
+    assert arrays["crops"].shape == (n, CROP_SIZE, CROP_SIZE, 3) and arrays["crops"].dtype == np.uint8
+    assert "embedding" not in arrays  # --visual-model none
+
+
+def test_hand_over_mouth_is_masked_or_plausible(extracted):
+    arrays = extracted(PEXELS)
+    rows = np.array(PEXELS_HAND_OVER_MOUTH)
+    present = rows[arrays["present"][rows]]
+    absent = rows[~arrays["present"][rows]]
+    check_plausible_faces(arrays, present)
+    assert np.isnan(arrays["boxes"][absent]).all() and (arrays["score"][absent] == 0).all()
+    assert (arrays["crops"][absent] == 0).all()
+    # the whole clip: the same woman throughout, centre right of the frame
+    boxes = arrays["boxes"][arrays["present"]]
+    assert arrays["present"].mean() > 0.9
+    assert ((boxes[:, 0] + boxes[:, 2]) / 2 > 320).all()
+
+
+def test_hamilton_keeps_the_small_main_subject(extracted):
+    arrays = extracted(HAMILTON)
+    rows = np.array(HAMILTON_FIRST_SHOT)
+    assert arrays["present"][rows].all()
+    boxes = arrays["boxes"][rows]
+    centre_x = (boxes[:, 0] + boxes[:, 2]) / 2
+    size = boxes[:, 2] - boxes[:, 0]
+    assert (centre_x > 480).all(), "the track jumped to the seated man on the left"
+    assert ((size > 25) & (size < 60)).all()
+    check_plausible_faces(arrays, rows)
+
+
+def test_crops_are_aligned_to_the_template(extracted):
+    arrays = extracted(CREMA_MP4[0])
+    # the stored landmarks map onto the template...
+    for points in arrays["landmarks"][::10]:
+        matrix = similarity_transform(points)
+        mapped = points @ matrix[:, :2].T + matrix[:, 2]
+        assert np.abs(mapped - ARCFACE_TEMPLATE).max() < 6
+    # ...and a face detected afresh in the stored crops has its eyes where the template has them
+    detector = Mtcnn("cpu")
+    border = 32  # context around the crop, as MTCNN expects around a face
+    for crop in arrays["crops"][::10]:
+        faces = detector.detect(np.pad(crop, ((border, border), (border, border), (0, 0))), 20)
+        assert faces, "no face in an aligned crop"
+        eyes = max(faces, key=lambda f: f.score).landmarks[:2] - border
+        assert np.linalg.norm(eyes - ARCFACE_TEMPLATE[:2], axis=1).max() < 6  # of a 35 px eye distance
+
+
+def test_no_crops_option():
+    stage = FacesStage.from_options({"visual_model": "none", "crops": False, "device": "cpu", "fps": 30.0})
+    assert stage.config()["crops"] is False
+    arrays = collect(stage, media_for(SINGLE_FACE))
+    assert "crops" not in arrays and "embedding" not in arrays
+    assert arrays["present"].mean() > 0.95
+
+
+def test_a_frame_that_did_not_decode_stays_absent(stage):
+    grid = frame_grid(SINGLE_FACE, probe(SINGLE_FACE))
+    step = grid[1] - grid[0]
+    timestamps = np.concatenate([grid, grid[-1] + step * np.arange(1, 4)])  # three frames never decoded
+    arrays = collect(stage, media_for(SINGLE_FACE, timestamps))
+    assert len(arrays["present"]) == len(grid) + 3
+    assert not arrays["present"][-3:].any()
+    assert arrays["present"][: len(grid)].mean() > 0.95
+    rows = grid_rows(
+        np.array([grid[0], grid[5] + step * 0.1, grid[5] + step * 0.5 + 1e-3]), np.delete(grid, 6)
+    )
+    assert rows.tolist() == [0, 5, -1]
+
+
+def test_audio_only_input_gives_absent_rows(stage):
+    media = media_for(JFK)
+    arrays = collect(stage, media)
+    assert len(arrays["present"]) == media.n_frames > 300
+    assert not arrays["present"].any() and np.isnan(arrays["boxes"]).all()
+    assert (arrays["crops"] == 0).all()
+
+
+def tiny_torch_model(dim: int) -> torch.nn.Module:
+    """A random-weight stand-in for a real backbone (the test has no real weights offline)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, kernel_size=8, stride=8),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, dim),
+    ).eval()
+
+
+def test_torchscript_embedder_through_the_runner(tmp_path: Path, store: Path):
+    model = tiny_torch_model(8)
+    path = tmp_path / "backbone.pt"
+    torch.jit.script(model).save(str(path))
+    jobs, _ = discover([SINGLE_FACE])
+    stages = [build_stage("faces", {"visual_model": str(path), "crops": True, "device": "cpu"})]
+    outcomes = run_local(jobs, Extractor(store, stages))
+    assert [o.status for o in outcomes] == ["done"]
+    with open_store(store) as f:
+        group = f[f"videos/{SINGLE_FACE.stem}/faces"]
+        present, crops, embedding = group["present"][:], group["crops"][:], group["embedding"][:]
+        assert group.attrs["visual_model"] == "torchscript:backbone.pt"
+        assert group.attrs["visual_dim"] == 8
+        assert len(group.attrs["visual_weights_sha256"]) == 64
+        assert "pnet" in group.attrs["face_detector_sha256"]
+    assert embedding.dtype == np.float16 and embedding.shape == (len(present), 8)
+    assert present.mean() > 0.95 and not embedding[~present].any()
+    with torch.no_grad():
+        expected = model(torch.from_numpy(visual.to_unit_range(crops[present]))).numpy()
+    np.testing.assert_allclose(embedding[present], expected, rtol=1e-2, atol=1e-2)
+    assert np.std(expected, axis=0).max() > 0  # different faces, different vectors
+
+
+def onnx_linear_pool_model(weight: np.ndarray) -> bytes:
+    """An ONNX file, written field by field (no onnx package here): GlobalAveragePool -> Flatten -> MatMul.
+
+    A random-weight stand-in for a real backbone; input "x" float (b,3,112,112), output "y" (b,D).
+    """
+
+    def varint(value: int) -> bytes:
+        out = b""
+        while True:
+            byte, value = value & 0x7F, value >> 7
+            out += bytes([byte | (0x80 if value else 0)])
+            if not value:
+                return out
+
+    def field(number: int, value: bytes | int | str) -> bytes:
+        if isinstance(value, int):
+            return varint(number << 3) + varint(value)
+        value = value.encode() if isinstance(value, str) else value
+        return varint(number << 3 | 2) + varint(len(value)) + value
+
+    def node(op: str, inputs: list[str], output: str) -> bytes:
+        return b"".join(field(1, i) for i in inputs) + field(2, output) + field(4, op)
+
+    def value_info(name: str, dims: list[int | str]) -> bytes:
+        shape = b"".join(field(1, field(2, d) if isinstance(d, str) else field(1, d)) for d in dims)
+        return field(1, name) + field(2, field(1, field(1, 1) + field(2, shape)))  # elem_type FLOAT
+
+    dim_in, dim_out = weight.shape
+    initializer = field(1, dim_in) + field(1, dim_out) + field(2, 1) + field(8, "w")
+    initializer += field(9, weight.astype("<f4").tobytes())
+    graph = (
+        field(1, node("GlobalAveragePool", ["x"], "pooled"))
+        + field(1, node("Flatten", ["pooled"], "flat"))
+        + field(1, node("MatMul", ["flat", "w"], "y"))
+        + field(2, "tiny")
+        + field(5, initializer)
+        + field(11, value_info("x", ["b", 3, CROP_SIZE, CROP_SIZE]))
+        + field(12, value_info("y", ["b", dim_out]))
+    )
+    return field(1, 8) + field(7, graph) + field(8, field(2, 13))  # ir_version 8, opset 13
+
+
+def test_onnx_embedder(tmp_path: Path, extracted):
+    weight = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
+    path = tmp_path / "backbone.onnx"
+    path.write_bytes(onnx_linear_pool_model(weight))
+    embedder = visual.build_embedder(str(path), "cpu")
+    assert embedder.name == "onnx:backbone.onnx" and embedder.dim == 5
+    crops = extracted(CREMA_MP4[0])["crops"][:6]
+    expected = visual.to_unit_range(crops).mean(axis=(2, 3)) @ weight
+    np.testing.assert_allclose(embedder(crops), expected, rtol=1e-4, atol=1e-5)
+    arrays = collect(FacesStage(visual_model=str(path), device="cpu"), media_for(SINGLE_FACE))
+    assert arrays["embedding"].shape == (len(arrays["present"]), 5)
+    assert arrays["embedding"].dtype == np.float16
+
+
+@pytest.mark.slow
+def test_vggface2_from_a_weights_file(tmp_path: Path, monkeypatch, extracted):
+    from facenet_pytorch import InceptionResnetV1
+
+    torch.manual_seed(0)
+    weights = tmp_path / "random-inception-resnet-v1.pt"  # random weights: the real ones need a download
+    torch.save(InceptionResnetV1(pretrained=None).state_dict(), weights)
+    monkeypatch.setenv(visual.VGGFACE2_ENV, str(weights))
+    embedder = visual.build_embedder("vggface2", "cpu")
+    assert embedder.dim == 512 and len(embedder.sha256) == 64
+    vectors = embedder(extracted(CREMA_MP4[0])["crops"][:2])
+    assert vectors.shape == (2, 512) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+
+
+def test_vggface2_offline_is_one_clear_fatal_line(tmp_path: Path, monkeypatch, store: Path):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(visual.VGGFACE2_ENV, raising=False)
+    # a closed local port: the download fails at once, as it does offline
+    monkeypatch.setattr(visual, "VGGFACE2_URL", "http://127.0.0.1:9/20180402-114759-vggface2.pt")
+    with pytest.raises(ModelUnavailable) as error:
+        FacesStage(device="cpu").load()
+    message = str(error.value)
+    assert "\n" not in message
+    for part in ("20180402-114759-vggface2.pt", visual.VGGFACE2_ENV, "--visual-model", "--visual-model none"):
+        assert part in message
+    jobs, _ = discover([SINGLE_FACE])
+    with pytest.raises(FatalError, match="vggface2"):
+        run_local(jobs, Extractor(store, [FacesStage(device="cpu")]))
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"visual_model": "missing/model.onnx"}, "no such file"),
+        ({"visual_model": str(PEXELS)}, "unknown model type"),
+        ({"visual_model": "none", "device": "tpu"}, "--device tpu"),
+    ],
+    ids=["missing-file", "not-a-model", "bad-device"],
+)
+def test_bad_options_fail_at_load(options: dict, words: str):
+    with pytest.raises(ModelUnavailable, match=words):
+        FacesStage.from_options({"device": "cpu", **options}).load()
+
+
+def test_config_and_provenance(tmp_path: Path):
+    path = tmp_path / "m.pt"
+    torch.jit.script(tiny_torch_model(3)).save(str(path))
+    stage = FacesStage(visual_model=str(path), device="cpu")
+    before = stage.config()
+    assert before["visual_model_sha256"] and before["detector"]["min_face_px"] == 20
+    torch.jit.script(tiny_torch_model(4)).save(str(path))
+    assert stage.config() != before  # a replaced model file is a changed config
+    stage.load()
+    provenance = stage.provenance()
+    assert set(provenance["face_detector_sha256"]) == {"pnet", "rnet", "onet"}
+    assert provenance["versions"]["facenet-pytorch"] == "2.5.3"
