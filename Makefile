@@ -14,12 +14,24 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
-DEMO_STORE := demo-out/store.h5
+DEMO := demo-out
+DEMO_STORE := $(DEMO)/store.h5
 
+# Extract faces, audio and text from the bundled clips (offline: crops, no face embedder), train
+# audio+text RCMA on the 47 labelled speech clips, then score it and predict every file.
 demo: setup
-	mkdir -p demo-out
-	$(BIN)/rcma extract data/crema-d/mp4 data/pexels data/hamilton --stage faces --visual-model none --store $(DEMO_STORE)
-	$(BIN)/rcma status --store $(DEMO_STORE)
+	mkdir -p $(DEMO)
+	$(BIN)/rcma extract data/crema-d/mp4 data/pexels data/hamilton data/jfk data/speech-va \
+	  --stage all --visual-model none --store $(DEMO_STORE)
+	$(BIN)/rcma labels import data/speech-va/labels_va.csv --store $(DEMO_STORE) \
+	  --split-file data/speech-va/demo_splits.csv
+	rm -rf $(DEMO)/run
+	$(BIN)/rcma train --features $(DEMO_STORE) --out $(DEMO)/run --modalities audio,text \
+	  --window 64 --hop 32 --width 32 --epochs 25 --patience 8
+	$(BIN)/rcma evaluate --model $(DEMO)/run/best.pt --features $(DEMO_STORE) --split val
+	$(BIN)/rcma predict --model $(DEMO)/run/best.pt --features $(DEMO_STORE) --out $(DEMO)/predictions
+	$(BIN)/rcma show --store $(DEMO_STORE)
+	@echo "demo: store $(DEMO_STORE), curves $(DEMO)/run/curves.png, plots $(DEMO)/predictions/plots/"
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -32,6 +44,8 @@ format: setup
 
 bench: setup
 	$(BIN)/python bench/faces.py
+	$(BIN)/python bench/audio_text.py
+	$(BIN)/python bench/train.py
 
 lock:
 	$(PYTHON) -m venv /tmp/rcma-lock && /tmp/rcma-lock/bin/pip install --quiet -e '.[dev]' \

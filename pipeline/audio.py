@@ -28,7 +28,7 @@ import torch
 from pipeline import asr
 from pipeline.media import SAMPLE_RATE, Media
 from pipeline.models import fetch_weights, sha256_file
-from pipeline.stages import Rows, Stage, library_versions
+from pipeline.stages import Extra, Rows, Stage, library_versions
 
 AUDIO_MODELS = ("logmel", "wav2vec2", "hubert", "wavlm", "whisper-encoder")
 AUDIO_WEIGHTS_ENV = "RCMA_AUDIO_WEIGHTS"
@@ -347,7 +347,7 @@ class AudioStage(Stage):
             **self.embedder.provenance(),
         }
 
-    def run(self, media: Media) -> Iterator[Rows]:
+    def run(self, media: Media) -> Iterator[Rows | Extra]:
         audio = media.audio()
         n = media.n_frames
         duration = len(audio) / SAMPLE_RATE if audio is not None else 0.0
@@ -366,3 +366,5 @@ class AudioStage(Stage):
                     "embedding": np.zeros((rows, self.embedder.dim), np.float16),
                 },
             )
+        if audio is None:
+            yield Extra(attrs={"warning": "no audio track: every frame marked absent"})

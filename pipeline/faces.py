@@ -40,7 +40,7 @@ import torch
 from pipeline.align import CROP_SIZE, align_face
 from pipeline.media import Media, iter_video_frames
 from pipeline.models import ModelUnavailable, sha256_file
-from pipeline.stages import Rows, Stage, library_versions
+from pipeline.stages import Extra, Rows, Stage, library_versions
 from pipeline.visual import NONE, VGGFACE2, Embedder, build_embedder
 
 MIN_FACE_PX = 20  # MTCNN's default smallest face, kept so small faces (Hamilton's ~40 px) are found
@@ -383,11 +383,12 @@ class FacesStage(Stage):
             "versions": library_versions("facenet-pytorch", "opencv-python-headless", "onnxruntime"),
         }
 
-    def run(self, media: Media) -> Iterator[Rows]:
+    def run(self, media: Media) -> Iterator[Rows | Extra]:
         if self.detector is None:
             self.load()
         n = media.n_frames
         next_row = 0
+        faces_found = 0
         if media.info.has_video:
             tracker = SubjectTracker(self.detector, max(1, round(REACQUIRE_AFTER_S * media.info.fps)))
             threads = DETECTOR_CPU_THREADS if self.detector.device == "cpu" else None
@@ -402,6 +403,7 @@ class FacesStage(Stage):
                     stop = max(stop, row + 1)
                     if face is not None:
                         found.append((row - next_row, frame, face))
+                faces_found += len(found)
                 if stop > next_row:
                     yield Rows(next_row, self._block(stop - next_row, found))
                     next_row = stop
@@ -409,6 +411,10 @@ class FacesStage(Stage):
             count = min(ABSENT_BLOCK, n - next_row)
             yield Rows(next_row, self._absent(count))
             next_row += count
+        if not media.info.has_video:
+            yield Extra(attrs={"warning": "no video stream: every frame marked absent"})
+        elif not faces_found:
+            yield Extra(attrs={"warning": "no face found: every frame marked absent"})
 
     def _absent(self, count: int) -> dict[str, np.ndarray]:
         arrays = {

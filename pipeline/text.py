@@ -208,6 +208,7 @@ class TextStage(Stage):
                 "language_detected": transcript.language_detected,
                 "transcript": transcript.text,
                 "text_unit": self.text_unit,
+                **_warning(audio, transcript),
             },
         )
 
@@ -255,3 +256,11 @@ class TextStage(Stage):
 
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _warning(audio: np.ndarray | None, transcript: asr.Transcript) -> dict[str, str]:
+    if audio is None:
+        return {"warning": "no audio track: no transcript, every frame marked absent"}
+    if not transcript.words:
+        return {"warning": "no speech found: every frame marked absent"}
+    return {}

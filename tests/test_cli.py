@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import av
 import h5py
 import numpy as np
 import pytest
@@ -159,3 +160,24 @@ def test_show_summarises_each_video(store):
     rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 3}
     assert "72" in rows["single_face"] and "30.000" in rows["single_face"]
     assert "100%" in rows["1001_DFA_ANG_XX"]  # a face on every CREMA-D frame
+
+
+def test_a_file_without_video_or_face_is_a_warning_not_a_failure(store, tmp_path):
+    from conftest import JFK
+
+    wall = tmp_path / "wall.mp4"  # real frames averaged to one flat colour: no face
+    with av.open(str(SINGLE_FACE)) as src, av.open(str(wall), "w") as out:
+        stream = out.add_stream("mpeg4", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 320, 180, "yuv420p"
+        for frame in list(src.decode(video=0))[:10]:
+            image = frame.to_ndarray(format="rgb24")[::2, ::2]
+            flat = np.full_like(image, image.mean(axis=(0, 1), keepdims=True).astype(np.uint8))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(flat, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    result = CliRunner().invoke(app, ["extract", str(JFK), str(wall), "--store", str(store), *FACES])
+    assert result.exit_code == 0, result.output
+    assert f"warning: {JFK}: faces: no video stream: every frame marked absent" in result.output
+    assert f"warning: {wall}: faces: no face found: every frame marked absent" in result.output
+    assert "2 done, 0 already done, 0 failed" in result.output
