@@ -182,7 +182,8 @@ def show(store: StoreOption = Path("store.h5")) -> None:
     except StoreError as e:
         raise fail(str(e)) from None
     stages = sorted({stage for v in videos for stage in v.present})
-    table = Table("video", "frames", "fps", "seconds", *(f"{s} present" for s in stages))
+    table = Table("video", "frames", "fps", "s", *stages, caption="stage columns: share of frames with data")
+    table.columns[0].no_wrap = True
     for v in videos:
         shares = (f"{v.present[s]:.0%}" if s in v.present else "-" for s in stages)
         table.add_row(v.video_id, str(v.n_frames), f"{v.fps:.3f}", f"{v.duration:.1f}", *shares)

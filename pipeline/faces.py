@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from pipeline.align import CROP_SIZE, align_face
-from pipeline.media import Media, iter_video_frames
+from pipeline.media import VIDEO_EXTENSIONS, Media, iter_video_frames
 from pipeline.models import ModelUnavailable, sha256_file
 from pipeline.stages import Extra, Rows, Stage, library_versions
 from pipeline.visual import NONE, VGGFACE2, Embedder, build_embedder
@@ -412,7 +412,8 @@ class FacesStage(Stage):
             yield Rows(next_row, self._absent(count))
             next_row += count
         if not media.info.has_video:
-            yield Extra(attrs={"warning": "no video stream: every frame marked absent"})
+            if media.path.suffix.lower() in VIDEO_EXTENSIONS:  # audio files are not expected to have one
+                yield Extra(attrs={"warning": "no video stream: every frame marked absent"})
         elif not faces_found:
             yield Extra(attrs={"warning": "no face found: every frame marked absent"})
 

@@ -87,8 +87,8 @@ def discover(inputs: Iterable[Path]) -> tuple[list[Job], Report]:
                 if path.suffix.lower() not in MEDIA_EXTENSIONS:
                     try:
                         probe(path)
-                    except MediaError as e:
-                        report.not_media.append((path, str(e)))
+                    except MediaError:
+                        report.not_media.append((path, "not a media file"))
                         continue
                 found.append((path, given))
         elif given.exists() or given.is_symlink():

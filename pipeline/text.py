@@ -139,7 +139,9 @@ class TextStage(Stage):
     def _load_text_model(self):
         name, path = self.text_source
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as transformers_logging
 
+        transformers_logging.disable_progress_bar()  # the runner shows progress; no tqdm bars
         try:
             return SentenceTransformer(
                 str(path or name), device=self.device, local_files_only=path is not None

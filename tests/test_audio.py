@@ -24,12 +24,13 @@ from pipeline import store as st
 from pipeline.audio import LOGMEL_BANDS, LOGMEL_PATCH, SSL_BUNDLES, AudioStage
 from pipeline.media import SAMPLE_RATE, Media, read_audio
 from pipeline.models import ModelUnavailable
+from pipeline.stages import Extra, Rows
 
 pytestmark = pytest.mark.slow
 
 
 def rows_of(stage: AudioStage, media: Media) -> dict[str, np.ndarray]:
-    blocks = list(stage.run(media))
+    blocks = [block for block in stage.run(media) if isinstance(block, Rows)]
     assert [b.start for b in blocks] == list(np.cumsum([0, *map(len, blocks[:-1])]))
     return {k: np.concatenate([b.arrays[k] for b in blocks]) for k in blocks[0].arrays}
 
@@ -95,8 +96,11 @@ def test_frames_past_the_audio_are_absent(logmel: AudioStage, whisper_encoder: A
 
 
 def test_no_audio_track_is_all_absent(logmel: AudioStage):
-    rows = rows_of(logmel, with_audio(None, np.arange(40) / 30, has_audio=False))
+    media = with_audio(None, np.arange(40) / 30, has_audio=False)
+    rows = rows_of(logmel, media)
     assert rows["embedding"].shape == (40, 128) and not rows["present"].any()
+    notes = [item.attrs["warning"] for item in logmel.run(media) if isinstance(item, Extra)]
+    assert notes == ["no audio track: every frame marked absent"]
 
 
 def state_index(times: np.ndarray, centre: float, stride: int = 320) -> np.ndarray:

@@ -164,6 +164,10 @@ def test_show_summarises_each_video(store):
 
 def test_a_file_without_video_or_face_is_a_warning_not_a_failure(store, tmp_path):
     from conftest import JFK
+    from test_store import make_audio_only
+
+    sound_only = tmp_path / "sound_only.mp4"  # a video file without its video stream
+    make_audio_only(CREMA_MP4[0], sound_only)
 
     wall = tmp_path / "wall.mp4"  # real frames averaged to one flat colour: no face
     with av.open(str(SINGLE_FACE)) as src, av.open(str(wall), "w") as out:
@@ -176,8 +180,10 @@ def test_a_file_without_video_or_face_is_a_warning_not_a_failure(store, tmp_path
                 out.mux(packet)
         for packet in stream.encode(None):
             out.mux(packet)
-    result = CliRunner().invoke(app, ["extract", str(JFK), str(wall), "--store", str(store), *FACES])
+    inputs = [str(JFK), str(sound_only), str(wall)]
+    result = CliRunner().invoke(app, ["extract", *inputs, "--store", str(store), *FACES])
     assert result.exit_code == 0, result.output
-    assert f"warning: {JFK}: faces: no video stream: every frame marked absent" in result.output
+    assert f"warning: {sound_only}: faces: no video stream: every frame marked absent" in result.output
     assert f"warning: {wall}: faces: no face found: every frame marked absent" in result.output
-    assert "2 done, 0 already done, 0 failed" in result.output
+    assert str(JFK) not in result.output  # an audio file is not expected to have faces
+    assert "3 done, 0 already done, 0 failed" in result.output

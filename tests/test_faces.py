@@ -16,7 +16,7 @@ from pipeline.faces import FacesStage, Mtcnn, grid_rows
 from pipeline.media import Media, frame_grid, probe
 from pipeline.models import CACHE_ENV, ModelUnavailable
 from pipeline.runner import Extractor, FatalError, discover, run_local
-from pipeline.stages import build_stage
+from pipeline.stages import Rows, build_stage
 from pipeline.store import open_store
 
 PEXELS_HAND_OVER_MOUTH = [*range(55, 100), *range(150, 216)]  # frames where a hand covers the mouth
@@ -29,7 +29,7 @@ def media_for(path: Path, timestamps: np.ndarray | None = None) -> Media:
 
 
 def collect(stage: FacesStage, media: Media) -> dict[str, np.ndarray]:
-    blocks = list(stage.run(media))
+    blocks = [block for block in stage.run(media) if isinstance(block, Rows)]
     assert [b.start for b in blocks] == list(np.cumsum([0] + [len(b) for b in blocks[:-1]]))
     return {k: np.concatenate([b.arrays[k] for b in blocks]) for k in blocks[0].arrays}
 
