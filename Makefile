@@ -18,7 +18,8 @@ DEMO := demo-out
 DEMO_STORE := $(DEMO)/store.h5
 
 # Extract faces, audio and text from the bundled clips (offline: crops, no face embedder), train
-# audio+text RCMA on the 47 labelled speech clips, then score it and predict every file.
+# audio+text RCMA and the audio-only baseline on the 47 labelled speech clips, score both, and
+# predict every file.
 demo: setup
 	mkdir -p $(DEMO)
 	$(BIN)/rcma extract data/crema-d/mp4 data/pexels data/hamilton data/jfk data/speech-va \
@@ -29,6 +30,10 @@ demo: setup
 	$(BIN)/rcma train --features $(DEMO_STORE) --out $(DEMO)/run --modalities audio,text \
 	  --window 64 --hop 32 --width 32 --epochs 25 --patience 8
 	$(BIN)/rcma evaluate --model $(DEMO)/run/best.pt --features $(DEMO_STORE) --split val
+	rm -rf $(DEMO)/audio-only
+	$(BIN)/rcma train --features $(DEMO_STORE) --out $(DEMO)/audio-only --modalities audio \
+	  --window 64 --hop 32 --width 32 --epochs 25 --patience 8 --quiet
+	$(BIN)/rcma evaluate --model $(DEMO)/audio-only/best.pt --features $(DEMO_STORE) --split val
 	$(BIN)/rcma predict --model $(DEMO)/run/best.pt --features $(DEMO_STORE) --out $(DEMO)/predictions
 	$(BIN)/rcma show --store $(DEMO_STORE)
 	@echo "demo: store $(DEMO_STORE), curves $(DEMO)/run/curves.png, plots $(DEMO)/predictions/plots/"
