@@ -286,8 +286,15 @@ def labels_import(
     )
 
 
+def _typed(ctx: typer.Context, option: str) -> bool:
+    """Whether `option` was given on the command line (typer vendors click: compare by name)."""
+    source = ctx.get_parameter_source(option)
+    return source is not None and source.name == "COMMANDLINE"
+
+
 @app.command()
 def train(
+    ctx: typer.Context,
     features: Annotated[Path, typer.Option(help="The store, with labels.")] = Path("store.h5"),
     out: Annotated[Path, typer.Option(help="Run folder (checkpoints, logs).")] = Path("runs/rcma"),
     modalities: Annotated[str, typer.Option(help="Any of audio,visual,text.")] = "audio,visual,text",
@@ -310,11 +317,14 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from last.pt.")] = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Train the TCN + recursive cross-modal attention model on a store's labelled videos."""
-    from fusion.train import TrainConfig, TrainError
+    """Train the TCN + recursive cross-modal attention model on a store's labelled videos.
+
+    With --resume the run's own settings are used; options given on the command line override
+    them (those that shape the model must then match the run)."""
+    from fusion.train import TrainConfig, TrainError, saved_config
     from fusion.train import train as run_training
 
-    cfg = TrainConfig(
+    settings = dict(
         features=str(features),
         out=str(out),
         modalities=[m.strip() for m in modalities.split(",") if m.strip()],
@@ -337,7 +347,12 @@ def train(
         threads=threads,
     )
     try:
-        result = run_training(cfg, resume=resume, quiet=quiet)
+        if resume:
+            typed = {k: v for k, v in settings.items() if _typed(ctx, k)}
+            if "window" in typed:
+                typed["eval_hop"] = settings["eval_hop"]
+            settings = {**saved_config(out), **typed}
+        result = run_training(TrainConfig(**settings), resume=resume, quiet=quiet)
     except (TrainError, ValueError) as e:
         raise fail(str(e)) from None
     console.print(

@@ -336,6 +336,14 @@ def _start_checkpoint(out: Path, cfg: TrainConfig, resume: bool) -> dict[str, An
     return ckpt
 
 
+def saved_config(out: Path) -> dict[str, Any]:
+    """The settings of the run in `out`, so that resuming it needs no options repeated."""
+    last = Path(out) / "last.pt"
+    if not last.exists():
+        raise TrainError(f"{last}: nothing to resume")
+    return dict(load_checkpoint(last)["config"])
+
+
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

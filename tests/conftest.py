@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 CREMA_MP4 = sorted((DATA / "crema-d" / "mp4").glob("*.mp4"))
@@ -19,3 +20,12 @@ SPEECH_VA = sorted((DATA / "speech-va").glob("*.wav"))
 def store(tmp_path: Path) -> Path:
     """A store path in a fresh folder."""
     return tmp_path / "store.h5"
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small models train fastest on one thread, and two threads crawl when other work shares the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,7 +10,6 @@ broken pipeline (shuffled labels, misaligned frames) fails, not a small numeric 
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import DATA, SPEECH_VA
 
 from fusion.predict import evaluate
@@ -29,13 +28,7 @@ def split_of(i: int, fold: int = 0) -> str:
     return "val" if i % 4 == (fold + 1) % 4 and (i // 4) % 2 == 0 else "train"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models train fastest on one thread, and two threads crawl when other work shares the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_speech_clips_train_and_evaluate(tmp_path):

@@ -19,13 +19,7 @@ from pipeline import store as st
 SMALL = dict(window=32, hop=16, eval_hop=16, width=32, batch_size=16, warmup_steps=20, lr=3e-3, patience=100)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models train fastest on one thread, and two threads crawl when other work shares the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +99,23 @@ def test_cli_train_and_predict(interaction, tmp_path):
     cli = CliRunner().invoke(app, ["train", *args, *small])
     assert cli.exit_code == 0, cli.output
     assert "best val CCC" in cli.output and (run / "best.pt").is_file()
+    resumed = [
+        "train",
+        "--features",
+        str(interaction),
+        "--out",
+        str(run),
+        "--resume",
+        "--epochs",
+        "2",
+        "--quiet",
+    ]
+    cli = CliRunner().invoke(app, resumed)  # the run's own window, width, modalities: none repeated
+    assert cli.exit_code == 0, cli.output
+    assert load_checkpoint(run / "last.pt")["state"]["epoch"] == 2
+    assert load_checkpoint(run / "last.pt")["config"]["width"] == 16
+    cli = CliRunner().invoke(app, [*resumed, "--width", "64"])
+    assert cli.exit_code == 2 and "--width 64 differs from the run's 16" in cli.output
     cli = CliRunner().invoke(
         app, ["predict", "--model", str(run / "best.pt"), "--features", str(interaction), "--out", str(out)]
     )
