@@ -192,10 +192,19 @@ def show(store: StoreOption = Path("store.h5")) -> None:
 
 @app.command()
 def index(store: StoreOption = Path("store.h5")) -> None:
-    """Rebuild store.h5 from its shards (after a crash, or to repair a damaged index)."""
-    from pipeline.store import rebuild_index
+    """Rebuild store.h5 from its shards (after a crash, or to repair a damaged index).
 
-    console.print(f"{store}: {rebuild_index(store)} videos indexed")
+    Also removes temporary files left by killed writers: run it while nothing extracts."""
+    from pipeline.store import StoreError, check_store_path, rebuild_index, shard_root
+
+    try:
+        check_store_path(store)
+        if not shard_root(store).is_dir():
+            raise StoreError(f"{store}: no {shard_root(store).name}/ folder of shards to index")
+        count = rebuild_index(store, clean=True)
+    except (StoreError, OSError) as e:
+        raise fail(str(e)) from None
+    console.print(f"{store}: {count} videos indexed")
 
 
 @app.command()
@@ -204,11 +213,12 @@ def pack(
     out: Annotated[Path, typer.Option(help="The self-contained file to write.")] = Path("packed.h5"),
 ) -> None:
     """Copy a store and all its shards into one self-contained HDF5 file."""
-    from pipeline.store import StoreError, pack_store
+    from pipeline.store import StoreError, check_store_path, pack_store
 
     try:
+        check_store_path(out)
         pack_store(store, out)
-    except StoreError as e:
+    except (StoreError, OSError) as e:
         raise fail(str(e)) from None
     console.print(f"{out}: written")
 

@@ -19,9 +19,44 @@ SAMPLE_RATE = 16_000
 # threading reports it, at almost the same speed.
 DECODE_THREADING = "SLICE"
 IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "gif", "tiff_pipe")
+TEXT_FORMATS = ("tty",)  # FFmpeg renders any text file as a "video" of ANSI art
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".flv", ".m4v", ".mpg", ".mpeg", ".ts", ".wmv"}
 AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus", ".wma"}
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS | AUDIO_EXTENSIONS
+# Skipped in folders without opening: FFmpeg would read some as images or as text "video" (tty).
+NOT_MEDIA_EXTENSIONS = {
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".txt",
+    ".csv",
+    ".tsv",
+    ".json",
+    ".md",
+    ".nfo",
+    ".asc",
+    ".ans",
+    ".diz",
+    ".xml",
+    ".yaml",
+    ".yml",
+    ".h5",
+    ".hdf5",
+    ".npy",
+    ".npz",
+    ".pt",
+    ".pth",
+    ".onnx",
+    ".pdf",
+    ".zip",
+    ".tar",
+    ".gz",
+}
 
 
 class MediaError(Exception):
@@ -82,6 +117,8 @@ def probe(path: Path) -> MediaInfo:
     with _open(path) as container:
         if container.format.name in IMAGE_FORMATS:
             raise MediaError(f"a still image ({container.format.name}), not a video or audio file")
+        if container.format.name in TEXT_FORMATS:
+            raise MediaError("a text file, not a video or audio file")
         video = container.streams.video[0] if container.streams.video else None
         has_audio = bool(container.streams.audio)
         if video is None and not has_audio:

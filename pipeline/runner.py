@@ -7,20 +7,26 @@ opens, and carries the current config hash and frame-grid hash.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline import store as st
-from pipeline.media import DEFAULT_FPS, MEDIA_EXTENSIONS, Media, MediaError, MediaInfo, frame_grid, probe
+from pipeline.media import (
+    DEFAULT_FPS,
+    MEDIA_EXTENSIONS,
+    NOT_MEDIA_EXTENSIONS,
+    Media,
+    MediaError,
+    MediaInfo,
+    frame_grid,
+    probe,
+)
 from pipeline.models import ModelUnavailable
 from pipeline.stages import Extra, Rows, Stage, build_stage, config_hash, library_versions
 
@@ -74,17 +80,22 @@ def discover(inputs: Iterable[Path]) -> tuple[list[Job], Report]:
 
     Files in folders are taken by content: a file that does not open as media is skipped and
     reported, unless its extension says it is media, in which case it fails like any bad video.
-    A file named on the command line is always a job.
+    Common non-media extensions (images, text, tables) are skipped without opening them. A file
+    named on the command line is always a job.
     """
     report = Report()
-    found: list[tuple[Path, Path]] = []  # (file, the folder it was found under)
+    found: list[tuple[Path, Path | None]] = []  # (file, the folder it was found under, if any)
     for given in inputs:
         given = Path(given)
         if given.is_dir():
             for path in sorted(p for p in given.rglob("*") if p.is_file() or p.is_symlink()):
                 if any(part.startswith(".") for part in path.relative_to(given).parts):
                     continue
-                if path.suffix.lower() not in MEDIA_EXTENSIONS:
+                suffix = path.suffix.lower()
+                if suffix in NOT_MEDIA_EXTENSIONS:
+                    report.not_media.append((path, "not a media file"))
+                    continue
+                if suffix not in MEDIA_EXTENSIONS:
                     try:
                         probe(path)
                     except MediaError:
@@ -92,18 +103,19 @@ def discover(inputs: Iterable[Path]) -> tuple[list[Job], Report]:
                         continue
                 found.append((path, given))
         elif given.exists() or given.is_symlink():
-            found.append((given, given.parent if given.is_absolute() else Path(".")))
+            found.append((given, None))
         else:
             report.bad_paths.append((given, "no such file or folder"))
-    unique: dict[Path, tuple[Path, Path]] = {}
+    unique: dict[Path, tuple[Path, Path | None]] = {}
     for path, root in found:
         unique.setdefault(path.absolute(), (path, root))  # the same file named twice runs once
     files = dict(unique.values())
     return [Job(path, vid) for path, vid in _assign_ids(files).items()], report
 
 
-def _assign_ids(files: dict[Path, Path]) -> dict[Path, str]:
-    """File name without extension; the path below its folder where two names collide."""
+def _assign_ids(files: dict[Path, Path | None]) -> dict[Path, str]:
+    """File name without extension; where two names collide, the path below the folder given
+    (or, for files named on the command line, as many parent folders as tell them apart)."""
     by_stem: dict[str, list[Path]] = {}
     for path in files:
         by_stem.setdefault(path.stem, []).append(path)
@@ -113,13 +125,25 @@ def _assign_ids(files: dict[Path, Path]) -> dict[Path, str]:
             ids[paths[0]] = stem
             continue
         for path in paths:
-            relative = Path(os.path.relpath(path, files[path]))
-            ids[path] = relative.with_suffix("").as_posix()
+            root = files[path]
+            if root is not None:
+                ids[path] = path.relative_to(root).with_suffix("").as_posix()
+            else:
+                ids[path] = _shortest_unique_tail(path, paths)
     counts = Counter(ids.values())
     for path, vid in ids.items():
         if counts[vid] > 1:  # clip.mp4 beside clip.wav
             ids[path] = f"{vid}{path.suffix}"
     return ids
+
+
+def _shortest_unique_tail(path: Path, others: list[Path]) -> str:
+    parts = path.absolute().with_suffix("").parts
+    tails = [p.absolute().with_suffix("").parts for p in others if p != path]
+    for n in range(2, len(parts) + 1):
+        if all(t[-n:] != parts[-n:] for t in tails):
+            return "/".join(parts[-n:])
+    return "/".join(parts[1:])
 
 
 class Extractor:
@@ -141,7 +165,7 @@ class Extractor:
         outcomes = []
         for stage in self.stages:
             chash = config_hash(stage)
-            ghash = _grid_hash(media.timestamps)
+            ghash = st.grid_hash(media.timestamps)
             shard = st.shard_path(self.store, stage.name, job.video_id)
             attrs = st.read_shard_attrs(shard) if not self.force else None
             if attrs and attrs.get("config_hash") == chash and attrs.get("grid_hash") == ghash:
@@ -154,6 +178,7 @@ class Extractor:
             except FatalError:
                 raise
             except Exception as e:  # one bad video must never stop the others
+                shard.unlink(missing_ok=True)  # a shard of another config or grid must not stay linked
                 outcomes.append(self._fail(job, stage.name, _one_line(e)))
                 continue
             st.clear_failure(self.store, stage.name, job.video_id)
@@ -189,20 +214,33 @@ class Extractor:
         identity = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "fps_for_audio": self.fps}
         grid = st.shard_path(self.store, st.GRID, job.video_id)
         attrs = st.read_shard_attrs(grid)
+        source = str(job.path.absolute())
         if attrs and attrs.get("identity") == json.dumps(identity, sort_keys=True):
             timestamps = st.read_rows(grid, "timestamps")
             info = MediaInfo(**{k: attrs[k] for k in MediaInfo.__dataclass_fields__})
             return Media(job.path, job.video_id, info, timestamps)
+        if attrs and attrs.get("source") != source and not self.force:
+            raise MediaError(
+                f"video id {job.video_id!r} already holds {attrs.get('source')} in this store; extract "
+                "both files in one run (their ids then include their folders), rename one, or use --force"
+            )
         info = probe(job.path)
+        if not info.has_video:
+            info = replace(info, fps=self.fps)
         timestamps = frame_grid(job.path, info, self.fps)
         fields = {k: getattr(info, k) for k in MediaInfo.__dataclass_fields__}
-        rows = {"timestamps": timestamps}
         st.write_shard(
             self.store,
             st.GRID,
             job.video_id,
-            rows,
-            {"source": str(job.path.absolute()), "n_frames": len(timestamps), "identity": identity, **fields},
+            {"timestamps": timestamps},
+            {
+                "source": source,
+                "n_frames": len(timestamps),
+                "identity": identity,
+                "grid_hash": st.grid_hash(timestamps),
+                **fields,
+            },
         )
         return Media(job.path, job.video_id, info, timestamps)
 
@@ -245,10 +283,6 @@ class Extractor:
         return warning
 
 
-def _grid_hash(timestamps: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(timestamps, dtype=np.float64).tobytes()).hexdigest()[:16]
-
-
 def _one_line(error: BaseException) -> str:
     text = str(error) or type(error).__name__
     if not isinstance(error, MediaError | OSError | ValueError):
@@ -263,19 +297,32 @@ def run_local(
     on_job_done: Callable[[Job, list[Outcome]], None] | None = None,
 ) -> list[Outcome]:
     outcomes: list[Outcome] = []
-    last_index = 0.0
+    index = IndexRefresher(extractor.store)
     try:
         for job in jobs:
             result = extractor.run_job(job, progress)
             outcomes += result
             if on_job_done:
                 on_job_done(job, result)
-            if time.monotonic() - last_index > INDEX_EVERY_S:
-                st.rebuild_index(extractor.store)
-                last_index = time.monotonic()
+            index.refresh()
     finally:
-        st.rebuild_index(extractor.store)
+        index.refresh(now=True)
     return outcomes
+
+
+class IndexRefresher:
+    """Rebuilds the index as jobs finish: at most every INDEX_EVERY_S, and in no more than a tenth
+    of the time, since a rebuild grows with the number of videos."""
+
+    def __init__(self, store: Path):
+        self.store = store
+        self.next_at = 0.0
+
+    def refresh(self, now: bool = False) -> None:
+        if now or time.monotonic() >= self.next_at:
+            started = time.monotonic()
+            st.rebuild_index(self.store)
+            self.next_at = time.monotonic() + max(INDEX_EVERY_S, 10 * (time.monotonic() - started))
 
 
 _worker_extractors: dict[str, Extractor] = {}
@@ -309,16 +356,28 @@ def run_dask(
     """
     from distributed import Client, as_completed
 
-    if os.path.isfile(scheduler):
-        client = Client(scheduler_file=scheduler, timeout="20s")
-    else:
-        client = Client(scheduler, timeout="20s")
+    try:
+        if os.path.isfile(scheduler):
+            client = Client(scheduler_file=scheduler, timeout="20s")
+        else:
+            client = Client(scheduler, timeout="20s")
+    except (OSError, ValueError) as e:
+        raise FatalError(f"cannot reach the Dask scheduler at {scheduler}: {_one_line(e)}") from None
+    # Workers may run in other folders: give them absolute paths, for media and for model files.
+    specs = [(name, {k: _absolute_if_path(v) for k, v in options.items()}) for name, options in stage_specs]
     outcomes: list[Outcome] = []
-    last_index = 0.0
+    index = IndexRefresher(store)
     try:
         futures = {
             client.submit(
-                _extract_on_worker, job, str(store.resolve()), stage_specs, fps, force, pure=False, retries=2
+                _extract_on_worker,
+                Job(job.path.absolute(), job.video_id),
+                str(store.resolve()),
+                specs,
+                fps,
+                force,
+                pure=False,
+                retries=2,
             ): job
             for job in jobs
         }
@@ -340,10 +399,14 @@ def run_dask(
             outcomes += result
             if on_job_done:
                 on_job_done(job, result)
-            if time.monotonic() - last_index > INDEX_EVERY_S:
-                st.rebuild_index(store)
-                last_index = time.monotonic()
+            index.refresh()
     finally:
         client.close()
-        st.rebuild_index(store)
+        index.refresh(now=True)
     return outcomes
+
+
+def _absolute_if_path(value: Any) -> Any:
+    if isinstance(value, str) and os.path.exists(value):
+        return os.path.abspath(value)
+    return value

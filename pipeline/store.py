@@ -13,6 +13,9 @@ shards (again via a temporary file and a rename), so it can always be recreated.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import time
@@ -28,7 +31,17 @@ import numpy as np
 GRID = "grid"
 FAILED = "failed"
 CHUNK_BYTES = 1 << 20
-VIDEO_ATTRS = ("source", "fps", "n_frames", "duration", "width", "height", "has_video", "has_audio")
+VIDEO_ATTRS = (
+    "source",
+    "fps",
+    "n_frames",
+    "duration",
+    "width",
+    "height",
+    "has_video",
+    "has_audio",
+    "grid_hash",
+)
 
 
 class StoreError(Exception):
@@ -40,6 +53,8 @@ def shard_root(store: Path) -> Path:
 
 
 def shard_path(store: Path, stage: str, video_id: str) -> Path:
+    if video_id.startswith("/") or any(part in ("", ".", "..") for part in video_id.split("/")):
+        raise ValueError(f"video id {video_id!r} is not a relative path of plain names")
     return shard_root(store) / stage / f"{video_id}.h5"
 
 
@@ -132,6 +147,11 @@ def write_shard(
     return path
 
 
+def grid_hash(timestamps: np.ndarray) -> str:
+    """Names a frame grid; every shard records the one it was made on."""
+    return hashlib.sha256(np.ascontiguousarray(timestamps, dtype=np.float64).tobytes()).hexdigest()[:16]
+
+
 def set_attrs(obj: h5py.HLObject, attrs: dict[str, Any]) -> None:
     for key, value in attrs.items():
         if isinstance(value, dict | list | tuple) and not isinstance(value, np.ndarray):
@@ -210,34 +230,55 @@ def failures(store: Path) -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
-def rebuild_index(store: Path) -> int:
-    """Writes store.h5 afresh from the finished shards; returns the number of videos in it."""
+def rebuild_index(store: Path, clean: bool = False) -> int:
+    """Writes store.h5 afresh from the finished shards; returns the number of videos in it.
+
+    Only shards made on a video's current frame grid are linked, so a stage or labels shard left
+    from before the file changed is never read against the new grid. `clean` also removes the
+    temporary files of killed writers: safe only while nothing is extracting into this store.
+    """
     root = shard_root(store)
-    for stale in root.rglob(".*.tmp") if root.is_dir() else []:
-        if time.time() - stale.stat().st_mtime > 3600:
-            stale.unlink(missing_ok=True)  # left by a killed writer long ago
-    grids = dict(_ids_under(root / GRID, ".h5"))
-    stages = {stage: dict(_ids_under(root / stage, ".h5")) for stage in stage_names(store)}
-    tmp = store.with_name(f".{store.name}.{uuid.uuid4().hex}.tmp")
-    count = 0
-    with h5py.File(tmp, "w") as index:
-        index.attrs["layout"] = "rcma-sharded-v1"
-        index.attrs["shards"] = root.name
-        videos = index.create_group("videos")
-        for video_id, grid in grids.items():
-            attrs = read_shard_attrs(grid)
-            if attrs is None:
-                continue
-            group = videos.require_group(video_id)
-            set_attrs(group, {k: attrs[k] for k in VIDEO_ATTRS if k in attrs})
-            group["timestamps"] = h5py.ExternalLink(_relative(grid, store), "/timestamps")
-            for stage, shards in stages.items():
-                if video_id in shards:
-                    group[stage] = h5py.ExternalLink(_relative(shards[video_id], store), "/")
-            count += 1
-    _fsync(tmp)
-    os.replace(tmp, store)
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / ".index.lock"):  # two writers must not interleave scan and rename
+        if clean:
+            for stale in root.rglob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+        grids = dict(_ids_under(root / GRID, ".h5"))
+        stages = {stage: dict(_ids_under(root / stage, ".h5")) for stage in stage_names(store)}
+        tmp = store.with_name(f".{store.name}.{uuid.uuid4().hex}.tmp")
+        count = 0
+        try:
+            with h5py.File(tmp, "w") as index:
+                set_attrs(index, {"layout": "rcma-sharded-v1", "shards": root.name})
+                videos = index.create_group("videos")
+                for video_id, grid in grids.items():
+                    attrs = read_shard_attrs(grid)
+                    if attrs is None:
+                        continue
+                    group = videos.require_group(video_id)
+                    set_attrs(group, {k: attrs[k] for k in VIDEO_ATTRS if k in attrs})
+                    group["timestamps"] = h5py.ExternalLink(_relative(grid, store), "/timestamps")
+                    for stage, shards in stages.items():
+                        shard = shards.get(video_id)
+                        shard_attrs = read_shard_attrs(shard) if shard else None
+                        if shard_attrs is not None and shard_attrs.get("grid_hash") == attrs.get("grid_hash"):
+                            group[stage] = h5py.ExternalLink(_relative(shard, store), "/")
+                    count += 1
+            _fsync(tmp)
+            os.replace(tmp, store)
+        finally:
+            tmp.unlink(missing_ok=True)
     return count
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _relative(path: Path, store: Path) -> str:
@@ -274,8 +315,7 @@ def video_ids(f: h5py.File) -> list[str]:
             if isinstance(child, h5py.Group):
                 if "n_frames" in child.attrs:
                     found.append(prefix + key)
-                else:
-                    walk(child, f"{prefix}{key}/")
+                walk(child, f"{prefix}{key}/")  # ids "a" and "a/b" can both exist
 
     walk(f["videos"], "")
     return sorted(found)
@@ -307,12 +347,19 @@ def stage_counts(store: Path) -> dict[str, StageCount]:
 def pack_store(store: Path, out: Path) -> None:
     """Copies every video, following the external links, into one self-contained file."""
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    with open_store(store) as src, h5py.File(tmp, "w") as dst:
-        set_attrs(dst, {"layout": "rcma-packed-v1"})
-        for video_id in video_ids(src):
-            parent, _, name = f"videos/{video_id}".rpartition("/")
-            src.copy(src[f"videos/{video_id}"], dst.require_group(parent), name=name, expand_external=True)
-    os.replace(tmp, out)
+    try:
+        with open_store(store) as src, h5py.File(tmp, "w") as dst:
+            set_attrs(dst, {"layout": "rcma-packed-v1"})
+            for video_id in video_ids(src):
+                group = src[f"videos/{video_id}"]
+                packed = dst.require_group(f"videos/{video_id}")
+                packed.attrs.update(group.attrs)
+                for name in group:  # nested ids ("a" and "a/b") are copied as videos of their own
+                    if not isinstance(group.get(name, getlink=True), h5py.HardLink):
+                        group.copy(name, packed, name=name, expand_external=True)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -187,3 +187,29 @@ def test_a_file_without_video_or_face_is_a_warning_not_a_failure(store, tmp_path
     assert f"warning: {wall}: faces: no face found: every frame marked absent" in result.output
     assert str(JFK) not in result.output  # an audio file is not expected to have faces
     assert "3 done, 0 already done, 0 failed" in result.output
+
+
+def test_index_pack_and_scheduler_errors_are_one_line(tmp_path):
+    odd = tmp_path / "folder.h5"
+    odd.mkdir()
+    for args in (
+        ["index", "--store", str(odd)],
+        ["index", "--store", str(tmp_path / "missing" / "s.h5")],
+        ["index", "--store", str(tmp_path / "never.h5")],
+        ["pack", "--store", str(tmp_path / "never.h5"), "--out", str(tmp_path / "p.h5")],
+        [
+            "extract",
+            str(SINGLE_FACE),
+            "--store",
+            str(tmp_path / "s.h5"),
+            *FACES,
+            "--scheduler",
+            "tcp://127.0.0.1:9",
+        ],
+    ):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1 and result.output.startswith("error:"), (
+            result.output
+        )
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

@@ -249,3 +249,73 @@ def test_display_rotation_is_applied_to_frames_and_size(tmp_path):
     _, turned = next(iter_video_frames(rotated, batch_size=2))
     assert turned.shape == (2, 640, 360, 3)
     np.testing.assert_array_equal(turned, np.rot90(upright, 1, axes=(1, 2)))
+
+
+def test_ids_from_files_outside_the_working_folder_never_escape_the_store(store, tmp_path, monkeypatch):
+    for name in ("a", "b"):
+        (tmp_path / "in" / name).mkdir(parents=True)
+        shutil.copy(SINGLE_FACE, tmp_path / "in" / name / "clip.mp4")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    jobs, _ = runner.discover([Path("../in/a/clip.mp4"), Path("../in/b/clip.mp4")])
+    assert sorted(j.video_id for j in jobs) == ["a/clip", "b/clip"]
+    with pytest.raises(ValueError, match="not a relative path"):
+        st.shard_path(store, "faces", "../clip")
+
+
+def test_nested_ids_are_all_listed(store, tmp_path):
+    root = tmp_path / "in"
+    (root / "a").mkdir(parents=True)
+    (root / "c").mkdir()
+    shutil.copy(SINGLE_FACE, root / "a.mp4")
+    shutil.copy(SINGLE_FACE, root / "a" / "b.mp4")
+    shutil.copy(CREMA_MP4[0], root / "c" / "b.mp4")
+    report = extract(store, [root])
+    assert sorted(o.video_id for o in report.outcomes) == ["a", "a/b", "c/b"]
+    with st.open_store(store) as f:
+        assert st.video_ids(f) == ["a", "a/b", "c/b"]
+    packed = tmp_path / "packed.h5"
+    st.pack_store(store, packed)
+    with h5py.File(packed, "r") as f:
+        assert st.video_ids(f) == ["a", "a/b", "c/b"]
+        assert f["videos/a/b/meancolour/mean"].shape == (72, 3)
+
+
+def test_an_id_already_holding_another_file_is_refused(store, tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        shutil.copy(CREMA_MP4[0] if name == "a" else CREMA_MP4[1], tmp_path / name / "clip.mp4")
+    assert extract(store, [tmp_path / "a" / "clip.mp4"]).ok
+    report = extract(store, [tmp_path / "b" / "clip.mp4"])
+    assert "video id 'clip' already holds" in report.failed[0].error
+    with st.open_store(store) as f:
+        assert f["videos/clip"].attrs["source"] == str(tmp_path / "a" / "clip.mp4")
+
+
+def test_shards_of_an_older_grid_are_not_linked(store, tmp_path):
+    video = tmp_path / "clip.mp4"
+    shutil.copy(CREMA_MP4[0], video)
+    extract(store, [video])
+    shutil.copy(CREMA_MP4[2], video)  # re-encoded footage: a new frame grid
+    jobs, _ = runner.discover([video])
+    runner.run_local(jobs, runner.Extractor(store, []))  # grid only; the old stage shard remains
+    assert st.shard_path(store, "meancolour", "clip").exists()
+    with st.open_store(store) as f:
+        assert "meancolour" not in f["videos/clip"]
+        assert f["videos/clip"].attrs["n_frames"] == decoded_frame_count(CREMA_MP4[2])
+
+
+def test_audio_only_files_record_the_grid_fps(store):
+    jobs, _ = runner.discover([JFK])
+    runner.run_local(jobs, runner.Extractor(store, [], fps=25.0))
+    with st.open_store(store) as f:
+        assert f["videos/jfk"].attrs["fps"] == 25.0
+
+
+def test_text_files_are_not_taken_for_video(tmp_path):
+    (tmp_path / "README.nfo").write_text("release notes\n" * 40)
+    (tmp_path / "notes").write_text("no extension\n" * 40)
+    (tmp_path / "frame_0001.jpg").write_bytes(b"\xff\xd8\xff")
+    jobs, report = runner.discover([tmp_path])
+    assert jobs == []
+    assert sorted(p.name for p, _ in report.not_media) == ["README.nfo", "frame_0001.jpg", "notes"]
