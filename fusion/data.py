@@ -48,9 +48,16 @@ class StoreData:
         return np.diff(self.offsets)
 
 
+def _open(store: Path) -> h5py.File:
+    try:
+        return open_store(store)
+    except StoreError as e:
+        raise DataError(str(e)) from None
+
+
 def read_splits(store: Path) -> dict[str, str]:
     """video id -> split ("" when labelled without a split); videos without labels are left out."""
-    with open_store(store) as f:
+    with _open(store) as f:
         out = {}
         for vid in video_ids(f):
             group = f[f"videos/{vid}"]
@@ -62,7 +69,7 @@ def read_splits(store: Path) -> dict[str, str]:
 
 def select_videos(store: Path, splits: list[str] | None, need_labels: bool) -> list[str]:
     """Video ids in the given splits (all videos when None), with a clear error when none are."""
-    with open_store(store) as f:
+    with _open(store) as f:
         every = video_ids(f)
     if splits is None and not need_labels:
         if not every:
@@ -95,11 +102,7 @@ def load(
     bad = [m for m in modalities if m not in MODALITIES]
     if bad or not modalities:
         raise DataError(f"unknown modality {bad or modalities}; choose from {', '.join(MODALITIES)}")
-    try:
-        f = open_store(store)
-    except StoreError as e:
-        raise DataError(str(e)) from None
-    with f:
+    with _open(store) as f:
         groups = [f[f"videos/{v}"] for v in videos]
         lengths = np.array([int(g.attrs["n_frames"]) for g in groups], np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -133,19 +136,20 @@ def load(
             present[m] = np.zeros(n + 1, bool)
         for i, (vid, g) in enumerate(zip(videos, groups, strict=True)):
             lo, hi = offsets[i], offsets[i + 1]
-            timestamps[lo:hi] = g["timestamps"][:]
+            timestamps[lo:hi] = _on_grid(store, vid, "grid", g["timestamps"], hi - lo)[:]
             if "labels" in g:
                 lab = g["labels"]
-                labels[lo:hi, 0] = lab["valence"][:]
-                labels[lo:hi, 1] = lab["arousal"][:]
-                labelled[lo:hi] = lab["present"][:]
+                labels[lo:hi, 0] = _on_grid(store, vid, "labels", lab["valence"], hi - lo)[:]
+                labels[lo:hi, 1] = _on_grid(store, vid, "labels", lab["arousal"], hi - lo)[:]
+                labelled[lo:hi] = _on_grid(store, vid, "labels", lab["present"], hi - lo)[:]
             for m in modalities:
-                group = g[STAGE_OF[m]]
-                present[m][lo:hi] = group["present"][:]
+                stage = STAGE_OF[m]
+                group = g[stage]
+                present[m][lo:hi] = _on_grid(store, vid, stage, group["present"], hi - lo)[:]
                 if m == "visual" and visual_input == "crops":
-                    _read_crops(group["crops"], features[m][lo:hi])
+                    _read_crops(_on_grid(store, vid, stage, group["crops"], hi - lo), features[m][lo:hi])
                 else:
-                    block = group["embedding"][:]
+                    block = _on_grid(store, vid, stage, group["embedding"], hi - lo)[:]
                     if not np.isfinite(block).all():
                         bad_rows = np.flatnonzero(~np.isfinite(block).all(axis=1))
                         raise DataError(
@@ -166,6 +170,17 @@ def load(
         dims=dims,
         visual_input=visual_input,
     )
+
+
+def _on_grid(store: Path, vid: str, stage: str, dataset: h5py.Dataset, n_frames: int) -> h5py.Dataset:
+    """The dataset, once it is known to have one row per frame of the video."""
+    if len(dataset) != n_frames:
+        name = dataset.name.rsplit("/", 1)[-1]
+        raise DataError(
+            f"{store}: video {vid}: {stage}/{name} has {len(dataset)} rows but the video has "
+            f"{n_frames} frames (made for another frame grid?)"
+        )
+    return dataset
 
 
 def _visual_input(store: Path, groups: list[h5py.Group], videos: list[str], visual: str) -> str:

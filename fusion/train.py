@@ -150,10 +150,15 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
         raise TrainError(
             f"unknown modality {', '.join(bad) or '(none)'}; choose from {', '.join(MODALITIES)}"
         )
+    if cfg.val_split == cfg.train_split:
+        raise TrainError(f"validation split must differ from the training split ({cfg.train_split})")
     store = Path(cfg.features)
     try:
         train_ids = fd.select_videos(store, [cfg.train_split], need_labels=True)
         val_ids = fd.select_videos(store, [cfg.val_split], need_labels=True)
+        both = sorted(set(train_ids) & set(val_ids))
+        if both:
+            raise TrainError(f"{store}: video {both[0]} is in both the training and the validation split")
         data = fd.load(store, cfg.modalities, train_ids + val_ids, cfg.visual, device)
     except fd.DataError as e:
         raise TrainError(str(e)) from None
@@ -294,9 +299,9 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
                     "shuffle": shuffle.get_state(),
                 },
             }
-            _atomic_save(checkpoint, out / "last.pt")
-            if improved:
+            if improved:  # best.pt first: last.pt must never claim a best epoch best.pt lacks
                 _atomic_save(checkpoint, out / "best.pt")
+            _atomic_save(checkpoint, out / "last.pt")
             _write_history(out / "metrics.csv", history)
             for key in ("train_loss", "val_ccc", "val_ccc_valence", "val_ccc_arousal", "lr"):
                 tb.add_scalar(key.replace("_", "/", 1), row[key], state["step"])

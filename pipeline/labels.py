@@ -62,7 +62,7 @@ def import_labels(
         raise LabelError("give --split or --split-file, not both")
     if split is not None:
         split = _split_name(split, "--split")
-    grid = _store_grid(store)
+    grid, grid_hashes = _store_grid(store)
     files = _label_files(paths)
     parsed: list[VideoLabels] = []
     for path in files:
@@ -86,6 +86,8 @@ def import_labels(
             "format": item.format,
             "labelled_frames": int(item.present.sum()),
         }
+        if item.video_id in grid_hashes:  # older stores have none
+            attrs["grid_hash"] = grid_hashes[item.video_id]
         st.write_shard(store, STAGE, item.video_id, rows, attrs)
     st.rebuild_index(store)
     return parsed
@@ -118,13 +120,21 @@ def _split_name(name: str, where: str) -> str:
     return name
 
 
-def _store_grid(store: Path) -> dict[str, np.ndarray]:
+def _store_grid(store: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Each video's timestamps, and the grid_hash of those that have one."""
     try:
         f = st.open_store(store)
     except st.StoreError as e:
         raise LabelError(str(e)) from None
     with f:
-        return {vid: f[f"videos/{vid}/timestamps"][:] for vid in st.video_ids(f)}
+        grid: dict[str, np.ndarray] = {}
+        hashes: dict[str, str] = {}
+        for vid in st.video_ids(f):
+            group = f[f"videos/{vid}"]
+            grid[vid] = group["timestamps"][:]
+            if "grid_hash" in group.attrs:
+                hashes[vid] = _text(group.attrs["grid_hash"])
+        return grid, hashes
 
 
 def _existing_splits(store: Path) -> dict[str, str]:
@@ -212,23 +222,38 @@ def _read_affwild2(path: Path, grid: dict[str, np.ndarray]) -> list[VideoLabels]
     lines = path.read_text().splitlines()
     if not lines or lines[0].replace(" ", "").lower() != "valence,arousal":
         raise LabelError(f"{path}: expected a `valence,arousal` header line (Aff-Wild2 VA format)")
-    rows = [line for line in lines[1:] if line.strip()]
-    try:
-        values = np.array([[float(x) for x in line.split(",")] for line in rows], np.float64).reshape(-1, 2)
-    except ValueError:
-        raise LabelError(
-            f"{path}: every line after the header must be two numbers `valence,arousal`"
-        ) from None
+    rows = []
+    for number, line in enumerate(lines[1:], 2):
+        if not line.strip():
+            continue
+        try:
+            valence, arousal = (float(x) for x in line.split(","))
+        except ValueError:
+            raise LabelError(
+                f"{path}:{number}: expected two numbers `valence,arousal`, got {line!r}"
+            ) from None
+        rows.append((valence, arousal))
+    values = np.array(rows, np.float64).reshape(-1, 2)
     present = ~((values == UNANNOTATED).any(axis=1))
     warning, values, present = _fit(values, present, len(grid[vid]), vid, path)
     return [_labels(vid, path, "affwild2", values, present, warning)]
 
 
 def _read_csv(path: Path, grid: dict[str, np.ndarray]) -> list[VideoLabels]:
+    rows: list[tuple[int, dict[str, str]]] = []  # (line number, row)
     with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        columns = {c.strip().lower(): c for c in reader.fieldnames or []}
-        rows = list(reader)
+        reader = csv.reader(f)
+        header = next(reader, [])
+        for fields in reader:
+            if not fields:
+                continue
+            if len(fields) != len(header):
+                raise LabelError(
+                    f"{path}:{reader.line_num}: {len(fields)} fields where the header has "
+                    f"{len(header)} ({','.join(header)})"
+                )
+            rows.append((reader.line_num, dict(zip(header, fields, strict=True))))
+    columns = {c.strip().lower(): c for c in header}
     id_col = next((columns[c] for c in ("video_id", "video", "file") if c in columns), None)
     if id_col is None or "valence" not in columns or "arousal" not in columns:
         raise LabelError(
@@ -236,18 +261,19 @@ def _read_csv(path: Path, grid: dict[str, np.ndarray]) -> list[VideoLabels]:
             f"has {', '.join(columns)}"
         )
     when = "frame" if "frame" in columns else "time" if "time" in columns else None
-    by_video: dict[str, list[dict[str, str]]] = {}
-    for row in rows:
-        by_video.setdefault(_video_id(row[id_col].strip(), grid, path), []).append(row)
+    by_video: dict[str, list[tuple[int, dict[str, str]]]] = {}
+    for line, row in rows:
+        by_video.setdefault(_video_id(row[id_col].strip(), grid, path), []).append((line, row))
     out = []
     for vid, group in by_video.items():
-        try:
-            values = np.array(
-                [[float(r[columns["valence"]]), float(r[columns["arousal"]])] for r in group], np.float64
-            )
-            keys = np.array([float(r[columns[when]]) for r in group]) if when else None
-        except ValueError:
-            raise LabelError(f"{path}: video {vid}: non-numeric valence, arousal or {when} value") from None
+        values = np.array(
+            [
+                [_number(r, columns["valence"], path, i), _number(r, columns["arousal"], path, i)]
+                for i, r in group
+            ],
+            np.float64,
+        )
+        keys = np.array([_number(r, columns[when], path, i) for i, r in group]) if when else None
         timestamps = grid[vid]
         n = len(timestamps)
         if when is None:
@@ -285,6 +311,13 @@ def _read_csv(path: Path, grid: dict[str, np.ndarray]) -> list[VideoLabels]:
         per_frame = total / np.maximum(count, 1)[:, None]
         out.append(_labels(vid, path, f"csv-{when}", per_frame, present, warning))
     return out
+
+
+def _number(row: dict[str, str], column: str, path: Path, line: int) -> float:
+    try:
+        return float(row[column])
+    except ValueError:
+        raise LabelError(f"{path}:{line}: {column} {row[column]!r} is not a number") from None
 
 
 def _video_id(value: str, grid: dict[str, np.ndarray], source: Path) -> str:

@@ -140,3 +140,47 @@ def test_cli_labels_import(store, tmp_path):
     path.write_text("video_id,valence,arousal\nv9,0.1,0.2\n")
     result = CliRunner().invoke(app, ["labels", "import", str(path), "--store", str(store)])
     assert result.exit_code == 2 and "not in the store" in result.output
+
+
+def test_labels_shard_records_the_grid_it_was_made_for(store, tmp_path):
+    make_store(store, {"old": 30})  # a grid shard without grid_hash, as in older stores
+    timestamps = np.arange(30) / FPS
+    attrs = {"source": "v1.mp4", "n_frames": 30, "fps": FPS, "duration": 1.0}
+    st.write_shard(store, st.GRID, "v1", {"timestamps": timestamps}, {**attrs, "grid_hash": "h1"})
+    st.rebuild_index(store)
+    path = tmp_path / "l.csv"
+    path.write_text("video_id,valence,arousal\nv1,0.1,0.2\nold,0.1,0.2\n")
+    import_labels(store, [path])
+    assert st.read_shard_attrs(st.shard_path(store, "labels", "v1"))["grid_hash"] == "h1"
+    assert "grid_hash" not in st.read_shard_attrs(st.shard_path(store, "labels", "old"))
+    with h5py.File(store, "r") as f:
+        assert "labels" in f["videos/v1"] and "labels" in f["videos/old"]
+    # the video is re-encoded onto another grid: its old labels are no longer linked
+    st.write_shard(store, st.GRID, "v1", {"timestamps": timestamps}, {**attrs, "grid_hash": "h2"})
+    st.rebuild_index(store)
+    with h5py.File(store, "r") as f:
+        assert "labels" not in f["videos/v1"]
+
+
+def test_malformed_rows_name_the_file_and_line(store, tmp_path):
+    make_store(store, {"v1": 30})
+    cases = {
+        "bad0.csv": ("video_id,valence,arousal\nv1,0.1,0.2\n\ntone,0.1\n", r"bad0\.csv:4: 2 fields"),
+        "bad1.csv": ("video_id,valence,arousal\nv1,0.1,0.2,0.3\n", r"bad1\.csv:2: 4 fields"),
+        "bad2.csv": (
+            "video_id,valence,arousal\nv1,high,0.2\n",
+            r"bad2\.csv:2: valence 'high' is not a number",
+        ),
+        "bad3.csv": ("video_id,time,valence,arousal\nv1,0,0.1,0.2\nv1,x,0.1,0.2\n", r"bad3\.csv:3: time 'x'"),
+        "v1.txt": ("valence,arousal\n0.1,0.2\n0.1,0.2,0.3,0.4\n", r"v1\.txt:3: expected two numbers"),
+    }
+    for name, (text, message) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(LabelError, match=message) as error:
+            import_labels(store, [path])
+        assert "None" not in str(error.value)
+    assert not (st.shard_root(store) / "labels").exists()
+    result = CliRunner().invoke(app, ["labels", "import", str(tmp_path / "bad0.csv"), "--store", str(store)])
+    assert result.exit_code == 2 and "bad0.csv:4: 2 fields" in result.output
+    assert "Traceback" not in result.output

@@ -222,3 +222,55 @@ def test_bad_inputs_are_one_line_errors_that_change_nothing(tmp_path):
     )
     assert cli.exit_code == 2 and "already holds a run" in cli.output
     assert (run / "last.pt").stat().st_mtime_ns == before
+
+
+def test_arrays_off_the_frame_grid_are_one_line_errors(tmp_path):
+    store = write_av_store(tmp_path / "s.h5", [40, 40, 40, 40])
+    run = tmp_path / "run"
+    train(config(store, run, modalities=["audio"], epochs=1), quiet=True)
+    short = {"present": np.ones(35, bool), "embedding": np.zeros((35, 4), np.float16)}
+    st.write_shard(store, "audio", "v1", short, {})
+    st.rebuild_index(store)
+    message = r"video v1: audio/(present|embedding) has 35 rows but the video has 40 frames"
+    with pytest.raises(fd.DataError, match=message):
+        fd.load(store, ["audio"], ["v0", "v1"])
+    with pytest.raises(TrainError, match=message):
+        train(config(store, tmp_path / "r1", modalities=["audio"], epochs=1), quiet=True)
+    with pytest.raises(PredictError, match=message):
+        evaluate(run / "best.pt", store, "val", device="cpu")
+    for command in ("evaluate", "predict"):
+        cli = CliRunner().invoke(
+            app, [command, "--model", str(run / "best.pt"), "--features", str(store), "--device", "cpu"]
+        )
+        assert cli.exit_code == 2 and "35 rows but the video has 40 frames" in cli.output, cli.output
+    cli = CliRunner().invoke(app, ["predict", "--model", str(run / "best.pt"), "--features", "nope.h5"])
+    assert cli.exit_code == 2 and "no such store" in cli.output, cli.output
+    with pytest.raises(PredictError, match="no such store"):
+        evaluate(run / "best.pt", tmp_path / "nope.h5")
+
+    st.write_shard(store, "audio", "v1", {k: np.ones(40, v.dtype) for k, v in short.items()}, {})
+    st.write_shard(store, "labels", "v2", {"valence": np.zeros(41, np.float32)}, {"split": "train"})
+    st.rebuild_index(store)
+    with pytest.raises(fd.DataError, match="video v2: labels/valence has 41 rows but the video has 40"):
+        fd.load(store, ["audio"], ["v2"])
+
+
+def test_validation_split_must_differ_from_the_training_split(tmp_path, monkeypatch):
+    store = write_av_store(tmp_path / "s.h5", [40, 40])
+    with pytest.raises(TrainError, match="validation split must differ from the training split"):
+        train(config(store, tmp_path / "r0", modalities=["audio"], val_split="train"), quiet=True)
+    monkeypatch.setattr(fd, "select_videos", lambda store, splits, need_labels: ["v0", "v1"])
+    with pytest.raises(TrainError, match="video v0 is in both the training and the validation split"):
+        train(config(store, tmp_path / "r1", modalities=["audio"]), quiet=True)
+    assert not (tmp_path / "r0").exists() and not (tmp_path / "r1").exists()
+
+
+def test_best_checkpoint_is_saved_before_last(tmp_path, monkeypatch):
+    import fusion.train as ft
+
+    store = write_av_store(tmp_path / "s.h5", [40, 40])
+    saved = []
+    save = ft._atomic_save
+    monkeypatch.setattr(ft, "_atomic_save", lambda obj, path: (saved.append(path.name), save(obj, path)))
+    train(config(store, tmp_path / "run", modalities=["audio"], epochs=1), quiet=True)
+    assert saved == ["best.pt", "last.pt"]
