@@ -26,6 +26,9 @@ ASR_ENV = "RCMA_ASR_MODEL"
 # Whisper writes words over digital silence (a "you" on a silent track); a word whose span is
 # quieter than this RMS level (dB below full scale) is dropped.
 SILENT_WORD_DBFS = -60.0
+# Whisper falls back to sampling at higher temperatures when greedy decoding looks wrong; a fixed
+# seed makes those transcripts, and so a re-run's arrays, the same every time.
+SAMPLING_SEED = 0
 ASR_OPTION = "--asr-model"
 BACKENDS = ("openai-whisper", "faster-whisper")
 DEFAULT_DOWNLOAD = "base"
@@ -275,14 +278,17 @@ def transcribe_openai(model, audio: np.ndarray) -> Transcript:
     import whisper
 
     english_only = not model.is_multilingual
-    result = whisper.transcribe(
-        model,
-        audio,
-        word_timestamps=True,
-        fp16=next(model.parameters()).is_cuda,
-        language="en" if english_only else None,
-        verbose=None,
-    )
+    cuda = next(model.parameters()).is_cuda
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+        torch.manual_seed(SAMPLING_SEED)
+        result = whisper.transcribe(
+            model,
+            audio,
+            word_timestamps=True,
+            fp16=cuda,
+            language="en" if english_only else None,
+            verbose=None,
+        )
     out = Transcript(language=result["language"], language_detected=not english_only)
     for segment in result["segments"]:
         _add_segment(out, segment["text"], segment["start"], segment["end"])
@@ -293,7 +299,10 @@ def transcribe_openai(model, audio: np.ndarray) -> Transcript:
 
 def transcribe_faster(model, audio: np.ndarray) -> Transcript:
     """faster-whisper with the settings `transcribe_openai` uses (greedy, word timestamps)."""
+    import ctranslate2
+
     english_only = not model.model.is_multilingual
+    ctranslate2.set_random_seed(SAMPLING_SEED)  # seeds each thread's generator once, at first use
     segments, info = model.transcribe(
         audio,
         beam_size=1,
