@@ -163,9 +163,9 @@ class Extractor:
         except (MediaError, OSError) as e:
             return [self._fail(job, stage.name, _one_line(e)) for stage in self.stages]
         outcomes = []
+        ghash = st.grid_hash(media.timestamps)
         for stage in self.stages:
             chash = config_hash(stage)
-            ghash = st.grid_hash(media.timestamps)
             shard = st.shard_path(self.store, stage.name, job.video_id)
             attrs = st.read_shard_attrs(shard) if not self.force else None
             if attrs and attrs.get("config_hash") == chash and attrs.get("grid_hash") == ghash:

@@ -377,11 +377,11 @@ def summarize(store: Path) -> list[VideoSummary]:
     with open_store(store) as f:
         for video_id in video_ids(f):
             group = f[f"videos/{video_id}"]
-            present = {
-                stage: float(np.mean(group[stage]["present"][:])) if group[stage]["present"].size else 0.0
-                for stage in group
-                if isinstance(group[stage], h5py.Group) and "present" in group[stage]
-            }
+            present = {}
+            for stage, member in group.items():  # each member opened once: they are external links
+                if isinstance(member, h5py.Group) and "present" in member:
+                    mask = member["present"][:]
+                    present[stage] = float(mask.mean()) if mask.size else 0.0
             n, fps = int(group.attrs["n_frames"]), float(group.attrs["fps"])
             out.append(VideoSummary(video_id, n, fps, n / fps, present))
     return out
