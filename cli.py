@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -302,74 +305,58 @@ def _typed(ctx: typer.Context, option: str) -> bool:
     return source is not None and source.name == "COMMANDLINE"
 
 
+def _with_train_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Gives `command` one option per TrainConfig field, with its default and help: one list."""
+    from fusion.config import TrainConfig
+
+    params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)]
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        kind: type = type(default)
+        flag = "--" + f.name.replace("_", "-")
+        names = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+        if isinstance(default, list):  # modalities: one comma-separated value
+            kind, default = str, ",".join(default)
+        option = typer.Option(*names, help=f.metadata["help"])
+        params.append(
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option]
+            )
+        )
+    for name, annotation, default in (
+        ("resume", Annotated[bool, typer.Option(help="Continue the run in --out from last.pt.")], False),
+        ("quiet", QuietOption, False),
+    ):
+        params.append(
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        )
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
+
+
 @app.command()
-def train(
-    ctx: typer.Context,
-    features: Annotated[Path, typer.Option(help="The store, with labels.")] = Path("store.h5"),
-    out: Annotated[Path, typer.Option(help="Run folder (checkpoints, logs).")] = Path("runs/rcma"),
-    modalities: Annotated[str, typer.Option(help="Any of audio,visual,text.")] = "audio,visual,text",
-    fusion: Annotated[str, typer.Option(help="rcma, or concat (baseline).")] = "rcma",
-    joint: Annotated[str, typer.Option(help="others (RCMA) or all (RJCMA).")] = "others",
-    visual: Annotated[str, typer.Option(help="auto, embedding, or crops (end-to-end CNN).")] = "auto",
-    window: Annotated[int, typer.Option(help="Frames per window, K.")] = 300,
-    hop: Annotated[int, typer.Option(help="Training window hop.")] = 200,
-    width: Annotated[int, typer.Option(help="TCN output width per modality.")] = 128,
-    iterations: Annotated[int, typer.Option(help="Recursive attention iterations, L.")] = 3,
-    batch_size: Annotated[int, typer.Option(help="Windows per step.")] = 32,
-    epochs: Annotated[int, typer.Option(help="At most this many epochs.")] = 50,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (Adam).")] = 1e-3,
-    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better val CCC.")] = 10,
-    train_split: Annotated[str, typer.Option(help="Split trained on.")] = "train",
-    val_split: Annotated[str, typer.Option(help="Split for early stopping.")] = "val",
-    seed: int = 0,
-    device: Annotated[str, typer.Option(help="cpu, cuda, or auto.")] = "auto",
-    threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from last.pt.")] = False,
-    quiet: QuietOption = False,
-) -> None:
+@_with_train_options
+def train(ctx: typer.Context, resume: bool = False, quiet: bool = False, **settings: Any) -> None:
     """Train the TCN + recursive cross-modal attention model on a store's labelled videos.
 
     With --resume the run's own settings are used; options given on the command line override
-    them (those that shape the model must then match the run)."""
-    from fusion.train import TrainConfig, TrainError, saved_config
+    them (those that shape the model must then match the run). --seeds N trains N seeds and
+    keeps their mean prediction; --folds K cross-validates instead."""
+    from fusion.train import TrainError, resolve_config
     from fusion.train import train as run_training
 
-    settings = dict(
-        features=str(features),
-        out=str(out),
-        modalities=[m.strip() for m in modalities.split(",") if m.strip()],
-        fusion=fusion,
-        joint=joint,
-        visual=visual,
-        window=window,
-        hop=hop,
-        eval_hop=max(1, window // 2),
-        width=width,
-        iterations=iterations,
-        batch_size=batch_size,
-        epochs=epochs,
-        lr=lr,
-        patience=patience,
-        train_split=train_split,
-        val_split=val_split,
-        seed=seed,
-        device=device,
-        threads=threads,
-    )
+    settings["modalities"] = [m.strip() for m in settings["modalities"].split(",") if m.strip()]
+    typed = {name for name in settings if _typed(ctx, name)}
     try:
-        if resume:
-            typed = {k: v for k, v in settings.items() if _typed(ctx, k)}
-            if "window" in typed:
-                typed["eval_hop"] = settings["eval_hop"]
-            settings = {**saved_config(out), **typed}
-        result = run_training(TrainConfig(**settings), resume=resume, quiet=quiet)
-    except (TrainError, ValueError) as e:
+        result = run_training(resolve_config(settings, typed, resume), resume=resume, quiet=quiet)
+    except TrainError as e:
         raise fail(str(e)) from None
-    console.print(
-        f"best val CCC {result['best_ccc']:.4f} at epoch {result['best_epoch']} -> {result['best']}",
-        highlight=False,
-        soft_wrap=True,
-    )
+    if "folds" in result:
+        message = f"mean test CCC over folds {result['best_ccc']:.4f} -> {result['best']}"
+    else:
+        message = f"best val CCC {result['best_ccc']:.4f} at epoch {result['best_epoch']} -> {result['best']}"
+    console.print(message, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -25,11 +26,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fusion import data as fd
-from fusion.metrics import ccc_loss
-from fusion.model import Fusion, ModelConfig
-from fusion.train import autocast, pick_device
-from pipeline import store as st
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # so that bench/fusion.py is not `fusion`
+from fusion import data as fd  # noqa: E402
+from fusion.metrics import ccc_loss  # noqa: E402
+from fusion.model import RCMA, ModelConfig  # noqa: E402
+from fusion.train import autocast, pick_device  # noqa: E402
+from pipeline import store as st  # noqa: E402
 
 MODALITIES = ("audio", "visual", "text")
 
@@ -112,7 +114,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def step(model: Fusion, optimizer: torch.optim.Optimizer, batch: dict, device: torch.device) -> None:
+def step(model: RCMA, optimizer: torch.optim.Optimizer, batch: dict, device: torch.device) -> None:
     with autocast(device):
         pred = model(batch["inputs"], batch["present"], batch["valid"])
     loss = ccc_loss(pred, batch["labels"], batch["labelled"])
@@ -183,7 +185,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     cfg = ModelConfig(inputs=dims, window=args.window, width=args.width)
-    model = Fusion(cfg).to(device)
+    model = RCMA(cfg).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def train_step(batch: dict) -> None:

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from pipeline.store import StoreError, open_store, video_ids
 
-from .model import CNN_CHANNELS, CROP_STORED, MODALITIES
+from .config import MODALITIES
+from .model import CNN_CHANNELS, CROP_STORED
 
 STAGE_OF = {"audio": "audio", "visual": "faces", "text": "text"}
 READ_BLOCK = 4096  # crops are read and resized this many frames at a time

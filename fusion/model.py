@@ -9,27 +9,53 @@ joint representation J_m (K x d), one attention step is
     X_m' = H_m W_h + X_m                      W_h: d x d_m    (residual)
 
 J_m is the concatenation of the other modalities (RCMA) or of all of them (`joint="all"`, the
-RJCMA variant). The step is applied `iterations` times with the same weights (the recursion of
-the paper), every modality updated at once from the previous iteration's features, so J_m is
-recomputed from attended features each time. Because W_j is K x K, the window length K is part
-of the model: prediction uses windows of the same K.
+RJCMA variant). The step is applied L = `iterations` times, every modality updated at once from
+the previous iteration's features, so J_m is recomputed from attended features each time. Each
+iteration has its own W_j, W_c, W_h, as in the authors' code (`tied=True`: one set for all, the
+recursion read literally). Because W_j is K x K, the window length K is part of the model.
 
-Masks: a modality's features are zeroed on frames where it is absent (no face, no speech), and
-every intermediate is zeroed on padding frames (past the end of a video shorter than K), so
-padding can never reach a real frame through W_j.
+What the authors' code (praveena2j/RJCMA, models/dense_coattn.py and av_crossatten.py) adds to
+the equations, each a `ModelConfig` option:
+- `attention="authors"`: biases on W_j, W_c, W_h, H_m = ReLU(tanh(X_m W_c C_m)) and the update
+  ReLU(H_m W_h); `attention_dropout` (theirs: 0.6) on C_m and on the update;
+- `joint_linear`: a linear layer on J_m first (their first version);
+- `tcn_norm`: BatchNorm after each TCN (here over the frames of the batch that are not padding);
+- `head="authors"`: Linear, BatchNorm, LeakyReLU, Linear, tanh.
+
+Gates for weak complementarity (`gate`), where one modality carries little or nothing:
+- "residual": the update is scaled per channel by tanh(g_m), g_m learned and zero at the start,
+      X_m' = X_m + tanh(g_m) * (H_m W_h)
+  so the model starts as the unfused TCNs and lets attention in only as far as it helps.
+- "grjca": Praveen, Alam & Charton, "United we stand, Divided we fall" (CVPR 2025 workshops,
+  arXiv 2503.12261). At iteration l a gate chooses, per frame, between the attended features
+  A_m^l = X_m^{l-1} + H_m W_h and the unattended input X_m of the fusion,
+      G_m^l  = softmax([A_m^l, X_m] W_g^l / T)                         (K x 2)
+      X_m^l  = G_m^l[:, 0] * A_m^l + G_m^l[:, 1] * X_m
+  and a stage gate weighs the L gated outputs,
+      S_m    = softmax([X_m^1, ..., X_m^L] W_s / T)                     (K x L)
+      X_m'   = sum_l S_m[:, l] * X_m^l
+  with T = GATE_TEMPERATURE. (The paper names the gates' inputs in words; this is our reading.)
+
+Inputs: each modality is z-normalised with statistics of the training split (buffers set by
+`set_normalisation`, saved with the weights), zeroed on frames where it is absent, and, with
+`presence`, given its presence flag as one more channel, so an absent frame and a real zero vector
+differ. Every intermediate is zeroed on padding frames (past the end of a video shorter than K),
+so padding can never reach a real frame through W_j or a batch statistic.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-MODALITIES = ("audio", "visual", "text")
+from .config import LEGACY, ModelConfig
+
 KERNEL_SIZE = 5
 DILATIONS = (1, 2, 4, 8)
 HEAD_WIDTH = 128
@@ -37,29 +63,32 @@ CROP_STORED = 48  # aligned 112x112 faces are resized to this once, when the sto
 CROP_TRAIN = 40  # random crop (training) or centre crop (evaluation) fed to the CNN
 CNN_CHANNELS = (32, 64, 128)
 CROP_MEAN, CROP_STD = 0.5, 0.25
+GATE_TEMPERATURE = 1.0
+NORM_EPS = 1e-5
 
 
-@dataclass
-class ModelConfig:
-    """Everything that fixes the model's shape; stored in checkpoints as plain data."""
+class MaskedBatchNorm(nn.Module):
+    """BatchNorm over the frames of a batch that are not padding; (B, K, C) in and out."""
 
-    inputs: dict[str, int]  # modality -> input feature width (for visual crops: CNN_CHANNELS[-1])
-    window: int = 300  # K
-    width: int = 128  # d_m: every modality's TCN output width
-    iterations: int = 3  # L
-    fusion: str = "rcma"  # "rcma" or "concat"; ignored with a single modality
-    joint: str = "others"  # "others" (RCMA) or "all" (RJCMA)
-    dropout: float = 0.2
-    visual_crops: bool = False
-    modalities: list[str] = field(default_factory=list)
+    def __init__(self, channels: int, momentum: float = 0.1):
+        super().__init__()
+        self.momentum = momentum
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
 
-    def __post_init__(self) -> None:
-        if not self.modalities:
-            self.modalities = [m for m in MODALITIES if m in self.inputs]
-        if self.fusion not in ("rcma", "concat"):
-            raise ValueError(f"fusion must be rcma or concat, not {self.fusion!r}")
-        if self.joint not in ("others", "all"):
-            raise ValueError(f"joint must be others or all, not {self.joint!r}")
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            n = keep.sum().clamp_min(2.0)
+            mean = (x * keep).sum((0, 1)) / n
+            var = (((x - mean) * keep) ** 2).sum((0, 1)) / n
+            with torch.no_grad():
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return ((x - mean) * torch.rsqrt(var + NORM_EPS) * self.weight + self.bias) * keep
 
 
 class TemporalBlock(nn.Module):
@@ -128,61 +157,159 @@ class FaceCNN(nn.Module):
 class CrossModalAttention(nn.Module):
     """One attention step for one modality: the three equations above, with its own W_j, W_c, W_h."""
 
-    def __init__(self, window: int, width: int, joint_width: int):
+    def __init__(
+        self,
+        window: int,
+        width: int,
+        joint_width: int,
+        attention: str = "paper",
+        dropout: float = 0.0,
+        joint_linear: bool = False,
+        gate: str = "none",
+    ):
         super().__init__()
         self.joint_width = joint_width
+        self.authors = attention == "authors"
         self.w_j = nn.Parameter(torch.empty(window, window))
         self.w_c = nn.Parameter(torch.empty(width, width))
         self.w_h = nn.Parameter(torch.empty(joint_width, width))
         for w in (self.w_j, self.w_c, self.w_h):
             nn.init.xavier_uniform_(w)
+        if self.authors:
+            self.b_j = nn.Parameter(torch.zeros(window))
+            self.b_c = nn.Parameter(torch.zeros(width))
+            self.b_h = nn.Parameter(torch.zeros(width))
+        self.joint_proj = nn.Linear(joint_width, joint_width) if joint_linear else None
+        self.dropout = nn.Dropout(dropout)
+        self.gain = nn.Parameter(torch.zeros(width)) if gate == "residual" else None
+
+    def update(self, x: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """The attended update H_m W_h for x: (B, K, d_m) and its joint j: (B, K, d)."""
+        if self.joint_proj is not None:
+            j = self.joint_proj(j)
+        key = x.transpose(1, 2) @ self.w_j  # (B, d_m, K)
+        if self.authors:
+            key = key + self.b_j
+        c = self.dropout(torch.tanh(key @ j / math.sqrt(self.joint_width)))  # C_m: (B, d_m, d)
+        if self.authors:
+            h = F.relu(torch.tanh((x @ self.w_c + self.b_c) @ c))  # H_m: (B, K, d)
+            return self.dropout(F.relu(h @ self.w_h + self.b_h))
+        h = F.relu(x @ self.w_c @ c)
+        return self.dropout(h @ self.w_h)
 
     def forward(self, x: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """x: (B, K, d_m), j: (B, K, d) -> X_m': (B, K, d_m)."""
-        c = torch.tanh(x.transpose(1, 2) @ self.w_j @ j / math.sqrt(self.joint_width))  # (B, d_m, d)
-        h = F.relu(x @ self.w_c @ c)  # (B, K, d)
-        return h @ self.w_h + x
+        u = self.update(x, j)
+        if self.gain is not None:
+            u = torch.tanh(self.gain) * u
+        return x + u
 
 
 class RecursiveCrossModalAttention(nn.Module):
-    def __init__(self, modalities: list[str], window: int, width: int, iterations: int, joint: str):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.iterations = iterations
+        self.iterations = cfg.iterations
         self.joint_of = {
-            m: [o for o in modalities if joint == "all" or o != m] for m in modalities
+            m: [o for o in cfg.modalities if cfg.joint == "all" or o != m] for m in cfg.modalities
         }  # fixed order, so J_m's columns always mean the same thing
-        self.attend = nn.ModuleDict(
-            {m: CrossModalAttention(window, width, width * len(self.joint_of[m])) for m in modalities}
-        )
+        step_gate = "residual" if cfg.gate == "residual" else "none"
+
+        def step() -> nn.ModuleDict:
+            return nn.ModuleDict(
+                {
+                    m: CrossModalAttention(
+                        cfg.window,
+                        cfg.width,
+                        cfg.width * len(others),
+                        cfg.attention,
+                        cfg.attention_dropout,
+                        cfg.joint_linear,
+                        step_gate,
+                    )
+                    for m, others in self.joint_of.items()
+                }
+            )
+
+        self.steps = nn.ModuleList([step() for _ in range(1 if cfg.tied else cfg.iterations)])
+        self.gates = self.stage_gate = None
+        if cfg.gate == "grjca":
+            self.gates = nn.ModuleList(
+                [nn.ModuleDict({m: nn.Linear(2 * cfg.width, 2) for m in cfg.modalities}) for _ in self.steps]
+            )
+            self.stage_gate = nn.ModuleDict(
+                {m: nn.Linear(cfg.iterations * cfg.width, cfg.iterations) for m in cfg.modalities}
+            )
 
     def forward(self, xs: dict[str, torch.Tensor], valid: torch.Tensor) -> dict[str, torch.Tensor]:
         """xs: modality -> (B, K, d_m); valid: (B, K, 1) float, 0 on padding frames."""
-        for _ in range(self.iterations):
+        unattended, gated = xs, []
+        for i in range(self.iterations):
+            step = self.steps[min(i, len(self.steps) - 1)]
             joints = {m: torch.cat([xs[o] for o in others], -1) for m, others in self.joint_of.items()}
-            xs = {m: self.attend[m](xs[m], joints[m]) * valid for m in xs}
+            xs = {m: step[m](xs[m], joints[m]) * valid for m in xs}
+            if self.gates is not None:
+                gate = self.gates[min(i, len(self.gates) - 1)]
+                xs = {m: _choose(gate[m], [xs[m], unattended[m]]) for m in xs}
+                gated.append(xs)
+        if self.stage_gate is not None and gated:
+            xs = {m: _choose(self.stage_gate[m], [g[m] for g in gated]) for m in xs}
         return xs
 
 
-class Fusion(nn.Module):
-    """TCN per modality -> RCMA (or concatenation, or nothing for one modality) -> head."""
+def _choose(gate: nn.Linear, options: list[torch.Tensor]) -> torch.Tensor:
+    """Per frame, a softmax-weighted mix of the options, the weights computed from all of them."""
+    weights = torch.softmax(gate(torch.cat(options, -1)) / GATE_TEMPERATURE, -1)  # (B, K, n)
+    return (torch.stack(options, -1) * weights.unsqueeze(-2)).sum(-1)
+
+
+class Head(nn.Module):
+    """Fused features -> valence, arousal in [-1, 1]."""
+
+    def __init__(self, width: int, dropout: float, authors: bool):
+        super().__init__()
+        self.hidden = nn.Linear(width, HEAD_WIDTH)
+        self.norm = MaskedBatchNorm(HEAD_WIDTH) if authors else None
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(HEAD_WIDTH, 2)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(x)
+        h = F.leaky_relu(self.norm(h, keep)) if self.norm is not None else F.relu(h)
+        return torch.tanh(self.out(self.dropout(h)))
+
+
+class RCMA(nn.Module):
+    """TCN per modality -> recursive cross-modal attention (or concatenation, or nothing) -> head."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.face_cnn = FaceCNN() if cfg.visual_crops and "visual" in cfg.modalities else None
-        self.tcn = nn.ModuleDict({m: TCN(cfg.inputs[m], cfg.width, cfg.dropout) for m in cfg.modalities})
-        self.rcma = None
-        if cfg.fusion == "rcma" and len(cfg.modalities) > 1:
-            self.rcma = RecursiveCrossModalAttention(
-                cfg.modalities, cfg.window, cfg.width, cfg.iterations, cfg.joint
-            )
-        self.head = nn.Sequential(
-            nn.Linear(cfg.width * len(cfg.modalities), HEAD_WIDTH),
-            nn.ReLU(),
-            nn.Dropout(cfg.dropout),
-            nn.Linear(HEAD_WIDTH, 2),
-            nn.Tanh(),
+        extra = 1 if cfg.presence else 0
+        self.tcn = nn.ModuleDict(
+            {m: TCN(cfg.inputs[m] + extra, cfg.width, cfg.dropout) for m in cfg.modalities}
         )
+        self.tcn_norm = (
+            nn.ModuleDict({m: MaskedBatchNorm(cfg.width) for m in cfg.modalities}) if cfg.tcn_norm else None
+        )
+        self.normalised = [m for m in cfg.modalities if cfg.normalise and not self._is_crops(m)]
+        for m in self.normalised:
+            self.register_buffer(f"mean_{m}", torch.zeros(cfg.inputs[m]))
+            self.register_buffer(f"std_{m}", torch.ones(cfg.inputs[m]))
+        self.attention = None
+        if cfg.fusion == "rcma" and len(cfg.modalities) > 1:
+            self.attention = RecursiveCrossModalAttention(cfg)
+        self.head = Head(cfg.width * len(cfg.modalities), cfg.dropout, cfg.head == "authors")
+
+    def _is_crops(self, m: str) -> bool:
+        return m == "visual" and self.face_cnn is not None
+
+    def set_normalisation(self, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Per-channel mean and std of each normalised modality (from the training split only)."""
+        for m in self.normalised:
+            mean, std = stats[m]
+            getattr(self, f"mean_{m}").copy_(mean)
+            getattr(self, f"std_{m}").copy_(std.clamp_min(NORM_EPS))
 
     def forward(
         self, inputs: dict[str, torch.Tensor], present: dict[str, torch.Tensor], valid: torch.Tensor
@@ -192,11 +319,46 @@ class Fusion(nn.Module):
         keep = valid.unsqueeze(-1).float()
         xs = {}
         for m in self.cfg.modalities:
-            x = inputs[m]
-            if m == "visual" and self.face_cnn is not None:
-                x = self.face_cnn(x)
-            x = x.float() * (present[m] & valid).unsqueeze(-1).float()
-            xs[m] = self.tcn[m](x) * keep
-        if self.rcma is not None:
-            xs = self.rcma(xs, keep)
-        return self.head(torch.cat([xs[m] for m in self.cfg.modalities], -1))
+            x = self.face_cnn(inputs[m]) if self._is_crops(m) else inputs[m].float()
+            if m in self.normalised:
+                x = (x - getattr(self, f"mean_{m}")) / getattr(self, f"std_{m}")
+            here = (present[m] & valid).unsqueeze(-1).float()
+            x = x * here
+            if self.cfg.presence:
+                x = torch.cat([x, here], -1)
+            x = self.tcn[m](x) * keep
+            xs[m] = self.tcn_norm[m](x, keep) if self.tcn_norm is not None else x
+        if self.attention is not None:
+            xs = self.attention(xs, keep)
+        return self.head(torch.cat([xs[m] for m in self.cfg.modalities], -1), keep)
+
+
+class Ensemble(nn.Module):
+    """Several trained models (seeds) of one configuration; predicts the mean of their outputs."""
+
+    def __init__(self, members: list[RCMA]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.cfg = members[0].cfg
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        return torch.stack([m(*args) for m in self.members]).mean(0)
+
+
+def model_config_of(saved: dict[str, Any]) -> ModelConfig:
+    """A checkpoint's model config; settings it predates take the values it was trained with."""
+    known = {f.name for f in fields(ModelConfig)}
+    return ModelConfig(**{**LEGACY, **{k: v for k, v in saved.items() if k in known}})
+
+
+def build_model(ckpt: dict[str, Any], device: str | torch.device = "cpu") -> RCMA | Ensemble:
+    """The model of a checkpoint (one model, or the ensemble of its seeds), in eval mode."""
+    cfg = model_config_of(ckpt["model_config"])
+    states = ckpt["members"] if "members" in ckpt else [ckpt["model"]]
+    models = []
+    for state in states:
+        model = RCMA(cfg)
+        model.load_state_dict(state)
+        models.append(model)
+    model = models[0] if len(models) == 1 else Ensemble(models)
+    return model.to(device).eval()

@@ -1,10 +1,14 @@
 """Training: windows cut from in-memory tensors, 1 - CCC loss, early stopping on validation CCC.
 
-One plain `TrainConfig` holds every setting. A run folder gets config.json, metrics.csv,
-TensorBoard logs (tb/), curves.png, and two checkpoints written atomically: last.pt after every
-epoch (with optimizer, scheduler, RNG and early-stopping state, so `resume` continues exactly)
-and best.pt at the best validation CCC. Checkpoints hold only tensors and plain Python values,
-so they load with torch.load(weights_only=True).
+One plain `TrainConfig` holds every setting, checks itself, and is what the CLI's options are made
+from. A run folder gets config.json, metrics.csv, TensorBoard logs (tb/), curves.png, and two
+checkpoints written atomically: last.pt after every epoch (with optimizer, scheduler, RNG,
+early-stopping state and the metrics so far, so `resume` continues exactly) and best.pt at the
+best validation CCC. With `seeds` > 1 each seed trains in seed-<i>/ and best.pt holds all their
+best weights: one model that predicts their mean. With `folds` = K the labelled videos are split
+into K folds by group (a speaker never in two folds), and fold k tests a model trained on the
+others (fold k + 1 its validation). Checkpoints hold only tensors and plain Python values, so they
+load with torch.load(weights_only=True).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,47 +30,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import data as fd
+from .config import FIXED_ON_RESUME, LEGACY, ModelConfig, TrainConfig, TrainError
 from .metrics import ccc_loss, scores
-from .model import MODALITIES, Fusion, ModelConfig
+from .model import RCMA, Ensemble, build_model
 
-# Settings a resumed run must share with the checkpoint: they decide the model or the data.
 LOG_EVERY = 10  # steps between training-loss logs
-FIXED_ON_RESUME = ("modalities", "fusion", "joint", "visual", "window", "width", "iterations")
-
-
-@dataclass
-class TrainConfig:
-    features: str = "store.h5"
-    out: str = "runs/rcma"
-    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
-    fusion: str = "rcma"  # rcma | concat
-    joint: str = "others"  # others (RCMA) | all (RJCMA)
-    visual: str = "auto"  # auto | embedding | crops
-    train_split: str = "train"
-    val_split: str = "val"
-    window: int = 300
-    hop: int = 200
-    eval_hop: int = 150
-    width: int = 128
-    iterations: int = 3
-    dropout: float = 0.2
-    batch_size: int = 32
-    epochs: int = 50
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    plateau_patience: int = 3
-    plateau_factor: float = 0.5
-    min_lr: float = 1e-6
-    patience: int = 10  # early stopping, in epochs without a better validation CCC
-    grad_clip: float = 1.0
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0  # CPU threads for torch; 0 leaves torch's default
-
-
-class TrainError(Exception):
-    """A run that cannot start or resume; the message says why in one line."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -86,21 +55,41 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 def model_config(cfg: TrainConfig, data: fd.StoreData) -> ModelConfig:
     return ModelConfig(
-        inputs=dict(data.dims),
-        window=cfg.window,
-        width=cfg.width,
-        iterations=cfg.iterations,
-        fusion=cfg.fusion,
-        joint=cfg.joint,
-        dropout=cfg.dropout,
-        visual_crops=data.visual_input == "crops",
-        modalities=list(cfg.modalities),
+        inputs=dict(data.dims), visual_crops=data.visual_input == "crops", **cfg.model_settings()
     )
+
+
+def normalisation(data: fd.StoreData, chosen: list[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel mean and std of each embedding modality over the chosen videos' present frames."""
+    rows = torch.as_tensor(_rows(data, chosen), device=data.labels.device)
+    stats = {}
+    for m, x in data.features.items():
+        if x.dim() != 2:  # face crops: the CNN normalises its own input
+            continue
+        here = rows[data.present[m][rows]]
+        if len(here) == 0:
+            stats[m] = (torch.zeros(x.shape[1]), torch.ones(x.shape[1]))
+            continue
+        mean = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+        square = torch.zeros_like(mean)
+        for block in here.split(1 << 16):
+            values = x[block].double()
+            mean += values.sum(0)
+            square += (values * values).sum(0)
+        mean /= len(here)
+        std = (square / len(here) - mean * mean).clamp_min(0).sqrt()
+        stats[m] = (mean.float().cpu(), std.float().cpu())
+    return stats
 
 
 @torch.no_grad()
 def predict_frames(
-    model: Fusion, data: fd.StoreData, chosen: list[int], window: int, hop: int, batch_size: int = 32
+    model: RCMA | Ensemble,
+    data: fd.StoreData,
+    chosen: list[int],
+    window: int,
+    hop: int,
+    batch_size: int = 32,
 ) -> np.ndarray:
     """(N, 2) predictions for the chosen videos' frames, overlapping windows averaged; NaN elsewhere."""
     device = data.labels.device
@@ -125,7 +114,9 @@ def predict_frames(
     return out.astype(np.float32)
 
 
-def validate(model: Fusion, data: fd.StoreData, chosen: list[int], cfg: TrainConfig) -> dict[str, float]:
+def validate(
+    model: RCMA | Ensemble, data: fd.StoreData, chosen: list[int], cfg: TrainConfig
+) -> dict[str, float]:
     """The challenge metric: CCC over all labelled frames of all chosen videos, concatenated."""
     pred = predict_frames(model, data, chosen, cfg.window, cfg.eval_hop, cfg.batch_size)
     rows = _rows(data, chosen)
@@ -138,21 +129,24 @@ def _rows(data: fd.StoreData, chosen: list[int]) -> np.ndarray:
 
 
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Trains (or resumes) a run; returns the best validation scores and where they were saved."""
+    """Trains (or resumes) a run; returns the best validation scores and where they were saved.
+
+    With `folds` it cross-validates instead and returns the test scores per fold and their spread.
+    """
     console = Console(stderr=True, quiet=quiet)
     out = Path(cfg.out)
     device = pick_device(cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    ckpt = _start_checkpoint(out, cfg, resume)
-    bad = [m for m in cfg.modalities if m not in MODALITIES]
-    if bad or not cfg.modalities:
-        raise TrainError(
-            f"unknown modality {', '.join(bad) or '(none)'}; choose from {', '.join(MODALITIES)}"
-        )
-    if cfg.val_split == cfg.train_split:
-        raise TrainError(f"validation split must differ from the training split ({cfg.train_split})")
+    if resume and not (out / "last.pt").exists() and not any(out.glob("*/last.pt")):
+        raise TrainError(f"{out / 'last.pt'}: nothing to resume")
+    if not resume and out.exists() and any(out.glob("**/last.pt")):
+        raise TrainError(f"{out} already holds a run (last.pt); use --resume or another --out")
+    if resume:
+        _check_resumable(out, cfg)
     store = Path(cfg.features)
+    if cfg.folds:
+        return _cross_validate(cfg, store, device, resume, console)
     try:
         train_ids = fd.select_videos(store, [cfg.train_split], need_labels=True)
         val_ids = fd.select_videos(store, [cfg.val_split], need_labels=True)
@@ -164,17 +158,183 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
         raise TrainError(str(e)) from None
     train_idx = list(range(len(train_ids)))
     val_idx = list(range(len(train_ids), len(train_ids) + len(val_ids)))
+    _check_labelled(data, store, {cfg.train_split: train_idx, cfg.val_split: val_idx})
+    return _train_seeds(cfg, data, train_idx, val_idx, out, resume, console)
+
+
+def _check_labelled(data: fd.StoreData, store: Path, parts: dict[str, list[int]]) -> None:
     labelled = data.labelled[:-1].cpu().numpy()
-    for name, chosen in ((cfg.train_split, train_idx), (cfg.val_split, val_idx)):
-        if not labelled[_rows(data, chosen)].any():
+    for name, chosen in parts.items():
+        if not chosen or not labelled[_rows(data, chosen)].any():
             raise TrainError(f"{store}: the {name} split's {len(chosen)} videos have no labelled frames")
+
+
+def _train_seeds(
+    cfg: TrainConfig,
+    data: fd.StoreData,
+    train_idx: list[int],
+    val_idx: list[int],
+    out: Path,
+    resume: bool,
+    console: Console,
+) -> dict[str, Any]:
+    """One model in `out`, or with `seeds` > 1 one per seed and their ensemble in out/best.pt."""
+    if cfg.seeds == 1:
+        return fit(cfg, data, train_idx, val_idx, out, resume, console)
+    results = []
+    for i in range(cfg.seeds):
+        console.print(f"seed {cfg.seed + i} ({i + 1} of {cfg.seeds})", highlight=False)
+        member = replace(cfg, seed=cfg.seed + i, out=str(out / f"seed-{i}"))
+        results.append(fit(member, data, train_idx, val_idx, Path(member.out), resume, console))
+    ckpts = [load_checkpoint(r["best"]) for r in results]
+    ensemble = build_model({**ckpts[0], "members": [c["model"] for c in ckpts]}, data.labels.device)
+    val = validate(ensemble, data, val_idx, cfg)
+    best = [r["best_ccc"] for r in results]
+    summary = {
+        "seeds": [cfg.seed + i for i in range(cfg.seeds)],
+        "member_val_ccc": best,
+        "member_val_ccc_mean": float(np.mean(best)),
+        "member_val_ccc_std": float(np.std(best)),
+        "ensemble_val": val,
+    }
+    checkpoint = {
+        "config": asdict(cfg),
+        "model_config": ckpts[0]["model_config"],
+        "data": ckpts[0]["data"],
+        "state": {"epoch": max(c["state"]["epoch"] for c in ckpts), "best": val["ccc"]},
+        "val": val,
+        "members": [c["model"] for c in ckpts],
+        "summary": summary,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(checkpoint, out / "best.pt")
+    atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    console.print(
+        f"{cfg.seeds} seeds: val CCC {summary['member_val_ccc_mean']:.4f} "
+        f"± {summary['member_val_ccc_std']:.4f} each, {val['ccc']:.4f} for their mean prediction",
+        highlight=False,
+    )
+    return {
+        "best_ccc": val["ccc"],
+        "best_epoch": max(r["best_epoch"] for r in results),
+        "epochs": max(r["epochs"] for r in results),
+        "best": str(out / "best.pt"),
+        "seeds": summary,
+    }
+
+
+def fold_of_videos(videos: list[str], groups: dict[str, str], folds: int, seed: int) -> list[int]:
+    """The fold of each video: whole groups dealt round-robin to folds in a seeded random order."""
+    names = sorted({groups.get(v, v) for v in videos})
+    if len(names) < folds:
+        raise TrainError(f"--folds {folds}: only {len(names)} groups of labelled videos to split")
+    order = np.random.default_rng(seed).permutation(len(names))
+    fold_of_group = {names[g]: k % folds for k, g in enumerate(order)}
+    return [fold_of_group[groups.get(v, v)] for v in videos]
+
+
+def read_groups(path: Path) -> dict[str, str]:
+    """video_id -> group from a CSV with a header naming `video_id` and `group` columns."""
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError) as e:
+        raise TrainError(f"{path}: cannot read the groups file ({type(e).__name__})") from None
+    if not rows or not {"video_id", "group"} <= rows[0].keys():
+        raise TrainError(f"{path}: a groups file needs a header with video_id and group columns")
+    return {r["video_id"]: r["group"] for r in rows}
+
+
+def _cross_validate(
+    cfg: TrainConfig, store: Path, device: torch.device, resume: bool, console: Console
+) -> dict[str, Any]:
+    try:
+        videos = fd.select_videos(store, None, need_labels=True)
+        data = fd.load(store, cfg.modalities, videos, cfg.visual, device)
+    except fd.DataError as e:
+        raise TrainError(str(e)) from None
+    groups = read_groups(Path(cfg.groups)) if cfg.groups else {}
+    missing = [v for v in videos if cfg.groups and v not in groups]
+    if missing:
+        raise TrainError(f"{cfg.groups}: no group for video {missing[0]} ({len(missing)} videos missing)")
+    fold = np.array(fold_of_videos(videos, groups, cfg.folds, cfg.seed))
+    out = Path(cfg.out)
+    per_fold, pooled_pred, pooled_true = [], [], []
+    labelled = data.labelled[:-1].cpu().numpy()
+    for k in range(cfg.folds):
+        test_idx = list(np.flatnonzero(fold == k))
+        val_idx = list(np.flatnonzero(fold == (k + 1) % cfg.folds))
+        train_idx = list(np.flatnonzero((fold != k) & (fold != (k + 1) % cfg.folds)))
+        _check_labelled(data, store, {f"fold {k} test": test_idx, f"fold {k} training": train_idx})
+        console.print(
+            f"fold {k + 1} of {cfg.folds}: {len(train_idx)} train, {len(val_idx)} val, "
+            f"{len(test_idx)} test videos",
+            highlight=False,
+        )
+        result = _train_seeds(
+            replace(cfg, out=str(out / f"fold-{k}")),
+            data,
+            train_idx,
+            val_idx,
+            out / f"fold-{k}",
+            resume,
+            console,
+        )
+        model = build_model(load_checkpoint(result["best"]), device)
+        pred = predict_frames(model, data, test_idx, cfg.window, cfg.eval_hop, cfg.batch_size)
+        rows = _rows(data, test_idx)
+        rows = rows[labelled[rows]]
+        true = data.labels[:-1].cpu().numpy()[rows]
+        test = scores(pred[rows], true)
+        pooled_pred.append(pred[rows])
+        pooled_true.append(true)
+        per_fold.append(
+            {"fold": k, "videos": [videos[i] for i in test_idx], "val": result["best_ccc"], "test": test}
+        )
+        console.print(f"fold {k + 1}: test CCC {test['ccc']:.4f}", highlight=False)
+    test_ccc = [f["test"]["ccc"] for f in per_fold]
+    summary = {
+        "folds": per_fold,
+        "test_ccc_mean": float(np.mean(test_ccc)),
+        "test_ccc_std": float(np.std(test_ccc)),
+        "test_pooled": scores(np.concatenate(pooled_pred), np.concatenate(pooled_true)),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "folds.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    console.print(
+        f"{cfg.folds}-fold test CCC {summary['test_ccc_mean']:.4f} ± {summary['test_ccc_std']:.4f} "
+        f"(all folds' frames pooled: {summary['test_pooled']['ccc']:.4f})",
+        highlight=False,
+    )
+    return {
+        "best_ccc": summary["test_ccc_mean"],
+        "best": str(out / "folds.json"),
+        "folds": summary,
+        "best_epoch": 0,
+        "epochs": 0,
+    }
+
+
+def fit(
+    cfg: TrainConfig,
+    data: fd.StoreData,
+    train_idx: list[int],
+    val_idx: list[int],
+    out: Path,
+    resume: bool,
+    console: Console,
+) -> dict[str, Any]:
+    """Trains one model on the training videos, early-stopping on the validation videos."""
+    device = data.labels.device
+    ckpt = _start_checkpoint(out, resume)
     data_info = {"modalities": list(cfg.modalities), "dims": data.dims, "visual_input": data.visual_input}
     if ckpt is not None and ckpt["data"] != data_info:
-        raise TrainError(f"{store}: features {data_info} differ from the checkpoint's {ckpt['data']}")
+        raise TrainError(f"{cfg.features}: features {data_info} differ from the checkpoint's {ckpt['data']}")
 
     torch.manual_seed(cfg.seed)
     mcfg = model_config(cfg, data)
-    model = Fusion(mcfg).to(device)
+    model = RCMA(mcfg).to(device)
+    model.set_normalisation(normalisation(data, train_idx))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr
@@ -184,21 +344,20 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
         "cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported()
     )
     state = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0}
+    history: list[dict[str, Any]] = []
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         plateau.load_state_dict(ckpt["scheduler"])
         state = dict(ckpt["state"])
+        history = [dict(r) for r in ckpt.get("history", _history(out / "metrics.csv", state["epoch"]))]
         torch.set_rng_state(ckpt["rng"]["torch"])
         shuffle.set_state(ckpt["rng"]["shuffle"])
         if device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_text(
-        out / "config.json",
-        json.dumps({"train": asdict(cfg), "model": asdict(mcfg), "data": data_info}, indent=2),
-    )
-    history = _history(out / "metrics.csv", state["epoch"])
+    config_json = json.dumps({"train": asdict(cfg), "model": asdict(mcfg), "data": data_info}, indent=2)
+    atomic_write(out / "config.json", lambda tmp: tmp.write_text(config_json))
     from torch.utils.tensorboard import SummaryWriter
 
     tb = SummaryWriter(str(out / "tb"), purge_step=state["step"] + 1 if state["step"] else None)
@@ -208,8 +367,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
     lengths_t = torch.as_tensor(lengths, device=device)
     steps_per_epoch = math.ceil(len(starts) / cfg.batch_size)
     console.print(
-        f"{len(train_ids)} train videos ({int(lengths.sum())} frames, {len(starts)} windows), "
-        f"{len(val_ids)} val videos; modalities {','.join(cfg.modalities)}"
+        f"{len(train_idx)} train videos ({int(lengths.sum())} frames, {len(starts)} windows), "
+        f"{len(val_idx)} val videos; modalities {','.join(cfg.modalities)}"
         f"{' (visual from crops)' if data.visual_input == 'crops' else ''}; "
         f"{sum(p.numel() for p in model.parameters()):,} parameters; {device}",
         highlight=False,
@@ -221,7 +380,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
         console=console,
-        disable=quiet,
+        disable=console.quiet,
         transient=True,
     )
     model.train()
@@ -290,6 +449,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
                 "data": data_info,
                 "state": dict(state),
                 "val": val,
+                "history": history,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": plateau.state_dict(),
@@ -300,8 +460,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
                 },
             }
             if improved:  # best.pt first: last.pt must never claim a best epoch best.pt lacks
-                _atomic_save(checkpoint, out / "best.pt")
-            _atomic_save(checkpoint, out / "last.pt")
+                save_checkpoint(checkpoint, out / "best.pt")
+            save_checkpoint(checkpoint, out / "last.pt")
             _write_history(out / "metrics.csv", history)
             for key in ("train_loss", "val_ccc", "val_ccc_valence", "val_ccc_arousal", "lr"):
                 tb.add_scalar(key.replace("_", "/", 1), row[key], state["step"])
@@ -314,6 +474,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
                 highlight=False,
             )
     tb.close()
+    if not (out / "best.pt").exists():
+        raise TrainError(f"{out}: no epoch finished, so there is no best.pt")
     return {
         "best_ccc": state["best"],
         "best_epoch": state["best_epoch"],
@@ -322,31 +484,45 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
     }
 
 
-def _start_checkpoint(out: Path, cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
-    last = out / "last.pt"
-    if not resume:
-        if last.exists():
-            raise TrainError(f"{out} already holds a run (last.pt); use --resume or another --out")
-        return None
-    if not last.exists():
-        raise TrainError(f"{last}: nothing to resume")
-    ckpt = load_checkpoint(last)
-    saved = ckpt["config"]
+def _check_resumable(out: Path, cfg: TrainConfig) -> None:
+    """The model- and data-deciding settings of `cfg` match the run's own."""
+    saved = saved_config(out)
     for key in FIXED_ON_RESUME:
-        if saved[key] != getattr(cfg, key):
+        if key in saved and saved[key] != getattr(cfg, key):
             given, theirs = (
                 ",".join(v) if isinstance(v, list) else v for v in (getattr(cfg, key), saved[key])
             )
             raise TrainError(f"--{key} {given} differs from the run's {theirs}; resume with --{key} {theirs}")
-    return ckpt
+
+
+def _start_checkpoint(out: Path, resume: bool) -> dict[str, Any] | None:
+    """last.pt of a run to continue; None to start afresh (a seed or fold that had not started)."""
+    last = out / "last.pt"
+    if resume and last.exists():
+        return load_checkpoint(last)
+    return None
 
 
 def saved_config(out: Path) -> dict[str, Any]:
     """The settings of the run in `out`, so that resuming it needs no options repeated."""
-    last = Path(out) / "last.pt"
-    if not last.exists():
-        raise TrainError(f"{last}: nothing to resume")
-    return dict(load_checkpoint(last)["config"])
+    out = Path(out)
+    config = out / "config.json"
+    if not config.exists() or not ((out / "last.pt").exists() or any(out.glob("*/last.pt"))):
+        raise TrainError(f"{out / 'last.pt'}: nothing to resume")
+    try:
+        saved = dict(json.loads(config.read_text())["train"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise TrainError(f"{config}: not a readable run configuration") from None
+    return {**LEGACY, **saved}  # a run from before an option existed was trained without it
+
+
+def resolve_config(given: dict[str, Any], typed: set[str], resume: bool) -> TrainConfig:
+    """The run's settings: `given` as they are, or on resume the run's own with `typed` ones on top."""
+    if not resume:
+        return TrainConfig(**given)
+    saved = saved_config(Path(given["out"]))
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **{k: given[k] for k in typed}})
 
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -357,32 +533,31 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str,
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise TrainError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_config", "data"} <= ckpt.keys():
+    if (
+        not isinstance(ckpt, dict)
+        or not {"model_config", "data"} <= ckpt.keys()
+        or not ({"model", "members"} & ckpt.keys())
+    ):
         raise TrainError(f"{path}: not an rcma checkpoint")
     return ckpt
 
 
-def build_model(ckpt: dict[str, Any], device: torch.device) -> Fusion:
-    known = {f.name for f in fields(ModelConfig)}
-    model = Fusion(ModelConfig(**{k: v for k, v in ckpt["model_config"].items() if k in known}))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
+def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Calls write(temporary path) and renames the result to `path`: readers see old or new, whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _history(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
-    """Rows already logged, cut back to the checkpoint's epoch (a crash may have logged more)."""
+    """Rows of a run whose checkpoints predate `history` in last.pt, cut back to its epoch."""
     if not path.exists() or upto_epoch == 0:
         return []
     with path.open() as f:
@@ -391,13 +566,14 @@ def _history(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
 
 
 def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: int(v) if k in ("epoch", "step") else v for k, v in r.items()})
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({k: int(v) if k in ("epoch", "step") else v for k, v in r.items()})
+
+    atomic_write(path, write)
 
 
 def _plot_curves(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -415,7 +591,5 @@ def _plot_curves(path: Path, rows: list[dict[str, Any]]) -> None:
     ax2.set(xlabel="epoch", ylabel="validation CCC")
     ax2.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)

@@ -9,8 +9,8 @@ import torch
 from fusion.metrics import ccc, ccc_loss, pcc, rmse, scores
 from fusion.model import (
     CROP_STORED,
+    RCMA,
     CrossModalAttention,
-    Fusion,
     ModelConfig,
     RecursiveCrossModalAttention,
 )
@@ -74,27 +74,41 @@ def test_attention_step_follows_the_equations():
     torch.testing.assert_close(step(x, j), x)  # the residual path alone
 
 
-def test_recursion_runs_l_times_with_shared_weights_and_recomputed_joints():
+def test_recursion_runs_l_times_with_recomputed_joints_and_weights_per_iteration():
     torch.manual_seed(0)
     mods, k, w = ["audio", "visual", "text"], 6, 3
-    rcma = RecursiveCrossModalAttention(mods, k, w, iterations=3, joint="others")
-    assert rcma.attend["audio"].w_h.shape == (2 * w, w)
+
+    def attention(**kw) -> RecursiveCrossModalAttention:
+        cfg = ModelConfig(inputs=dict.fromkeys(mods, 4), window=k, width=w, gate="none", **kw)
+        return RecursiveCrossModalAttention(cfg)
+
     xs = {m: torch.randn(2, k, w) for m in mods}
     valid = torch.ones(2, k, 1)
-    expected = dict(xs)
-    for _ in range(3):
-        joints = {m: torch.cat([expected[o] for o in mods if o != m], -1) for m in mods}
-        expected = {m: rcma.attend[m](expected[m], joints[m]) for m in mods}
-    out = rcma(xs, valid)
-    for m in mods:
-        torch.testing.assert_close(out[m], expected[m])
-    rcma.iterations = 2
-    assert not torch.allclose(rcma(xs, valid)["audio"], out["audio"])
-    rcma.iterations = 0
-    torch.testing.assert_close(rcma(xs, valid)["audio"], xs["audio"])
-    joint_all = RecursiveCrossModalAttention(mods, k, w, iterations=1, joint="all")
-    assert joint_all.attend["audio"].w_h.shape == (3 * w, w)
-    pair = RecursiveCrossModalAttention(["audio", "visual"], k, w, iterations=1, joint="others")
+    for tied in (False, True):
+        rcma = attention(iterations=3, tied=tied)
+        assert len(rcma.steps) == (1 if tied else 3)
+        assert rcma.steps[0]["audio"].w_h.shape == (2 * w, w)
+        if not tied:  # separate parameters per iteration, not one tensor seen three times
+            pointers = {rcma.steps[i]["audio"].w_j.data_ptr() for i in range(3)}
+            assert len(pointers) == 3
+            assert sum(p.numel() for p in rcma.parameters()) == 3 * sum(
+                p.numel() for p in rcma.steps[0].parameters()
+            )
+        expected = dict(xs)
+        for i in range(3):
+            step = rcma.steps[0 if tied else i]
+            joints = {m: torch.cat([expected[o] for o in mods if o != m], -1) for m in mods}
+            expected = {m: step[m](expected[m], joints[m]) for m in mods}
+        out = rcma(xs, valid)
+        for m in mods:
+            torch.testing.assert_close(out[m], expected[m])
+        rcma.iterations = 2
+        assert not torch.allclose(rcma(xs, valid)["audio"], out["audio"])
+        rcma.iterations = 0
+        torch.testing.assert_close(rcma(xs, valid)["audio"], xs["audio"])
+    joint_all = attention(iterations=1, joint="all")
+    assert joint_all.steps[0]["audio"].w_h.shape == (3 * w, w)
+    pair = RecursiveCrossModalAttention(ModelConfig(inputs={"audio": 4, "visual": 4}, window=k, width=w))
     assert pair.joint_of == {"audio": ["visual"], "visual": ["audio"]}
 
 
@@ -108,7 +122,7 @@ def _batch(b: int, k: int, dims: dict[str, int], seed: int = 0):
 def test_padding_and_absent_frames_cannot_change_the_output():
     torch.manual_seed(0)
     dims = {"audio": 5, "visual": 6, "text": 7}
-    model = Fusion(ModelConfig(inputs=dims, window=16, width=8, iterations=2)).eval()
+    model = RCMA(ModelConfig(inputs=dims, window=16, width=8, iterations=2)).eval()
     inputs, present = _batch(2, 16, dims)
     valid = torch.ones(2, 16, dtype=torch.bool)
     valid[1, 10:] = False  # a video shorter than the window
@@ -130,8 +144,8 @@ def test_padding_and_absent_frames_cannot_change_the_output():
     [({"audio": 5}, "rcma"), ({"audio": 5, "text": 3}, "concat"), ({"audio": 5, "text": 3}, "rcma")],
 )
 def test_baselines_and_subsets(dims, fusion):
-    model = Fusion(ModelConfig(inputs=dims, window=12, width=8, fusion=fusion))
-    assert (model.rcma is not None) == (fusion == "rcma" and len(dims) > 1)
+    model = RCMA(ModelConfig(inputs=dims, window=12, width=8, fusion=fusion))
+    assert (model.attention is not None) == (fusion == "rcma" and len(dims) > 1)
     inputs, present = _batch(3, 12, dims)
     assert model(inputs, present, torch.ones(3, 12, dtype=torch.bool)).shape == (3, 12, 2)
 
@@ -139,7 +153,7 @@ def test_baselines_and_subsets(dims, fusion):
 def test_visual_crops_go_through_the_cnn_with_augmentation_in_training_only():
     torch.manual_seed(0)
     dims = {"audio": 4, "visual": 128}
-    model = Fusion(ModelConfig(inputs=dims, window=8, width=8, visual_crops=True))
+    model = RCMA(ModelConfig(inputs=dims, window=8, width=8, visual_crops=True))
     inputs, present = _batch(2, 8, {"audio": 4})
     inputs["visual"] = torch.randint(0, 256, (2, 8, 3, CROP_STORED, CROP_STORED), dtype=torch.uint8)
     present["visual"] = torch.ones(2, 8, dtype=torch.bool)

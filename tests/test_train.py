@@ -270,7 +270,7 @@ def test_best_checkpoint_is_saved_before_last(tmp_path, monkeypatch):
 
     store = write_av_store(tmp_path / "s.h5", [40, 40])
     saved = []
-    save = ft._atomic_save
-    monkeypatch.setattr(ft, "_atomic_save", lambda obj, path: (saved.append(path.name), save(obj, path)))
+    save = ft.save_checkpoint
+    monkeypatch.setattr(ft, "save_checkpoint", lambda obj, path: (saved.append(path.name), save(obj, path)))
     train(config(store, tmp_path / "run", modalities=["audio"], epochs=1), quiet=True)
     assert saved == ["best.pt", "last.pt"]
