@@ -42,21 +42,34 @@ from pipeline.stages import build_stage  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 OUT = ROOT / "bench" / "out"
-BEFORE = dict(tied=True, gate="none", tcn_norm=False, presence=False, normalise=False)  # the landed RCMA
-NORM = dict(tcn_norm=True, normalise=True)
+# Every row names each setting it depends on, so a change of defaults does not change the rows.
+BEFORE = dict(tied=True, gate="none", tcn_norm=False, presence=False, normalise=False, modality_dropout=0.0)
+UNTIED = {**BEFORE, "tied": False}
+NORMALISED = {**UNTIED, "tcn_norm": True, "normalise": True, "presence": True}
 AUTHORS = dict(attention="authors", attention_dropout=0.6, joint_linear=True, head="authors")
+GATED = {**NORMALISED, "gate": "residual"}
 ROWS: list[tuple[str, str, dict]] = [
-    ("first modality alone", "first", {}),
-    ("second modality alone", "second", {}),
-    ("concatenation", "both", {"fusion": "concat"}),
+    ("first modality alone", "first", NORMALISED),
+    ("second modality alone", "second", NORMALISED),
+    ("concatenation", "both", {**NORMALISED, "fusion": "concat"}),
+    (
+        "concatenation, modality dropout 0.5",
+        "both",
+        {**NORMALISED, "fusion": "concat", "modality_dropout": 0.5},
+    ),
     ("RCMA as landed (tied, no normalisation, no gate)", "both", BEFORE),
-    ("+ untied weights", "both", {**BEFORE, "tied": False}),
-    ("+ untied, normalisation", "both", {**BEFORE, "tied": False, **NORM}),
-    ("+ untied, normalisation, presence flag", "both", {"gate": "none"}),
-    ("+ the authors' extras (dropout 0.6 on C and update, ...)", "both", {"gate": "none", **AUTHORS}),
-    ("+ residual gate (the defaults)", "both", {}),
-    ("+ GRJCA gates instead", "both", {"gate": "grjca"}),
-    ("defaults + the authors' extras", "both", AUTHORS),
+    ("+ untied weights", "both", UNTIED),
+    ("+ normalisation and presence flags", "both", NORMALISED),
+    ("+ the authors' extras (dropout 0.6 on C and update, ...)", "both", {**NORMALISED, **AUTHORS}),
+    ("+ residual gate", "both", GATED),
+    ("+ GRJCA gates (instead of the residual gate)", "both", {**NORMALISED, "gate": "grjca"}),
+    ("+ residual gate, modality dropout 0.5", "both", {**GATED, "modality_dropout": 0.5}),
+    (
+        "+ residual gate, modality dropout 0.5, the authors' extras",
+        "both",
+        {**GATED, "modality_dropout": 0.5, **AUTHORS},
+    ),
+    ("RCMA with rcma's defaults", "both", {}),
 ]
 SPEECH = dict(
     window=64,

@@ -40,6 +40,7 @@ class ModelConfig:
     head: str = "mlp"  # mlp | authors
     presence: bool = True  # each modality's presence flag as one more input channel
     normalise: bool = True  # z-normalise inputs with the training split's statistics
+    modality_dropout: float = 0.5  # in training, each modality absent from a whole window this often
 
     def __post_init__(self) -> None:
         if not self.modalities:
@@ -57,7 +58,14 @@ class ModelConfig:
 
 # The settings of checkpoints written before these options existed: they load as they were trained.
 LEGACY = dict(
-    tied=True, gate="none", tcn_norm=False, presence=False, normalise=False, attention="paper", head="mlp"
+    tied=True,
+    gate="none",
+    tcn_norm=False,
+    presence=False,
+    normalise=False,
+    attention="paper",
+    head="mlp",
+    modality_dropout=0.0,
 )
 
 # Settings a resumed run must share with the checkpoint: they decide the model or the data.
@@ -110,6 +118,9 @@ class TrainConfig:
     head: str = setting(ModelConfig.head, "mlp, or authors (Linear, BatchNorm, LeakyReLU, Linear).")
     presence: bool = setting(ModelConfig.presence, "Give the model each modality's presence flag.")
     normalise: bool = setting(ModelConfig.normalise, "z-normalise features with training statistics.")
+    modality_dropout: float = setting(
+        ModelConfig.modality_dropout, "Training: drop each modality from a whole window this often."
+    )
     visual: str = setting("auto", "auto, embedding, or crops (end-to-end CNN).")
     train_split: str = setting("train", "Split trained on.")
     val_split: str = setting("val", "Split for early stopping.")
@@ -166,7 +177,7 @@ class TrainConfig:
                 )
         if not 1 <= self.eval_hop <= self.window:
             raise TrainError(f"--eval-hop {self.eval_hop} must be between 1 and the window ({self.window})")
-        for name in ("dropout", "attention_dropout"):
+        for name in ("dropout", "attention_dropout", "modality_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be in [0, 1), not {getattr(self, name)}")
         for name in ("lr", "grad_clip", "plateau_factor"):

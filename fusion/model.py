@@ -311,12 +311,24 @@ class RCMA(nn.Module):
             getattr(self, f"mean_{m}").copy_(mean)
             getattr(self, f"std_{m}").copy_(std.clamp_min(NORM_EPS))
 
+    def _drop_modalities(self, present: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Marks each modality absent from whole windows at random, never all of one window's."""
+        mods = self.cfg.modalities
+        b = next(iter(present.values())).shape[0]
+        device = next(iter(present.values())).device
+        drop = torch.rand(b, len(mods), device=device) < self.cfg.modality_dropout
+        spared = torch.randint(len(mods), (b,), device=device)
+        drop[torch.arange(b, device=device), spared] &= ~drop.all(1)
+        return {m: present[m] & ~drop[:, i : i + 1] for i, m in enumerate(mods)}
+
     def forward(
         self, inputs: dict[str, torch.Tensor], present: dict[str, torch.Tensor], valid: torch.Tensor
     ) -> torch.Tensor:
         """inputs: modality -> (B, K, D) features, or (B, K, 3, 48, 48) uint8 crops for visual;
         present: modality -> (B, K) bool; valid: (B, K) bool. Returns (B, K, 2) valence, arousal."""
         keep = valid.unsqueeze(-1).float()
+        if self.training and self.cfg.modality_dropout > 0 and len(self.cfg.modalities) > 1:
+            present = self._drop_modalities(present)
         xs = {}
         for m in self.cfg.modalities:
             x = self.face_cnn(inputs[m]) if self._is_crops(m) else inputs[m].float()

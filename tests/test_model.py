@@ -163,3 +163,21 @@ def test_visual_crops_go_through_the_cnn_with_augmentation_in_training_only():
     assert model.face_cnn.net[0].weight.grad is not None
     model.eval()
     torch.testing.assert_close(model(inputs, present, valid), model(inputs, present, valid))
+
+
+def test_modality_dropout_hides_whole_windows_in_training_only_and_never_every_modality():
+    torch.manual_seed(0)
+    dims = {"audio": 4, "visual": 5, "text": 3}
+    model = RCMA(ModelConfig(inputs=dims, window=8, width=8, modality_dropout=0.5))
+    present = {m: torch.ones(4000, 8, dtype=torch.bool) for m in dims}
+    kept = model._drop_modalities(present)
+    for m in dims:  # a window keeps or loses a modality whole
+        assert torch.equal(kept[m].all(1), kept[m].any(1))
+    windows = torch.stack([kept[m][:, 0] for m in dims], 1)  # (windows, modalities)
+    assert windows.any(1).all()  # never all three gone
+    assert 0.4 < 1 - windows.float().mean() < 0.5  # about half, less the spared ones
+    inputs, _ = _batch(2, 8, dims)
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    everything = {m: torch.ones(2, 8, dtype=torch.bool) for m in dims}
+    model.eval()
+    torch.testing.assert_close(model(inputs, everything, valid), model(inputs, everything, valid))
