@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -52,21 +53,85 @@ def shard_root(store: Path) -> Path:
     return store.with_name(store.name + ".d")
 
 
-def shard_path(store: Path, stage: str, video_id: str) -> Path:
-    if video_id.startswith("/") or any(part in ("", ".", "..") for part in video_id.split("/")):
+def check_id(video_id: str) -> str:
+    """The id itself, once it is known to be a relative path of plain names (it names files)."""
+    parts = video_id.split("/")
+    if video_id.startswith("/") or any(part in ("", ".", "..") or "\0" in part for part in parts):
         raise ValueError(f"video id {video_id!r} is not a relative path of plain names")
-    return shard_root(store) / stage / f"{video_id}.h5"
+    return video_id
+
+
+def id_file(folder: Path, video_id: str, suffix: str) -> Path:
+    """The file for a video id under `folder`: always inside it, and every name short enough.
+
+    A name longer than MAX_NAME_BYTES is cut and given a hash of itself (`<start>~<hash>`), so
+    temporary names built on it stay under the filesystem's 255-byte limit; shards and failure
+    records also keep the whole id in their attrs, which is where `ids_under` reads it back.
+    """
+    names = check_id(video_id).split("/")
+    names[-1] += suffix
+    return folder.joinpath(*(_short_name(name) for name in names))
+
+
+MAX_NAME_BYTES = 160
+_HASHED = re.compile(r"~[0-9a-f]{16}(\.[^.]+)?$")
+
+
+def _short_name(name: str) -> str:
+    raw = name.encode()
+    if len(raw) <= MAX_NAME_BYTES:
+        return name
+    suffix = Path(name).suffix if len(Path(name).suffix) <= 8 else ""
+    start = raw[:96].decode(errors="ignore")
+    return f"{start}~{hashlib.sha256(raw).hexdigest()[:16]}{suffix}"
+
+
+def shard_path(store: Path, stage: str, video_id: str) -> Path:
+    return id_file(shard_root(store) / stage, video_id, ".h5")
 
 
 def failure_path(store: Path, stage: str, video_id: str) -> Path:
-    return shard_root(store) / FAILED / stage / f"{video_id}.json"
+    return id_file(shard_root(store) / FAILED / stage, video_id, ".json")
 
 
-def check_store_path(store: Path) -> None:
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def check_store_path(store: Path, packed: bool = False) -> None:
+    """Refuses a path whose folder is missing or read-only, or an existing file that an rcma index
+    must not replace: anything but an rcma store (a damaged index beside its shard folder may be
+    rebuilt; with `packed`, an earlier packed store may be replaced)."""
     if not store.parent.is_dir():
         raise StoreError(f"{store}: folder {store.parent} does not exist")
-    if store.exists() and not store.is_file():
+    for folder in (store.parent, shard_root(store)):
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            raise StoreError(f"{store}: the folder {folder} is not writable")
+    if not store.exists():
+        return
+    if not store.is_file():
         raise StoreError(f"{store}: exists and is not a file")
+    layout = _layout(store)
+    expected = "rcma-packed-v1" if packed else "rcma-sharded-v1"
+    damaged_index = layout == "" and not packed and shard_root(store).is_dir()
+    if layout != expected and not damaged_index:
+        kind = "an rcma store of another kind" if layout.startswith("rcma-") else "not an rcma store"
+        raise StoreError(f"{store}: exists and is {kind}; refusing to replace it (choose another path)")
+
+
+def _layout(path: Path) -> str:
+    """An existing file's rcma layout ("" for a damaged HDF5 file, "other" for anything else)."""
+    with open(path, "rb") as f:
+        if f.read(len(HDF5_SIGNATURE)) != HDF5_SIGNATURE:
+            return "other"
+    try:
+        with h5py.File(path, "r") as f:
+            return _text(f.attrs.get("layout", "other"))
+    except OSError:
+        return ""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class ShardWriter:
@@ -142,7 +207,7 @@ def write_shard(
     """Writes a whole shard at once (rows all on the frame grid)."""
     n_rows = len(next(iter(rows.values())))
     path = shard_path(store, stage, video_id)
-    with ShardWriter(path, n_rows, attrs) as writer:
+    with ShardWriter(path, n_rows, {**attrs, "video_id": video_id}) as writer:
         writer.write_rows(0, rows)
     return path
 
@@ -205,11 +270,27 @@ def clear_failure(store: Path, stage: str, video_id: str) -> None:
 
 
 def _ids_under(folder: Path, suffix: str) -> Iterator[tuple[str, Path]]:
+    """(video id, file) of every finished file under `folder`; a hashed long name's id is read
+    back from the file itself (attrs of a shard, the record of a failure)."""
     if not folder.is_dir():
         return
     for path in sorted(folder.rglob(f"*{suffix}")):
-        if not path.name.startswith("."):
-            yield path.relative_to(folder).as_posix()[: -len(suffix)], path
+        if path.name.startswith("."):
+            continue
+        video_id = path.relative_to(folder).as_posix()[: -len(suffix)]
+        if any(_HASHED.search(part) for part in path.relative_to(folder).parts):
+            video_id = _stored_id(path) or video_id
+        yield video_id, path
+
+
+def _stored_id(path: Path) -> str | None:
+    try:
+        if path.suffix == ".json":
+            return str(json.loads(path.read_text())["video_id"])
+        with h5py.File(path, "r") as f:
+            return _text(f.attrs["video_id"])
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def stage_names(store: Path) -> list[str]:
@@ -237,6 +318,7 @@ def rebuild_index(store: Path, clean: bool = False) -> int:
     from before the file changed is never read against the new grid. `clean` also removes the
     temporary files of killed writers: safe only while nothing is extracting into this store.
     """
+    check_store_path(store)
     root = shard_root(store)
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / ".index.lock"):  # two writers must not interleave scan and rename
@@ -286,7 +368,12 @@ def _relative(path: Path, store: Path) -> str:
 
 
 def open_store(store: Path) -> h5py.File:
-    """Opens a store index for reading, with a one-line error when it is missing or damaged."""
+    """Opens a store index for reading, with a one-line error when it is missing, damaged or hostile.
+
+    Every video id is checked like an id from the file system, every link must lead into the
+    store's own shard folder, and a group that contains itself is refused, so nothing read from
+    a crafted store can name a file outside it or recurse forever.
+    """
     store = Path(store)
     if not store.exists():
         raise StoreError(f"{store}: no such store (run `rcma extract ... --store {store}` first)")
@@ -297,28 +384,73 @@ def open_store(store: Path) -> h5py.File:
             f"{store}: not a readable HDF5 store (truncated or corrupt); "
             f"`rcma index --store {store}` rebuilds it from {shard_root(store).name}/"
         ) from None
-    if "videos" not in f:
+    try:
+        if "videos" not in f:
+            raise StoreError(f"{store}: not an rcma store (no /videos group)")
+        shards = _text(f.attrs.get("shards", ""))
+        if shards and shards != shard_root(store).name:
+            raise StoreError(
+                f"{store}: its links lead into {shards}/, not {shard_root(store).name}/ (renamed or "
+                f"moved?); run `rcma index --store {store}` to relink it"
+            )
+        _walk_videos(f, store)
+    except StoreError:
         f.close()
-        raise StoreError(f"{store}: not an rcma store (no /videos group)")
+        raise
     return f
 
 
 def video_ids(f: h5py.File) -> list[str]:
-    """Ids of the videos in an open store. Ids may contain '/', so nested groups are walked."""
+    """Ids of the videos in a store opened with `open_store`. Ids may contain '/', so nested
+    groups are walked."""
+    return _walk_videos(f, Path(f.filename))
+
+
+def _walk_videos(f: h5py.File, store: Path) -> list[str]:
     found: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    root = os.path.realpath(shard_root(store))
 
     def walk(group: h5py.Group, prefix: str) -> None:
         for key in group:
-            if not isinstance(group.get(key, getlink=True), h5py.HardLink):
+            link = group.get(key, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                _check_link(store, root, prefix.rstrip("/"), key, link.filename)
+                continue
+            if not isinstance(link, h5py.HardLink):
                 continue
             child = group[key]
             if isinstance(child, h5py.Group):
+                where = (child.id.fileno, h5py.h5o.get_info(child.id).addr)
+                if where in seen:
+                    raise StoreError(f"{store}: group {child.name} is linked into itself (a cycle), refused")
+                seen.add(where)
                 if "n_frames" in child.attrs:
-                    found.append(prefix + key)
+                    try:
+                        found.append(check_id(prefix + key))
+                    except ValueError as e:
+                        raise StoreError(f"{store}: {e}; refusing it") from None
                 walk(child, f"{prefix}{key}/")  # ids "a" and "a/b" can both exist
 
     walk(f["videos"], "")
     return sorted(found)
+
+
+def _check_link(store: Path, root: str, video_id: str, name: str, target: str) -> None:
+    """An external link is followed only into the store's own shard folder."""
+    parts = Path(target).parts
+    inside = (
+        not os.path.isabs(target)
+        and ".." not in parts
+        and len(parts) > 1
+        and parts[0] == shard_root(store).name
+        and os.path.realpath(store.parent / target).startswith(root + os.sep)
+    )
+    if not inside:
+        raise StoreError(
+            f"{store}: video {video_id}: link {name} leads outside {shard_root(store).name}/ "
+            f"({target}); a damaged or crafted index, refusing it (`rcma index` rebuilds it)"
+        )
 
 
 @dataclass(frozen=True)
@@ -346,6 +478,7 @@ def stage_counts(store: Path) -> dict[str, StageCount]:
 
 def pack_store(store: Path, out: Path) -> None:
     """Copies every video, following the external links, into one self-contained file."""
+    check_store_path(out, packed=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open_store(store) as src, h5py.File(tmp, "w") as dst:

@@ -1,0 +1,167 @@
+"""Hostile and damaged stores, odd names: each refused or reported in one line, nothing else lost.
+
+Each test here reproduces a fault found by trying to break rcma (issue 12); see docs/reliability.md.
+"""
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import CREMA_MP4, SINGLE_FACE
+from synthetic import add_video
+from test_store import extract
+from typer.testing import CliRunner
+
+from cli import app
+from fusion import data as fd
+from pipeline import store as st
+
+
+def one_line_error(result, *needles: str) -> str:
+    """The command failed with exit 2 and exactly one error line containing every needle."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def small_store(store: Path, ids: tuple[str, ...] = ("a", "b")) -> Path:
+    rng = np.random.default_rng(0)
+    for vid in ids:
+        rows = {"present": np.ones(20, bool), "embedding": rng.normal(size=(20, 4)).astype(np.float16)}
+        add_video(store, vid, 20, {"audio": rows}, (np.zeros(20), np.zeros(20)), split="train")
+    st.rebuild_index(store)
+    return store
+
+
+@pytest.mark.parametrize("kind", ["csv", "mp4", "hdf5"])
+def test_an_existing_file_that_is_not_a_store_is_never_replaced(tmp_path, kind):
+    victim = tmp_path / f"victim.{kind}"
+    if kind == "csv":
+        victim.write_text("a,b\n1,2\n")
+    elif kind == "mp4":
+        shutil.copy(SINGLE_FACE, victim)
+    else:
+        with h5py.File(victim, "w") as f:
+            f["data"] = np.arange(3)
+    before = victim.read_bytes()
+    small = small_store(tmp_path / "store.h5")
+    runner = CliRunner()
+    for args in (
+        ["extract", str(SINGLE_FACE), "--store", str(victim), "--quiet"],
+        ["index", "--store", str(victim)],
+        ["pack", "--store", str(small), "--out", str(victim)],
+        ["labels", "import", str(tmp_path / "x.csv"), "--store", str(victim)],
+    ):
+        one_line_error(runner.invoke(app, args), str(victim))
+    with pytest.raises(st.StoreError, match="not an rcma store"):
+        st.rebuild_index(victim)
+    assert victim.read_bytes() == before
+    assert not st.shard_root(victim).exists()
+
+
+def test_a_packed_store_may_be_packed_over_but_an_index_is_not_a_pack(tmp_path):
+    store = small_store(tmp_path / "store.h5")
+    out = tmp_path / "packed.h5"
+    st.pack_store(store, out)
+    st.pack_store(store, out)  # replacing an earlier pack is fine
+    with pytest.raises(st.StoreError, match="another kind"):
+        st.pack_store(out, store)
+
+
+def crafted(store: Path, build) -> Path:
+    """A store whose index has been edited by hand with `build(videos_group)`."""
+    small_store(store)
+    with h5py.File(store, "a") as f:
+        build(f["videos"])
+    return store
+
+
+def test_a_video_id_that_climbs_out_of_a_folder_is_refused(tmp_path):
+    def escape(videos):
+        g = videos.create_group("..").create_group("..").create_group("..").create_group("ESCAPED")
+        g.attrs.update(n_frames=20, fps=30.0)
+        g["timestamps"] = np.arange(20) / 30
+
+    (tmp_path / "run").mkdir()
+    store = crafted(tmp_path / "run" / "store.h5", escape)
+    with pytest.raises(st.StoreError, match=r"'\.\./\.\./\.\./ESCAPED' is not a relative path"):
+        st.open_store(store)
+    with pytest.raises(fd.DataError, match="ESCAPED"):
+        fd.select_videos(store, None, need_labels=False)
+    one_line_error(CliRunner().invoke(app, ["show", "--store", str(store)]), "ESCAPED")
+    assert not list(tmp_path.rglob("ESCAPED*"))
+
+
+def test_every_path_built_from_an_id_stays_in_its_folder(tmp_path):
+    for bad in ("..", "../x", "/etc/passwd", "a/../../b", "a//b", "."):
+        with pytest.raises(ValueError, match="not a relative path"):
+            st.id_file(tmp_path, bad, ".csv")
+    long_id = "sub/" + "é" * 200
+    path = st.id_file(tmp_path, long_id, ".csv")
+    assert path.parent == tmp_path / "sub" and len(path.name.encode()) < 200 and path.suffix == ".csv"
+
+
+@pytest.mark.parametrize(
+    "target", ["/etc/passwd", "ABSOLUTE", "../outside.h5", "store.h5.d/../../outside.h5"]
+)
+def test_links_out_of_the_shard_folder_are_not_followed(tmp_path, target):
+    outside = tmp_path / "outside.h5"
+    with h5py.File(outside, "w") as f:
+        f["present"] = np.ones(20, bool)
+        f["embedding"] = np.full((20, 4), 7, np.float16)  # a secret that must not be copied
+    target = str(outside) if target == "ABSOLUTE" else target
+    (tmp_path / "run").mkdir()
+
+    def link(videos):
+        del videos["a/audio"]
+        videos["a/audio"] = h5py.ExternalLink(target, "/")
+
+    store = crafted(tmp_path / "run" / "store.h5", link)
+    packed = tmp_path / "run" / "packed.h5"
+    runner = CliRunner()
+    one_line_error(runner.invoke(app, ["show", "--store", str(store)]), "video a", "link audio", target)
+    one_line_error(runner.invoke(app, ["pack", "--store", str(store), "--out", str(packed)]), target)
+    assert not packed.exists()
+    with pytest.raises(fd.DataError, match="leads outside"):
+        fd.select_videos(store, ["train"], need_labels=True)
+
+
+def test_a_hard_link_cycle_is_refused_in_one_line(tmp_path):
+    store = crafted(tmp_path / "store.h5", lambda videos: videos["a"].__setitem__("loop", videos["a"]))
+    runner = CliRunner()
+    packed = tmp_path / "p.h5"
+    for args in (["show", "--store", str(store)], ["pack", "--store", str(store), "--out", str(packed)]):
+        one_line_error(runner.invoke(app, args), "linked into itself")
+    with pytest.raises(fd.DataError, match="cycle"):
+        fd.select_videos(store, None, need_labels=False)
+
+
+def test_a_renamed_store_says_run_rcma_index(tmp_path):
+    store = small_store(tmp_path / "old.h5")
+    new = tmp_path / "new.h5"
+    store.rename(new)
+    st.shard_root(store).rename(st.shard_root(new))
+    one_line_error(CliRunner().invoke(app, ["show", "--store", str(new)]), "old.h5.d", "rcma index")
+    assert st.rebuild_index(new) == 2
+    with st.open_store(new) as f:
+        assert f["videos/a/audio/embedding"].shape == (20, 4)
+
+
+def test_names_of_any_legal_length_work(store, tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    long_name = "x" * 240 + ".mp4"  # 244 bytes: a legal name, too long for any name built on it
+    shutil.copy(CREMA_MP4[0], folder / long_name)
+    shutil.copy(CREMA_MP4[1], folder / "short.mp4")
+    report = extract(store, [folder])
+    assert report.ok and report.counts()["done"] == 2
+    assert sorted(st.stage_counts(store)["meancolour"].done) == ["short", "x" * 240]
+    with st.open_store(store) as f:
+        assert f[f"videos/{'x' * 240}/meancolour/mean"].shape[0] > 0
+    again = extract(store, [folder])
+    assert again.counts()["skipped"] == 2
