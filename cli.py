@@ -156,20 +156,31 @@ def _progress(quiet: bool) -> Progress:
 
 
 @app.command()
-def status(store: StoreOption = Path("store.h5")) -> None:
-    """Per stage: done, failed and missing counts, and every failure with its error."""
+def status(
+    store: StoreOption = Path("store.h5"),
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Read every array to check its checksums (slower).")
+    ] = False,
+) -> None:
+    """Per stage: done, damaged, failed and missing counts, and every failure with its error.
+
+    Each shard is opened (finding missing, truncated or header-damaged files); --verify also reads
+    all data, finding silent corruption through the shards' checksums."""
     from pipeline.store import stage_counts
 
-    counts = stage_counts(store)
+    counts = stage_counts(store, verify)
     if not counts:
         raise fail(f"{store}: nothing extracted yet (no {store.name}.d/ folder)")
-    table = Table("stage", "done", "failed", "missing")
+    table = Table("stage", "done", "damaged", "failed", "missing")
     for name, c in counts.items():
-        table.add_row(name, str(len(c.done)), str(len(c.failed)), str(len(c.missing)))
+        table.add_row(name, str(len(c.done)), str(len(c.damaged)), str(len(c.failed)), str(len(c.missing)))
     Console().print(table)
     for name, c in counts.items():
         for video_id, error in c.failed.items():
             Console().print(f"{name} {video_id}: {error}", highlight=False, soft_wrap=True)
+        for video_id, problem in c.damaged.items():
+            line = f"{name} {video_id}: {problem} (the next extract recomputes it)"
+            Console().print(line, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -2,7 +2,8 @@
 
 A job is one input file; it runs every requested stage of that file in turn, so the frame grid
 (and decoded audio) is shared by its stages. A (video, stage) is done when its shard exists,
-opens, and carries the current config hash and frame-grid hash.
+opens, passes its checksums (every array is read), and carries the current config hash and
+frame-grid hash.
 """
 
 from __future__ import annotations
@@ -168,7 +169,8 @@ class Extractor:
             chash = config_hash(stage)
             shard = st.shard_path(self.store, stage.name, job.video_id)
             attrs = st.read_shard_attrs(shard) if not self.force else None
-            if attrs and attrs.get("config_hash") == chash and attrs.get("grid_hash") == ghash:
+            current = attrs and attrs.get("config_hash") == chash and attrs.get("grid_hash") == ghash
+            if current and not st.shard_problem(shard, full=True):  # a damaged shard is recomputed
                 outcomes.append(Outcome(job.video_id, source, stage.name, "skipped"))
                 continue
             started = time.perf_counter()
@@ -215,7 +217,8 @@ class Extractor:
         grid = st.shard_path(self.store, st.GRID, job.video_id)
         attrs = st.read_shard_attrs(grid)
         source = str(job.path.absolute())
-        if attrs and attrs.get("identity") == json.dumps(identity, sort_keys=True):
+        same = attrs and attrs.get("identity") == json.dumps(identity, sort_keys=True)
+        if same and not st.shard_problem(grid, full=True):
             timestamps = st.read_rows(grid, "timestamps")
             info = MediaInfo(**{k: attrs[k] for k in MediaInfo.__dataclass_fields__})
             return Media(job.path, job.video_id, info, timestamps)

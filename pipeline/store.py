@@ -162,6 +162,7 @@ class ShardWriter:
                     dtype=block.dtype,
                     chunks=(chunk_rows, *block.shape[1:]),
                     compression="lzf",
+                    fletcher32=True,
                 )
                 self.rows_written[name] = 0
             if start + len(block) > self.n_rows:
@@ -175,8 +176,9 @@ class ShardWriter:
             if value.dtype.kind == "U":
                 value = value.astype(object)
                 self.file.create_dataset(name, data=value, dtype=h5py.string_dtype())
-            else:
-                self.file.create_dataset(name, data=value)
+            else:  # HDF5 filters need chunks, which scalars and empty arrays cannot have
+                checksum = value.ndim > 0 and value.size > 0
+                self.file.create_dataset(name, data=value, fletcher32=checksum)
         set_attrs(self.file, attrs or {})
 
     def commit(self) -> None:
@@ -233,6 +235,33 @@ def read_shard_attrs(path: Path) -> dict[str, Any] | None:
             return {k: _plain(v) for k, v in f.attrs.items()}
     except (OSError, KeyError):
         return None
+
+
+def shard_problem(path: Path, full: bool = False) -> str:
+    """ "" for a sound shard, else what is wrong with it, in a few words.
+
+    The quick check opens the file and reads its attrs and the list of its arrays: this finds a
+    missing, truncated or header-damaged file. `full` also reads every array, so HDF5 checks the
+    fletcher32 checksum of every chunk (shards written before checksums were added are read
+    without one); its cost grows with the data, so `rcma status` does it only with --verify.
+    """
+    if not path.exists():
+        return "missing"
+    try:
+        with h5py.File(path, "r") as f:
+            dict(f.attrs)
+            arrays: list[h5py.Dataset] = []
+            f.visititems(lambda _, obj: arrays.append(obj) if isinstance(obj, h5py.Dataset) else None)
+            if full:
+                for dataset in arrays:
+                    if dataset.chunks is None or dataset.ndim == 0:
+                        dataset[()]
+                    else:
+                        for chunk in dataset.iter_chunks():
+                            dataset[chunk]
+    except (OSError, KeyError, RuntimeError, ValueError) as e:
+        return "damaged (checksum mismatch)" if "filter returned failure" in str(e) else "damaged"
+    return ""
 
 
 def read_rows(path: Path, name: str) -> np.ndarray:
@@ -458,21 +487,35 @@ class StageCount:
     done: list[str]
     failed: dict[str, str]
     missing: list[str]
+    damaged: dict[str, str]  # video id -> "<shard file>: <problem>"
 
 
-def stage_counts(store: Path) -> dict[str, StageCount]:
-    """Per stage: finished videos, failed videos with their errors, and known videos with neither."""
+def stage_counts(store: Path, verify: bool = False) -> dict[str, StageCount]:
+    """Per stage: sound finished videos, damaged shards, failed videos with their errors, and
+    known videos with none of these. A video whose frame-grid shard is damaged is damaged in
+    every stage. `verify` reads every array to check its checksums (see `shard_problem`)."""
     root = shard_root(store)
     failed = failures(store)
-    known = {vid for vid, _ in _ids_under(root / GRID, ".h5")}
+    grids = dict(_ids_under(root / GRID, ".h5"))
+    known = set(grids)
     for records in failed.values():
         known |= set(records)
+    bad_grids = {
+        vid: f"{path}: {problem}" for vid, path in grids.items() if (problem := shard_problem(path, verify))
+    }
     out = {}
     for stage in sorted(set(stage_names(store)) | set(failed)):
-        done = {vid for vid, _ in _ids_under(root / stage, ".h5")}
-        errors = {vid: r["error"] for vid, r in failed.get(stage, {}).items() if vid not in done}
-        missing = sorted(known - done - set(errors))
-        out[stage] = StageCount(sorted(done), errors, missing)
+        shards = dict(_ids_under(root / stage, ".h5"))
+        damaged = {
+            vid: f"{path}: {problem}"
+            for vid, path in shards.items()
+            if (problem := shard_problem(path, verify))
+        }
+        damaged.update({vid: bad_grids[vid] for vid in shards.keys() & bad_grids.keys()})
+        done = set(shards) - set(damaged)
+        errors = {vid: r["error"] for vid, r in failed.get(stage, {}).items() if vid not in shards}
+        missing = sorted(known - set(shards) - set(errors))
+        out[stage] = StageCount(sorted(done), errors, missing, dict(sorted(damaged.items())))
     return out
 
 

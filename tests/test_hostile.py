@@ -33,7 +33,8 @@ def small_store(store: Path, ids: tuple[str, ...] = ("a", "b")) -> Path:
     rng = np.random.default_rng(0)
     for vid in ids:
         rows = {"present": np.ones(20, bool), "embedding": rng.normal(size=(20, 4)).astype(np.float16)}
-        add_video(store, vid, 20, {"audio": rows}, (np.zeros(20), np.zeros(20)), split="train")
+        split = "val" if vid == "b" else "train"
+        add_video(store, vid, 20, {"audio": rows}, (np.zeros(20), np.zeros(20)), split=split)
     st.rebuild_index(store)
     return store
 
@@ -165,3 +166,62 @@ def test_names_of_any_legal_length_work(store, tmp_path):
         assert f[f"videos/{'x' * 240}/meancolour/mean"].shape[0] > 0
     again = extract(store, [folder])
     assert again.counts()["skipped"] == 2
+
+
+def damage(path: Path, how: str) -> None:
+    """Silent corruption in the first chunk of the first array, a cut, a broken header, or removal."""
+    data = bytearray(path.read_bytes())
+    if how == "bytes":
+        with h5py.File(path, "r") as f:
+            name = next(k for k in f if isinstance(f[k], h5py.Dataset) and f[k].chunks and f[k].size > 4)
+            chunk = f[name].id.get_chunk_info(0)
+        offset = chunk.byte_offset + min(8, chunk.size // 2)
+        data[offset : offset + 4] = bytes(255 - b for b in data[offset : offset + 4])
+        path.write_bytes(bytes(data))
+    elif how == "truncated":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "header":
+        path.write_bytes(bytes(512) + bytes(data[512:]))
+    else:
+        path.unlink()
+
+
+def test_silently_corrupted_data_is_caught_by_its_checksum_and_recomputed(store):
+    extract(store, [CREMA_MP4[0], CREMA_MP4[1]])
+    vid = CREMA_MP4[0].stem
+    shard = st.shard_path(store, "meancolour", vid)
+    with h5py.File(shard, "r") as f:
+        original = f["mean"][:]
+        assert f["mean"].fletcher32
+    damage(shard, "bytes")
+    assert st.stage_counts(store)["meancolour"].damaged == {}  # the quick check opens files only
+    counts = st.stage_counts(store, verify=True)["meancolour"]
+    assert list(counts.damaged) == [vid] and "checksum" in counts.damaged[vid] and len(counts.done) == 1
+    status = CliRunner().invoke(app, ["status", "--store", str(store), "--verify"])
+    assert status.exit_code == 0
+    assert f"meancolour {vid}: {shard}: damaged (checksum mismatch)" in status.output
+    assert "│ meancolour │ 1    │ 1       │ 0      │ 0       │" in status.output
+    again = extract(store, [CREMA_MP4[0], CREMA_MP4[1]])
+    assert again.counts() == {"done": 1, "skipped": 1}
+    with h5py.File(shard, "r") as f:
+        np.testing.assert_array_equal(f["mean"][:], original)
+    assert st.stage_counts(store, verify=True)["meancolour"].damaged == {}
+
+
+@pytest.mark.parametrize("how", ["bytes", "truncated", "header", "missing"])
+def test_a_damaged_shard_is_counted_and_training_names_video_and_file(tmp_path, how):
+    store = small_store(tmp_path / "store.h5")
+    shard = st.shard_path(store, "audio", "a")
+    damage(shard, how)
+    counts = st.stage_counts(store, verify=True)["audio"]
+    if how == "missing":
+        assert counts.missing == ["a"] and counts.done == ["b"]
+    else:
+        assert list(counts.damaged) == ["a"] and str(shard) in counts.damaged["a"] and counts.done == ["b"]
+        assert how == "bytes" or list(st.stage_counts(store)["audio"].damaged) == ["a"]
+    with pytest.raises(fd.DataError) as error:
+        fd.load(store, ["audio"], ["a", "b"])
+    assert "video a" in str(error.value) and str(shard) in str(error.value)
+    args = ["train", "--features", str(store), "--out", str(tmp_path / "run"), "--modalities", "audio"]
+    result = CliRunner().invoke(app, [*args, "--epochs", "1", "--device", "cpu", "-q"])
+    one_line_error(result, "video a", str(shard))
