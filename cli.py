@@ -205,16 +205,19 @@ def show(store: StoreOption = Path("store.h5")) -> None:
 def index(store: StoreOption = Path("store.h5")) -> None:
     """Rebuild store.h5 from its shards (after a crash, or to repair a damaged index).
 
-    Also removes temporary files left by killed writers: run it while nothing extracts."""
-    from pipeline.store import StoreError, check_store_path, rebuild_index, shard_root
+    Also removes temporary files left by killed writers (never those of a running extract)."""
+    from pipeline.store import StoreError, check_store_path, clean_store_temps, rebuild_index, shard_root
 
     try:
         check_store_path(store)
         if not shard_root(store).is_dir():
             raise StoreError(f"{store}: no {shard_root(store).name}/ folder of shards to index")
-        count = rebuild_index(store, clean=True)
+        removed = clean_store_temps(store)
+        count = rebuild_index(store)
     except (StoreError, OSError) as e:
         raise fail(str(e)) from None
+    if removed is None:
+        console.print(f"{store}: an extract is writing; its temporary files were left alone", highlight=False)
     console.print(f"{store}: {count} videos indexed")
 
 

@@ -265,7 +265,7 @@ class Extractor:
         path = st.shard_path(self.store, stage.name, media.video_id)
         label = f"{stage.name} {media.video_id}"
         warning = ""
-        with st.ShardWriter(path, media.n_frames, attrs) as writer:
+        with st.ShardWriter(path, media.n_frames, attrs, st.shard_root(self.store)) as writer:
             next_row = 0
             if progress:
                 progress(label, 0, media.n_frames)

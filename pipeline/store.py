@@ -21,7 +21,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,16 +137,22 @@ def _text(value: Any) -> str:
 class ShardWriter:
     """Writes one shard: rows on the frame grid in blocks, then extra arrays and attrs.
 
-    Nothing is visible under the shard's name until `commit`; an exception or a kill leaves
-    only a temporary file, which the next `rebuild_index` removes.
+    Nothing is visible under the shard's name until `commit` (it is an `atomic_file`, guarded by
+    the store's shard folder); an exception removes the temporary file, a kill leaves it for
+    `remove_stale_temps`.
     """
 
-    def __init__(self, path: Path, n_rows: int, attrs: dict[str, Any]):
+    def __init__(self, path: Path, n_rows: int, attrs: dict[str, Any], guard: Path):
         self.path = path
         self.n_rows = n_rows
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        self.file = h5py.File(self.tmp, "w")
+        self._writing = contextlib.ExitStack()
+        self.tmp = self._writing.enter_context(atomic_file(path, guard))
+        try:
+            self.file = h5py.File(self.tmp, "w")
+        except BaseException as e:
+            self._writing.__exit__(type(e), e, e.__traceback__)
+            raise
         self.rows_written: dict[str, int] = {}
         set_attrs(self.file, attrs)
 
@@ -186,12 +192,12 @@ class ShardWriter:
         if short:
             raise ValueError(f"rows written do not cover the {self.n_rows} frames: {short}")
         self.file.close()
-        _fsync(self.tmp)
-        os.replace(self.tmp, self.path)
+        self._writing.close()
 
     def abort(self) -> None:
         self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        aborted = RuntimeError("shard write aborted")
+        self._writing.__exit__(type(aborted), aborted, None)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -209,7 +215,7 @@ def write_shard(
     """Writes a whole shard at once (rows all on the frame grid)."""
     n_rows = len(next(iter(rows.values())))
     path = shard_path(store, stage, video_id)
-    with ShardWriter(path, n_rows, {**attrs, "video_id": video_id}) as writer:
+    with ShardWriter(path, n_rows, {**attrs, "video_id": video_id}, shard_root(store)) as writer:
         writer.write_rows(0, rows)
     return path
 
@@ -289,9 +295,8 @@ def record_failure(store: Path, stage: str, video_id: str, source: str, error: s
     path = failure_path(store, stage, video_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"video_id": video_id, "stage": stage, "source": source, "error": error, "time": time.time()}
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
+    with atomic_file(path, shard_root(store)) as tmp:
+        tmp.write_text(json.dumps(record))
 
 
 def clear_failure(store: Path, stage: str, video_id: str) -> None:
@@ -340,46 +345,85 @@ def failures(store: Path) -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
-def rebuild_index(store: Path, clean: bool = False) -> int:
+def rebuild_index(store: Path) -> int:
     """Writes store.h5 afresh from the finished shards; returns the number of videos in it.
 
     Only shards made on a video's current frame grid are linked, so a stage or labels shard left
-    from before the file changed is never read against the new grid. `clean` also removes the
-    temporary files of killed writers: safe only while nothing is extracting into this store.
+    from before the file changed is never read against the new grid.
     """
     check_store_path(store)
     root = shard_root(store)
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / ".index.lock"):  # two writers must not interleave scan and rename
-        if clean:
-            for stale in root.rglob(".*.tmp"):
-                stale.unlink(missing_ok=True)
         grids = dict(_ids_under(root / GRID, ".h5"))
         stages = {stage: dict(_ids_under(root / stage, ".h5")) for stage in stage_names(store)}
-        tmp = store.with_name(f".{store.name}.{uuid.uuid4().hex}.tmp")
         count = 0
+        with atomic_file(store, root) as tmp, h5py.File(tmp, "w") as index:
+            set_attrs(index, {"layout": "rcma-sharded-v1", "shards": root.name})
+            videos = index.create_group("videos")
+            for video_id, grid in grids.items():
+                attrs = read_shard_attrs(grid)
+                if attrs is None:
+                    continue
+                group = videos.require_group(video_id)
+                set_attrs(group, {k: attrs[k] for k in VIDEO_ATTRS if k in attrs})
+                group["timestamps"] = h5py.ExternalLink(_relative(grid, store), "/timestamps")
+                for stage, shards in stages.items():
+                    shard = shards.get(video_id)
+                    shard_attrs = read_shard_attrs(shard) if shard else None
+                    if shard_attrs is not None and shard_attrs.get("grid_hash") == attrs.get("grid_hash"):
+                        group[stage] = h5py.ExternalLink(_relative(shard, store), "/")
+                count += 1
+    return count
+
+
+def clean_store_temps(store: Path) -> int | None:
+    """Removes the temporary files killed writers left in a store (shards, failure records, the
+    index); None, removing nothing, while any writer is writing one (a running extract)."""
+    root = shard_root(store)
+    with _locked(root / ".index.lock"):
+        return remove_stale_temps(root, [root.rglob(".*.tmp"), store.parent.glob(f".{store.name}.*.tmp")])
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, guard: Path | None = None) -> Iterator[Path]:
+    """The one way rcma writes a file: to a temporary name beside `path`, synced, then renamed.
+
+    Yields the temporary name. An exception removes it; a kill leaves it behind, for
+    `remove_stale_temps`. While writing, a shared lock is held on the folder `guard` (default:
+    the file's own folder), so a cleaner that takes the exclusive lock knows no writer is live.
+    """
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with _folder_lock(guard or path.parent, fcntl.LOCK_SH):
         try:
-            with h5py.File(tmp, "w") as index:
-                set_attrs(index, {"layout": "rcma-sharded-v1", "shards": root.name})
-                videos = index.create_group("videos")
-                for video_id, grid in grids.items():
-                    attrs = read_shard_attrs(grid)
-                    if attrs is None:
-                        continue
-                    group = videos.require_group(video_id)
-                    set_attrs(group, {k: attrs[k] for k in VIDEO_ATTRS if k in attrs})
-                    group["timestamps"] = h5py.ExternalLink(_relative(grid, store), "/timestamps")
-                    for stage, shards in stages.items():
-                        shard = shards.get(video_id)
-                        shard_attrs = read_shard_attrs(shard) if shard else None
-                        if shard_attrs is not None and shard_attrs.get("grid_hash") == attrs.get("grid_hash"):
-                            group[stage] = h5py.ExternalLink(_relative(shard, store), "/")
-                    count += 1
+            yield tmp
             _fsync(tmp)
-            os.replace(tmp, store)
+            os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-    return count
+
+
+def remove_stale_temps(guard: Path, found: list[Iterable[Path]]) -> int | None:
+    """Removes the temporary files in `found` if no `atomic_file` guarded by `guard` is being
+    written; returns how many, or None when a writer is live (then nothing is removed)."""
+    try:
+        with _folder_lock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB):
+            stale = [path for paths in found for path in paths]
+            for path in stale:
+                path.unlink(missing_ok=True)
+            return len(stale)
+    except BlockingIOError:
+        return None
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path, how: int) -> Iterator[None]:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, how)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 @contextlib.contextmanager
@@ -522,20 +566,31 @@ def stage_counts(store: Path, verify: bool = False) -> dict[str, StageCount]:
 def pack_store(store: Path, out: Path) -> None:
     """Copies every video, following the external links, into one self-contained file."""
     check_store_path(out, packed=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open_store(store) as src, h5py.File(tmp, "w") as dst:
-            set_attrs(dst, {"layout": "rcma-packed-v1"})
-            for video_id in video_ids(src):
-                group = src[f"videos/{video_id}"]
-                packed = dst.require_group(f"videos/{video_id}")
-                packed.attrs.update(group.attrs)
-                for name in group:  # nested ids ("a" and "a/b") are copied as videos of their own
-                    if not isinstance(group.get(name, getlink=True), h5py.HardLink):
-                        group.copy(name, packed, name=name, expand_external=True)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    remove_stale_temps(out.parent, [out.parent.glob(f".{out.name}.*.tmp")])  # of killed packs
+    with open_store(store) as src, atomic_file(out) as tmp, h5py.File(tmp, "w") as dst:
+        set_attrs(dst, {"layout": "rcma-packed-v1"})
+        for video_id in video_ids(src):
+            group = src[f"videos/{video_id}"]
+            packed = dst.require_group(f"videos/{video_id}")
+            packed.attrs.update(group.attrs)
+            for name in group:  # nested ids ("a" and "a/b") are copied as videos of their own
+                if not isinstance(group.get(name, getlink=True), h5py.HardLink):
+                    _check_no_links(store, video_id, name, group[name])
+                    group.copy(name, packed, name=name, expand_external=True)
+
+
+def _check_no_links(store: Path, video_id: str, name: str, obj: h5py.HLObject) -> None:
+    """A shard holds arrays only: a link inside one (which a copy would follow) is refused."""
+    if isinstance(obj, h5py.Group):
+        links: list[str] = []
+        obj.visititems_links(
+            lambda key, link: links.append(key) if not isinstance(link, h5py.HardLink) else None
+        )
+        if links:
+            raise StoreError(
+                f"{store}: video {video_id}: {name} shard {obj.file.filename} holds a link ({links[0]}); "
+                "a damaged or crafted shard, refusing it"
+            )
 
 
 @dataclass(frozen=True)

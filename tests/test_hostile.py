@@ -225,3 +225,38 @@ def test_a_damaged_shard_is_counted_and_training_names_video_and_file(tmp_path, 
     args = ["train", "--features", str(store), "--out", str(tmp_path / "run"), "--modalities", "audio"]
     result = CliRunner().invoke(app, [*args, "--epochs", "1", "--device", "cpu", "-q"])
     one_line_error(result, "video a", str(shard))
+
+
+def test_temporary_files_of_killed_writers_are_removed_but_never_a_live_one(tmp_path):
+    store = small_store(tmp_path / "store.h5")
+    root = st.shard_root(store)
+    stale_index = tmp_path / ".store.h5.0123abcd.tmp"  # as a kill during an index rebuild leaves it
+    stale_shard = root / "audio" / ".a.h5.0123abcd.tmp"
+    for path in (stale_index, stale_shard):
+        path.write_bytes(b"partial")
+    live = st.ShardWriter(st.shard_path(store, "audio", "c"), 3, {"video_id": "c"}, root)  # an extract
+    result = CliRunner().invoke(app, ["index", "--store", str(store)])
+    assert result.exit_code == 0 and "temporary files were left alone" in result.output
+    assert stale_index.exists() and live.tmp.exists()
+    live.write_rows(0, {"present": np.ones(3, bool)})
+    live.commit()  # the running extract's shard is finished, not lost
+    assert st.shard_path(store, "audio", "c").exists()
+    result = CliRunner().invoke(app, ["index", "--store", str(store)])
+    assert result.exit_code == 0 and "left alone" not in result.output
+    assert not stale_index.exists() and not stale_shard.exists()
+    stale_pack = tmp_path / ".packed.h5.0123abcd.tmp"  # a 1 GB leftover of a killed pack
+    stale_pack.write_bytes(b"partial")
+    st.pack_store(store, tmp_path / "packed.h5")
+    assert not stale_pack.exists() and (tmp_path / "packed.h5").exists()
+
+
+def test_a_link_inside_a_shard_is_not_copied_by_pack(tmp_path):
+    store = small_store(tmp_path / "store.h5")
+    secret = tmp_path / "secret.h5"
+    with h5py.File(secret, "w") as f:
+        f["x"] = np.arange(5)
+    with h5py.File(st.shard_path(store, "audio", "a"), "a") as f:
+        f["stolen"] = h5py.ExternalLink(str(secret), "/x")
+    with pytest.raises(st.StoreError, match="holds a link"):
+        st.pack_store(store, tmp_path / "packed.h5")
+    assert not (tmp_path / "packed.h5").exists()
