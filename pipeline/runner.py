@@ -87,7 +87,7 @@ def discover(inputs: Iterable[Path]) -> tuple[list[Job], Report]:
     report = Report()
     found: list[tuple[Path, Path | None]] = []  # (file, the folder it was found under, if any)
     for given in inputs:
-        given = Path(given)
+        given = Path(os.path.normpath(given))  # `a/../b.mp4` is `b.mp4`: one spelling, one id
         if given.is_dir():
             for path in sorted(p for p in given.rglob("*") if p.is_file() or p.is_symlink()):
                 if any(part.startswith(".") for part in path.relative_to(given).parts):
@@ -111,7 +111,13 @@ def discover(inputs: Iterable[Path]) -> tuple[list[Job], Report]:
     for path, root in found:
         unique.setdefault(path.absolute(), (path, root))  # the same file named twice runs once
     files = dict(unique.values())
-    return [Job(path, vid) for path, vid in _assign_ids(files).items()], report
+    jobs = []
+    for path, vid in _assign_ids(files).items():
+        try:
+            jobs.append(Job(path, st.check_id(vid)))
+        except ValueError as e:  # a name such as `..mp4`: this file fails, the others run
+            report.bad_paths.append((path, str(e)))
+    return jobs, report
 
 
 def _assign_ids(files: dict[Path, Path | None]) -> dict[Path, str]:

@@ -3,6 +3,7 @@
 Each test here reproduces a fault found by trying to break rcma (issue 12); see docs/reliability.md.
 """
 
+import os
 import shutil
 from pathlib import Path
 
@@ -260,3 +261,44 @@ def test_a_link_inside_a_shard_is_not_copied_by_pack(tmp_path):
     with pytest.raises(st.StoreError, match="holds a link"):
         st.pack_store(store, tmp_path / "packed.h5")
     assert not (tmp_path / "packed.h5").exists()
+
+
+def test_a_file_whose_name_makes_no_id_fails_alone_and_one_file_runs_once(store, tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    shutil.copy(CREMA_MP4[0], folder / "..mp4")
+    shutil.copy(CREMA_MP4[1], folder / "good.mp4")
+    named = [folder / "..mp4", folder / ".." / "videos" / "good.mp4", Path(f"{folder}/./good.mp4")]
+    report = extract(store, [folder, *named])  # a name starting with "." is skipped in a folder
+    assert [(p.name, problem) for p, problem in report.bad_paths] == [
+        ("..mp4", "video id '.' is not a relative path of plain names")
+    ]
+    assert report.counts() == {"done": 1}
+    assert st.stage_counts(store)["meancolour"].done == ["good"]
+
+
+def test_a_store_in_a_read_only_folder_is_one_line(tmp_path):
+    """Run as an unprivileged user (root may write anywhere), the way a user meets a read-only folder."""
+    import subprocess
+    import sys
+    import tempfile
+
+    if os.geteuid() == 0 and not shutil.which("setpriv"):
+        pytest.skip("needs a non-root user or setpriv")
+    with tempfile.TemporaryDirectory() as public:
+        folder = Path(public) / "ro"
+        folder.mkdir()
+        shutil.copy(SINGLE_FACE, folder / "clip.mp4")
+        os.chmod(public, 0o755)
+        os.chmod(folder, 0o555)
+        user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        store = folder / "store.h5"
+        result = subprocess.run(
+            [*user, sys.executable, "-m", "cli", "extract", str(folder / "clip.mp4"), "--store", str(store)],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HOME": public},
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.splitlines() == [f"error: {store}: the folder {folder} is not writable"]
