@@ -302,3 +302,156 @@ def test_a_store_in_a_read_only_folder_is_one_line(tmp_path):
         )
         assert result.returncode == 2, result.stderr
         assert result.stderr.splitlines() == [f"error: {store}: the folder {folder} is not writable"]
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        (["--stage", "text", "--asr-model", "nope"], "Whisper model 'nope'"),
+        (["--stage", "audio", "--audio-layer", "5"], "--audio-layer is for"),
+        (["--stage", "audio", "--audio-model", "wav2vec2", "--audio-layer", "13"], "has layers 1..12"),
+        (["--stage", "audio", "--fps", "0"], "--fps 0:"),
+        (["--stage", "audio", "--fps", "-5"], "--fps -5:"),
+    ],
+)
+def test_bad_stage_options_are_one_run_error_before_any_job(store, options, needle):
+    result = CliRunner().invoke(
+        app, ["extract", str(CREMA_MP4[0]), str(CREMA_MP4[1]), "--store", str(store), "-q", *options]
+    )
+    one_line_error(result, needle)
+    assert st.failures(store) == {}
+
+
+def serve(kind: str):
+    """A listener on 127.0.0.1 that accepts and never answers, or a tiny web server; its address."""
+    import http.server
+    import socket
+    import threading
+
+    if kind == "silent":
+        server = socket.create_server(("127.0.0.1", 0))
+        held = []
+        threading.Thread(target=lambda: held.extend(server.accept() for _ in range(10)), daemon=True).start()
+        return f"tcp://127.0.0.1:{server.getsockname()[1]}", server.close
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    return f"tcp://127.0.0.1:{web.server_address[1]}", web.shutdown
+
+
+@pytest.mark.parametrize("kind", ["silent", "web"])
+def test_a_scheduler_address_that_never_speaks_dask_is_one_line(kind, tmp_path):
+    import time
+
+    from pipeline import runner
+
+    address, stop = serve(kind)
+    try:
+        started = time.monotonic()
+        with pytest.raises(runner.FatalError, match=f"{address}.*is that address a Dask scheduler") as error:
+            runner.connect(address, timeout=2)
+        assert time.monotonic() - started < 15 and "\n" not in str(error.value)
+        scheduler_file = tmp_path / "scheduler.json"
+        scheduler_file.write_text(f'{{"address": "{address}"}}')
+        with pytest.raises(runner.FatalError, match=address):
+            runner.connect(str(scheduler_file), timeout=2)
+    finally:
+        stop()
+
+
+def test_a_missing_model_on_a_dask_worker_is_one_run_error_not_retried_per_video(tmp_path, monkeypatch):
+    from distributed import LocalCluster
+
+    from pipeline import audio, runner
+
+    monkeypatch.setenv("RCMA_AUDIO_WEIGHTS", str(tmp_path / "no-such-weights.pth"))
+    tries = []
+    load = audio.SelfSupervised.load
+    counted = lambda self, device: tries.append(1) or load(self, device)  # noqa: E731
+    monkeypatch.setattr(audio.SelfSupervised, "load", counted)
+    store = tmp_path / "store.h5"
+    jobs, _ = runner.discover(CREMA_MP4[:3])
+    specs = [("audio", {"audio_model": "wav2vec2", "device": "cpu"})]
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None)
+    with cluster, pytest.raises(runner.FatalError, match="no-such-weights"):
+        runner.run_dask(jobs, cluster.scheduler_address, store, specs, 30.0, False)
+    assert st.failures(store) == {} and len(tries) == 1
+
+
+@pytest.mark.slow
+def test_a_scheduler_lost_mid_run_is_a_run_error_and_the_next_run_finishes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import CREMA_FLV
+
+    from pipeline import runner
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler = subprocess.Popen(
+        [
+            *dask,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--scheduler-file",
+            str(scheduler_file),
+        ],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_worker",
+            "--scheduler-file",
+            str(scheduler_file),
+            "--nthreads",
+            "1",
+            "--no-dashboard",
+        ],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(200):
+            if scheduler_file.exists():
+                break
+            time.sleep(0.1)
+        store = tmp_path / "store.h5"
+        videos = [*CREMA_MP4, *CREMA_FLV]
+        jobs, _ = runner.discover(videos)
+        finished = []
+
+        def kill_after_first(job, outcomes):
+            finished.append(job.video_id)
+            if len(finished) == 1:
+                scheduler.send_signal(signal.SIGKILL)
+
+        specs = [("audio", {"audio_model": "logmel", "device": "cpu"})]
+        with pytest.raises(runner.FatalError, match="lost the Dask scheduler") as error:
+            runner.run_dask(jobs, str(scheduler_file), store, specs, 30.0, False, kill_after_first)
+        assert "\n" not in str(error.value)
+    finally:
+        for process in (worker, scheduler):
+            process.kill()
+            process.wait()
+    assert st.failures(store) == {}  # no video is blamed for the cluster
+    done = st.stage_counts(store)["audio"].done
+    assert 1 <= len(done) < len(jobs)
+    extractor = runner.Extractor(store, [runner.build_stage("audio", specs[0][1])])
+    rest = runner.run_local(jobs, extractor)
+    assert sorted(o.status for o in rest) == sorted(
+        ["skipped"] * len(done) + ["done"] * (len(jobs) - len(done))
+    )
