@@ -378,7 +378,7 @@ def test_a_missing_model_on_a_dask_worker_is_one_run_error_not_retried_per_video
 
 
 @pytest.mark.slow
-def test_a_scheduler_lost_mid_run_is_a_run_error_and_the_next_run_finishes(tmp_path):
+def test_a_scheduler_lost_mid_run_is_a_run_error_and_the_next_run_finishes(tmp_path, capfd):
     import signal
     import subprocess
     import sys
@@ -443,6 +443,7 @@ def test_a_scheduler_lost_mid_run_is_a_run_error_and_the_next_run_finishes(tmp_p
         with pytest.raises(runner.FatalError, match="lost the Dask scheduler") as error:
             runner.run_dask(jobs, str(scheduler_file), store, specs, 30.0, False, kill_after_first)
         assert "\n" not in str(error.value)
+        assert "Traceback" not in capfd.readouterr().err
     finally:
         for process in (worker, scheduler):
             process.kill()
