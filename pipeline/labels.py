@@ -66,7 +66,14 @@ def import_labels(
     files = _label_files(paths)
     parsed: list[VideoLabels] = []
     for path in files:
-        parsed += _read_affwild2(path, grid) if path.suffix.lower() == ".txt" else _read_csv(path, grid)
+        try:
+            parsed += _read_affwild2(path, grid) if path.suffix.lower() == ".txt" else _read_csv(path, grid)
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise LabelError(f"{path}: not a text label file ({_first_line(e)})") from None
+    for item in parsed:
+        if not item.present.any():
+            note = f"{item.video_id}: every label in {item.source} is unannotated; it replaces the old labels"
+            item.warning = f"{item.warning}; {note}" if item.warning else note
     seen: dict[str, str] = {}
     for item in parsed:
         if item.video_id in seen:
@@ -91,6 +98,10 @@ def import_labels(
         st.write_shard(store, STAGE, item.video_id, rows, attrs)
     st.rebuild_index(store)
     return parsed
+
+
+def _first_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def read_split_file(path: Path) -> dict[str, str]:
@@ -303,6 +314,7 @@ def _read_csv(path: Path, grid: dict[str, np.ndarray]) -> list[VideoLabels]:
             frames, values = frames[~outside], values[~outside]
         labelled = ~(values == UNANNOTATED).any(axis=1)
         frames, values = frames[labelled], values[labelled]
+        _refuse_conflicts(path, vid, when, frames if when == "frame" else keys[~outside][labelled], values)
         total = np.zeros((n, 2))
         count = np.zeros(n)
         np.add.at(total, frames, values)
@@ -311,6 +323,21 @@ def _read_csv(path: Path, grid: dict[str, np.ndarray]) -> list[VideoLabels]:
         per_frame = total / np.maximum(count, 1)[:, None]
         out.append(_labels(vid, path, f"csv-{when}", per_frame, present, warning))
     return out
+
+
+def _refuse_conflicts(path: Path, vid: str, when: str, keys: np.ndarray, values: np.ndarray) -> None:
+    """Rows for the same frame (or the very same time) must agree: different values are refused,
+    not averaged. Rows at different times that fall on one frame are averaged, by design."""
+    order = np.lexsort((values[:, 1], values[:, 0], keys))
+    keys, values = keys[order], values[order]
+    same = keys[1:] == keys[:-1]
+    differ = same & (values[1:] != values[:-1]).any(axis=1)
+    if differ.any():
+        k = int(np.flatnonzero(differ)[0])
+        raise LabelError(
+            f"{path}: video {vid}: two rows for {when} {keys[k]:g} disagree "
+            f"({values[k, 0]:g},{values[k, 1]:g} and {values[k + 1, 0]:g},{values[k + 1, 1]:g})"
+        )
 
 
 def _number(row: dict[str, str], column: str, path: Path, line: int) -> float:
