@@ -39,6 +39,9 @@ def extract(
     crops: Annotated[
         bool, typer.Option("--crops/--no-crops", help="Store the 112x112 aligned faces.")
     ] = True,
+    subject: Annotated[
+        str, typer.Option(help="faces: track the largest face, or the one in the left or right half.")
+    ] = "largest",
     audio_model: Annotated[
         str, typer.Option(help="logmel, wav2vec2, hubert, wavlm or whisper-encoder.")
     ] = "logmel",
@@ -83,6 +86,7 @@ def extract(
     options = {
         "visual_model": visual_model,
         "crops": crops,
+        "subject": subject,
         "device": device,
         "audio_model": audio_model,
         "audio_layer": audio_layer,
@@ -293,13 +297,16 @@ def labels_import(
     """Import per-frame or per-clip valence/arousal labels; an error writes nothing."""
     from pipeline.labels import LabelError, import_labels
 
+    def warn(message: str) -> None:
+        console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
     try:
-        imported = import_labels(store, paths, split, split_file)
+        imported = import_labels(store, paths, split, split_file, skipped=warn)
     except LabelError as e:
         raise fail(str(e)) from None
     for item in imported:
         if item.warning:
-            console.print(f"[yellow]warning:[/yellow] {item.warning}", highlight=False, soft_wrap=True)
+            warn(item.warning)
     splits = sorted({item.split or "(no split)" for item in imported})
     frames = sum(int(item.present.sum()) for item in imported)
     console.print(

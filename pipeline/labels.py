@@ -2,11 +2,15 @@
 
 Formats:
 - Aff-Wild2 VA files `<video_id>.txt`: a `valence,arousal` header, then one line per frame;
-  -5 marks an unannotated frame (stored with present=False).
+  -5 marks an unannotated frame (stored with present=False). Two-person videos have
+  `<video>_left.txt` and `<video>_right.txt`: each goes to the store id of that name, or to
+  `<video>` when its faces were extracted with `--subject left` (or right); a file for the
+  subject that `<video>` did not track is skipped with a warning.
 - CSV with a `video_id` column (or `file`, a path whose name without extension is the id),
   `valence` and `arousal`, and either `frame` (0-based index), `time` (seconds, matched to the
   nearest frame of the video's timestamps; several rows on one frame are averaged), or neither
-  (one row per clip, given to all of its frames).
+  (one row per clip, given to all of its frames). Rows for the same frame number, or the very
+  same time, must agree: different values are an error.
 
 Labels that run a few frames past the video or stop a few frames short (at most
 max(TOLERANCE_FRAMES, TOLERANCE_SHARE * n)) are trimmed or padded with a warning; anything
@@ -17,7 +21,10 @@ before the first shard is written, so an error changes nothing.
 from __future__ import annotations
 
 import csv
+import json
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +34,7 @@ from pipeline import store as st
 
 STAGE = "labels"
 UNANNOTATED = -5.0
+TWO_SUBJECTS = ("left", "right")  # Aff-Wild2 labels two-person videos as <video>_left / _right
 TOLERANCE_FRAMES = 5
 TOLERANCE_SHARE = 0.01
 SPLITS = ("train", "val", "test")
@@ -54,20 +62,29 @@ def tolerance(n_frames: int) -> int:
 
 
 def import_labels(
-    store: Path, paths: list[Path], split: str | None = None, split_file: Path | None = None
+    store: Path,
+    paths: list[Path],
+    split: str | None = None,
+    split_file: Path | None = None,
+    skipped: Callable[[str], None] | None = None,
 ) -> list[VideoLabels]:
-    """Reads, checks and writes labels for every video found in `paths`; returns what was written."""
+    """Reads, checks and writes labels for every video found in `paths`; returns what was written.
+
+    `skipped` is told of each file passed over (a two-subject file for a subject not tracked)."""
     store = Path(store)
     if split is not None and split_file is not None:
         raise LabelError("give --split or --split-file, not both")
     if split is not None:
         split = _split_name(split, "--split")
-    grid, grid_hashes = _store_grid(store)
+    grid, grid_hashes, subjects = _store_grid(store)
     files = _label_files(paths)
     parsed: list[VideoLabels] = []
     for path in files:
         try:
-            parsed += _read_affwild2(path, grid) if path.suffix.lower() == ".txt" else _read_csv(path, grid)
+            if path.suffix.lower() == ".txt":
+                parsed += _read_affwild2(path, grid, subjects, skipped or _warn)
+            else:
+                parsed += _read_csv(path, grid)
         except (UnicodeDecodeError, csv.Error) as e:
             raise LabelError(f"{path}: not a text label file ({_first_line(e)})") from None
     for item in parsed:
@@ -131,8 +148,13 @@ def _split_name(name: str, where: str) -> str:
     return name
 
 
-def _store_grid(store: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Each video's timestamps, and the grid_hash of those that have one."""
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def _store_grid(store: Path) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
+    """Each video's timestamps, the grid_hash of those that have one, and the face each video's
+    faces stage tracked (see pipeline.faces: largest, left or right)."""
     try:
         f = st.open_store(store)
     except st.StoreError as e:
@@ -140,12 +162,16 @@ def _store_grid(store: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     with f:
         grid: dict[str, np.ndarray] = {}
         hashes: dict[str, str] = {}
+        subjects: dict[str, str] = {}
         for vid in st.video_ids(f):
             group = f[f"videos/{vid}"]
             grid[vid] = group["timestamps"][:]
             if "grid_hash" in group.attrs:
                 hashes[vid] = _text(group.attrs["grid_hash"])
-        return grid, hashes
+            if "faces" in group:
+                config = json.loads(_text(group["faces"].attrs.get("config", "{}")) or "{}")
+                subjects[vid] = config.get("subject", "largest")
+        return grid, hashes, subjects
 
 
 def _existing_splits(store: Path) -> dict[str, str]:
@@ -226,8 +252,31 @@ def _labels(
     )
 
 
-def _read_affwild2(path: Path, grid: dict[str, np.ndarray]) -> list[VideoLabels]:
+def _two_subject_id(
+    path: Path, grid: dict[str, np.ndarray], subjects: dict[str, str], skipped: Callable[[str], None]
+) -> str | None:
+    """The store id for Aff-Wild2's `<video>_left.txt` / `_right.txt`: `<video>_left` itself when the
+    store has it, else `<video>` when its faces stage tracked that subject (`--subject left`);
+    None, after telling `skipped`, when `<video>` tracked another face."""
     vid = path.stem
+    base, _, side = vid.rpartition("_")
+    if vid in grid or side not in TWO_SUBJECTS or base not in grid:
+        return vid
+    if subjects.get(base) == side:
+        return base
+    skipped(
+        f"{path}: skipped: video {base} was extracted tracking the {subjects.get(base, 'largest')} face, "
+        f"not the {side} one (extract it with --subject {side}, or a link named {vid} to it)"
+    )
+    return None
+
+
+def _read_affwild2(
+    path: Path, grid: dict[str, np.ndarray], subjects: dict[str, str], skipped: Callable[[str], None]
+) -> list[VideoLabels]:
+    vid = _two_subject_id(path, grid, subjects, skipped)
+    if vid is None:
+        return []
     if vid not in grid:
         raise _unknown(vid, path, grid)
     lines = path.read_text().splitlines()

@@ -214,3 +214,25 @@ def test_all_unannotated_labels_warn_and_a_binary_file_is_one_line(store, tmp_pa
     result = CliRunner().invoke(app, ["labels", "import", str(binary), "--store", str(store)])
     assert result.exit_code == 2 and result.output.count("\n") == 1
     assert result.output.startswith(f"error: {binary}: not a text label file")
+
+
+def test_affwild2_two_subject_files_go_to_the_matching_ids(store, tmp_path):
+    make_store(store, {"v": 5, "w_left": 5, "w_right": 5})
+    faces = {"present": np.ones(5, bool), "boxes": np.zeros((5, 4), np.float32)}
+    st.write_shard(store, "faces", "v", faces, {"config": {"subject": "left"}})  # `--subject left`
+    st.rebuild_index(store)
+    folder = tmp_path / "VA_Set"
+    folder.mkdir()
+    affwild2(folder / "v_left.txt", [(0.5, 0.5)] * 5)
+    affwild2(folder / "v_right.txt", [(-0.5, -0.5)] * 5)
+    affwild2(folder / "w_left.txt", [(0.1, 0.1)] * 5)
+    affwild2(folder / "w_right.txt", [(0.2, 0.2)] * 5)
+    result = CliRunner().invoke(app, ["labels", "import", str(folder), "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    assert "labels for 3 videos" in result.output
+    assert f"warning: {folder / 'v_right.txt'}: skipped: video v was extracted tracking the left face" in (
+        result.output
+    )
+    assert read_labels(store, "v")[0] == pytest.approx([0.5] * 5)
+    assert read_labels(store, "w_left")[0] == pytest.approx([0.1] * 5)
+    assert read_labels(store, "w_right")[0] == pytest.approx([0.2] * 5)
