@@ -196,13 +196,20 @@ def show(store: StoreOption = Path("store.h5")) -> None:
         videos = summarize(store)
     except StoreError as e:
         raise fail(str(e)) from None
-    stages = sorted({stage for v in videos for stage in v.present})
+    stages = sorted({stage for v in videos for stage in [*v.present, *v.damaged] if stage != "timestamps"})
     table = Table("video", "frames", "fps", "s", *stages, caption="stage columns: share of frames with data")
     table.columns[0].no_wrap = True
     for v in videos:
-        shares = (f"{v.present[s]:.0%}" if s in v.present else "-" for s in stages)
+        shares = (
+            f"{v.present[s]:.0%}" if s in v.present else "damaged" if s in v.damaged else "-" for s in stages
+        )
         table.add_row(v.video_id, str(v.n_frames), f"{v.fps:.3f}", f"{v.duration:.1f}", *shares)
     Console().print(table)
+    for v in videos:
+        for stage, problem in v.damaged.items():
+            console.print(
+                f"[yellow]damaged:[/yellow] {v.video_id} {stage}: {problem}", highlight=False, soft_wrap=True
+            )
 
 
 @app.command()

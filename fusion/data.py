@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.store import StoreError, open_store, shard_problem, video_ids
+from pipeline.store import StoreError, damaged_members, open_store, video_ids
 
 from .model import CNN_CHANNELS, CROP_STORED, MODALITIES
 
@@ -182,16 +182,13 @@ def load(
 
 def _check_shards(store: Path, vid: str, group: h5py.Group, full: bool, only: str | None = None) -> None:
     """A one-line error naming the video and the file when one of its shards is missing or damaged."""
-    for name in [n for n in group if only in (None, n)]:  # `in` is False for a dangling link
-        link = group.get(name, getlink=True)
-        if isinstance(link, h5py.ExternalLink):
-            path = Path(store).parent / link.filename
-            problem = shard_problem(path, full)
-            if problem:
-                raise DataError(
-                    f"{store}: video {vid}: {name} shard {path} is {problem} "
-                    "(see `rcma status`; the next `rcma extract` recomputes it)"
-                )
+    damaged = damaged_members(store, group, full)
+    for name, problem in damaged.items():
+        if only in (None, name):
+            raise DataError(
+                f"{store}: video {vid}: {name} shard {problem} (see `rcma status`; the next `rcma extract` "
+                "recomputes it)"
+            )
 
 
 def _on_grid(store: Path, vid: str, stage: str, dataset: h5py.Dataset, n_frames: int) -> h5py.Dataset:

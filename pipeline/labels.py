@@ -165,7 +165,13 @@ def _store_grid(store: Path) -> tuple[dict[str, np.ndarray], dict[str, str], dic
         subjects: dict[str, str] = {}
         for vid in st.video_ids(f):
             group = f[f"videos/{vid}"]
-            grid[vid] = group["timestamps"][:]
+            try:
+                grid[vid] = group["timestamps"][:]
+            except (OSError, KeyError):  # a missing, cut or corrupted grid shard
+                problem = st.damaged_members(store, group, full=True).get("timestamps", "damaged")
+                raise LabelError(
+                    f"{store}: video {vid}: its frame grid shard {problem}; `rcma extract` recomputes it"
+                ) from None
             if "grid_hash" in group.attrs:
                 hashes[vid] = _text(group.attrs["grid_hash"])
             if "faces" in group:

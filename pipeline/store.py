@@ -573,6 +573,12 @@ def pack_store(store: Path, out: Path) -> None:
             group = src[f"videos/{video_id}"]
             packed = dst.require_group(f"videos/{video_id}")
             packed.attrs.update(group.attrs)
+            damaged = damaged_members(store, group, full=True)  # never ship a damaged shard
+            if damaged:
+                name, problem = next(iter(damaged.items()))
+                raise StoreError(
+                    f"{store}: video {video_id}: {name} shard {problem}; `rcma extract` recomputes it"
+                )
             for name in group:  # nested ids ("a" and "a/b") are copied as videos of their own
                 if not isinstance(group.get(name, getlink=True), h5py.HardLink):
                     _check_no_links(store, video_id, name, group[name])
@@ -600,19 +606,44 @@ class VideoSummary:
     fps: float
     duration: float
     present: dict[str, float]  # stage -> share of frames present
+    damaged: dict[str, str]  # stage -> "<shard file>: <problem>"
 
 
 def summarize(store: Path) -> list[VideoSummary]:
-    """Per video in the index: length, and for each stage the share of frames with data."""
+    """Per video in the index: length, for each stage the share of frames with data, and the
+    stages whose shard is missing or damaged."""
     out = []
     with open_store(store) as f:
         for video_id in video_ids(f):
             group = f[f"videos/{video_id}"]
+            damaged = damaged_members(store, group)
             present = {}
-            for stage, member in group.items():  # each member opened once: they are external links
-                if isinstance(member, h5py.Group) and "present" in member:
-                    mask = member["present"][:]
-                    present[stage] = float(mask.mean()) if mask.size else 0.0
+            for stage in group:
+                if stage in damaged:
+                    continue
+                try:
+                    member = group[stage]  # opened once: an external link
+                    if isinstance(member, h5py.Group) and "present" in member:
+                        mask = member["present"][:]
+                        present[stage] = float(mask.mean()) if mask.size else 0.0
+                except OSError:  # a chunk whose checksum fails
+                    damaged[stage] = f"{_linked_file(store, group, stage)}: damaged (checksum mismatch)"
             n, fps = int(group.attrs["n_frames"]), float(group.attrs["fps"])
-            out.append(VideoSummary(video_id, n, fps, n / fps, present))
+            out.append(VideoSummary(video_id, n, fps, n / fps, present, damaged))
     return out
+
+
+def damaged_members(store: Path, group: h5py.Group, full: bool = False) -> dict[str, str]:
+    """{member: "<shard file>: <problem>"} for each shard a video group links to that is missing
+    or damaged (see `shard_problem`; `full` reads all data)."""
+    out = {}
+    for name in group:
+        path = _linked_file(store, group, name)
+        if path is not None and (problem := shard_problem(path, full)):
+            out[name] = f"{path}: {problem}"
+    return out
+
+
+def _linked_file(store: Path, group: h5py.Group, name: str) -> Path | None:
+    link = group.get(name, getlink=True)
+    return Path(store).parent / link.filename if isinstance(link, h5py.ExternalLink) else None

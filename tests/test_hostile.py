@@ -224,8 +224,23 @@ def test_a_damaged_shard_is_counted_and_training_names_video_and_file(tmp_path, 
         fd.load(store, ["audio"], ["a", "b"])
     assert "video a" in str(error.value) and str(shard) in str(error.value)
     args = ["train", "--features", str(store), "--out", str(tmp_path / "run"), "--modalities", "audio"]
-    result = CliRunner().invoke(app, [*args, "--epochs", "1", "--device", "cpu", "-q"])
+    runner = CliRunner()
+    result = runner.invoke(app, [*args, "--epochs", "1", "--device", "cpu", "-q"])
     one_line_error(result, "video a", str(shard))
+    packed = tmp_path / "packed.h5"
+    one_line_error(
+        runner.invoke(app, ["pack", "--store", str(store), "--out", str(packed)]), "video a", str(shard)
+    )
+    assert not packed.exists()  # a damaged shard is never shipped
+    if how != "bytes":  # show reads only the presence masks
+        shown = runner.invoke(app, ["show", "--store", str(store)])
+        assert shown.exit_code == 0 and f"damaged: a audio: {shard}" in shown.output
+    grid = st.shard_path(store, st.GRID, "b")
+    damage(grid, how)
+    labels = tmp_path / "b.txt"
+    labels.write_text("valence,arousal\n" + "0,0\n" * 20)
+    result = runner.invoke(app, ["labels", "import", str(labels), "--store", str(store)])
+    one_line_error(result, "video b", f"frame grid shard {grid}")
 
 
 def test_temporary_files_of_killed_writers_are_removed_but_never_a_live_one(tmp_path):
