@@ -167,6 +167,10 @@ def test_names_of_any_legal_length_work(store, tmp_path):
         assert f[f"videos/{'x' * 240}/meancolour/mean"].shape[0] > 0
     again = extract(store, [folder])
     assert again.counts()["skipped"] == 2
+    broken = folder / ("y" * 240 + ".mp4")
+    broken.write_bytes(CREMA_MP4[0].read_bytes()[:3000])
+    report = extract(store, [broken])
+    assert report.failed and st.stage_counts(store)["meancolour"].failed.keys() == {"y" * 240}
 
 
 def damage(path: Path, how: str) -> None:
