@@ -6,9 +6,16 @@ Layout (see README "Store layout"):
     store.h5.d/<stage>/<id>.h5     one stage's arrays for one video, with provenance attrs
     store.h5.d/failed/<stage>/<id>.json   the last error of a failed (video, stage)
 
-Shards are written to a temporary name and renamed, so a killed process leaves either a whole
-shard or none. The index holds only relative external links and attrs, and is rebuilt from the
-shards (again via a temporary file and a rename), so it can always be recreated.
+Every file is written by `atomic_file` (a temporary name, then a rename), so a killed process
+leaves either a whole file or none. The index holds only relative external links and attrs, and
+is rebuilt from the shards, so it can always be recreated. A name longer than MAX_NAME_BYTES is
+cut and hashed; the whole id stays in the shard's attrs.
+
+Damage and hostility (docs/reliability.md): every array of a shard carries a fletcher32 checksum
+(`shard_problem` reads them back); `open_store` refuses ids that are not relative paths of plain
+names, links that lead out of the store's own shard folder, groups linked into themselves, and an
+index whose links name another folder; `check_store_path` never lets an index replace a file that
+is not one.
 """
 
 from __future__ import annotations
