@@ -315,9 +315,7 @@ def _ids_under(folder: Path, suffix: str) -> Iterator[tuple[str, Path]]:
     back from the file itself (attrs of a shard, the record of a failure)."""
     if not folder.is_dir():
         return
-    for path in sorted(folder.rglob(f"*{suffix}")):
-        if path.name.startswith("."):
-            continue
+    for path in sorted(folder.rglob(f"*{suffix}")):  # temporary files end in .tmp, not `suffix`
         video_id = path.relative_to(folder).as_posix()[: -len(suffix)]
         if any(_HASHED.search(part) for part in path.relative_to(folder).parts):
             video_id = _stored_id(path) or video_id
@@ -460,6 +458,8 @@ def open_store(store: Path) -> h5py.File:
     try:
         f = h5py.File(store, "r")
     except OSError:
+        if _layout(store) == "other":
+            raise StoreError(f"{store}: not an rcma store (not an HDF5 file)") from None
         raise StoreError(
             f"{store}: not a readable HDF5 store (truncated or corrupt); "
             f"`rcma index --store {store}` rebuilds it from {shard_root(store).name}/"

@@ -294,6 +294,11 @@ def test_a_file_whose_name_makes_no_id_fails_alone_and_one_file_runs_once(store,
     ]
     assert report.counts() == {"done": 1}
     assert st.stage_counts(store)["meancolour"].done == ["good"]
+    shutil.copy(CREMA_MP4[2], folder / ".hidden.mp4")  # named on the command line: a job like any other
+    assert extract(store, [folder / ".hidden.mp4"]).counts() == {"done": 1}
+    assert st.stage_counts(store)["meancolour"].done == [".hidden", "good"]
+    with st.open_store(store) as f:
+        assert st.video_ids(f) == [".hidden", "good"]
 
 
 def test_a_store_in_a_read_only_folder_is_one_line(tmp_path):
