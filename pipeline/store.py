@@ -412,7 +412,9 @@ def remove_stale_temps(guard: Path, found: list[Iterable[Path]]) -> int | None:
     """Removes the temporary files in `found` if no `atomic_file` guarded by `guard` is being
     written; returns how many, or None when a writer is live (then nothing is removed)."""
     try:
-        with _folder_lock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB):
+        with _folder_lock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB) as locked:
+            if not locked:  # no locks on this filesystem: a writer may be live
+                return None
             stale = [path for paths in found for path in paths]
             for path in stale:
                 path.unlink(missing_ok=True)
@@ -422,11 +424,19 @@ def remove_stale_temps(guard: Path, found: list[Iterable[Path]]) -> int | None:
 
 
 @contextlib.contextmanager
-def _folder_lock(folder: Path, how: int) -> Iterator[None]:
+def _folder_lock(folder: Path, how: int) -> Iterator[bool]:
+    """Holds a flock on a folder; yields False, holding none, where the filesystem has no locks
+    (some network filesystems), so writing still works there."""
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, how)
-        yield
+        try:
+            fcntl.flock(fd, how)
+            locked = True
+        except BlockingIOError:
+            raise
+        except OSError:
+            locked = False
+        yield locked
     finally:
         os.close(fd)  # closing releases the lock
 
