@@ -182,13 +182,13 @@ def load(
 
 def _check_shards(store: Path, vid: str, group: h5py.Group, full: bool, only: str | None = None) -> None:
     """A one-line error naming the video and the file when one of its shards is missing or damaged."""
-    damaged = damaged_members(store, group, full)
-    for name, problem in damaged.items():
-        if only in (None, name):
-            raise DataError(
-                f"{store}: video {vid}: {name} shard {problem} (see `rcma status`; the next `rcma extract` "
-                "recomputes it)"
-            )
+    damaged = damaged_members(store, group, full, only)
+    if damaged:
+        name, problem = next(iter(damaged.items()))
+        raise DataError(
+            f"{store}: video {vid}: {name} shard {problem} (see `rcma status`; the next `rcma extract` "
+            "recomputes it)"
+        )
 
 
 def _on_grid(store: Path, vid: str, stage: str, dataset: h5py.Dataset, n_frames: int) -> h5py.Dataset:

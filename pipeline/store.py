@@ -650,11 +650,15 @@ def summarize(store: Path) -> list[VideoSummary]:
     return out
 
 
-def damaged_members(store: Path, group: h5py.Group, full: bool = False) -> dict[str, str]:
-    """{member: "<shard file>: <problem>"} for each shard a video group links to that is missing
-    or damaged (see `shard_problem`; `full` reads all data)."""
+def damaged_members(
+    store: Path, group: h5py.Group, full: bool = False, only: str | None = None
+) -> dict[str, str]:
+    """{member: "<shard file>: <problem>"} for each shard a video group links to (or only the
+    member `only`) that is missing or damaged (see `shard_problem`; `full` reads all data)."""
     out = {}
     for name in group:
+        if only not in (None, name):
+            continue
         path = _linked_file(store, group, name)
         if path is not None and (problem := shard_problem(path, full)):
             out[name] = f"{path}: {problem}"
