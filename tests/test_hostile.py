@@ -480,3 +480,19 @@ def test_a_scheduler_lost_mid_run_is_a_run_error_and_the_next_run_finishes(tmp_p
     assert sorted(o.status for o in rest) == sorted(
         ["skipped"] * len(done) + ["done"] * (len(jobs) - len(done))
     )
+
+
+def test_shards_written_before_checksums_are_still_read(tmp_path):
+    store = small_store(tmp_path / "store.h5")
+    shard = st.shard_path(store, "audio", "a")
+    with h5py.File(shard, "r") as f:
+        arrays, attrs = {k: f[k][:] for k in f}, dict(f.attrs)
+    with h5py.File(shard, "w") as f:  # as rcma wrote shards before fletcher32
+        f.attrs.update(attrs)
+        for name, value in arrays.items():
+            f.create_dataset(name, data=value, chunks=True, compression="lzf")
+    with h5py.File(shard, "r") as f:
+        assert not f["embedding"].fletcher32
+    assert st.stage_counts(store, verify=True)["audio"].damaged == {}
+    data = fd.load(store, ["audio"], ["a", "b"])
+    np.testing.assert_array_equal(data.features["audio"][:20].numpy(), arrays["embedding"])
