@@ -73,7 +73,7 @@ def id_file(folder: Path, video_id: str, suffix: str) -> Path:
 
     A name longer than MAX_NAME_BYTES is cut and given a hash of itself (`<start>~<hash>`), so
     temporary names built on it stay under the filesystem's 255-byte limit; shards and failure
-    records also keep the whole id in their attrs, which is where `ids_under` reads it back.
+    records also keep the whole id in their attrs, which is where `_ids_under` reads it back.
     """
     names = check_id(video_id).split("/")
     names[-1] += suffix
@@ -251,7 +251,7 @@ def read_shard_attrs(path: Path) -> dict[str, Any] | None:
 
 
 def shard_problem(path: Path, full: bool = False) -> str:
-    """ "" for a sound shard, else what is wrong with it, in a few words.
+    """What is wrong with a shard, in a few words; "" when it is sound.
 
     The quick check opens the file and reads its attrs and the list of its arrays: this finds a
     missing, truncated or header-damaged file. `full` also reads every array, so HDF5 checks the
@@ -513,7 +513,9 @@ def _walk_videos(f: h5py.File, store: Path) -> list[str]:
             if isinstance(child, h5py.Group):
                 where = (child.id.fileno, h5py.h5o.get_info(child.id).addr)
                 if where in seen:
-                    raise StoreError(f"{store}: group {child.name} is linked into itself (a cycle), refused")
+                    raise StoreError(
+                        f"{store}: group {child.name} is reached twice (a hard-link cycle), refused"
+                    )
                 seen.add(where)
                 if "n_frames" in child.attrs:
                     try:

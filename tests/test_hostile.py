@@ -138,7 +138,7 @@ def test_a_hard_link_cycle_is_refused_in_one_line(tmp_path):
     runner = CliRunner()
     packed = tmp_path / "p.h5"
     for args in (["show", "--store", str(store)], ["pack", "--store", str(store), "--out", str(packed)]):
-        one_line_error(runner.invoke(app, args), "linked into itself")
+        one_line_error(runner.invoke(app, args), "reached twice (a hard-link cycle)")
     with pytest.raises(fd.DataError, match="cycle"):
         fd.select_videos(store, None, need_labels=False)
 
