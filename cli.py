@@ -42,6 +42,9 @@ def extract(
     crops: Annotated[
         bool, typer.Option("--crops/--no-crops", help="Store the 112x112 aligned faces.")
     ] = True,
+    subject: Annotated[
+        str, typer.Option(help="faces: track the largest face, or the one in the left or right half.")
+    ] = "largest",
     audio_model: Annotated[
         str, typer.Option(help="logmel, wav2vec2, hubert, wavlm or whisper-encoder.")
     ] = "logmel",
@@ -86,6 +89,7 @@ def extract(
     options = {
         "visual_model": visual_model,
         "crops": crops,
+        "subject": subject,
         "device": device,
         "audio_model": audio_model,
         "audio_layer": audio_layer,
@@ -159,20 +163,31 @@ def _progress(quiet: bool) -> Progress:
 
 
 @app.command()
-def status(store: StoreOption = Path("store.h5")) -> None:
-    """Per stage: done, failed and missing counts, and every failure with its error."""
+def status(
+    store: StoreOption = Path("store.h5"),
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Read every array to check its checksums (slower).")
+    ] = False,
+) -> None:
+    """Per stage: done, damaged, failed and missing counts, and every failure with its error.
+
+    Each shard is opened (finding missing, truncated or header-damaged files); --verify also reads
+    all data, finding silent corruption through the shards' checksums."""
     from pipeline.store import stage_counts
 
-    counts = stage_counts(store)
+    counts = stage_counts(store, verify)
     if not counts:
         raise fail(f"{store}: nothing extracted yet (no {store.name}.d/ folder)")
-    table = Table("stage", "done", "failed", "missing")
+    table = Table("stage", "done", "damaged", "failed", "missing")
     for name, c in counts.items():
-        table.add_row(name, str(len(c.done)), str(len(c.failed)), str(len(c.missing)))
+        table.add_row(name, str(len(c.done)), str(len(c.damaged)), str(len(c.failed)), str(len(c.missing)))
     Console().print(table)
     for name, c in counts.items():
         for video_id, error in c.failed.items():
             Console().print(f"{name} {video_id}: {error}", highlight=False, soft_wrap=True)
+        for video_id, problem in c.damaged.items():
+            line = f"{name} {video_id}: {problem} (the next extract recomputes it)"
+            Console().print(line, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -184,29 +199,39 @@ def show(store: StoreOption = Path("store.h5")) -> None:
         videos = summarize(store)
     except StoreError as e:
         raise fail(str(e)) from None
-    stages = sorted({stage for v in videos for stage in v.present})
+    stages = sorted({stage for v in videos for stage in [*v.present, *v.damaged] if stage != "timestamps"})
     table = Table("video", "frames", "fps", "s", *stages, caption="stage columns: share of frames with data")
     table.columns[0].no_wrap = True
     for v in videos:
-        shares = (f"{v.present[s]:.0%}" if s in v.present else "-" for s in stages)
+        shares = (
+            f"{v.present[s]:.0%}" if s in v.present else "damaged" if s in v.damaged else "-" for s in stages
+        )
         table.add_row(v.video_id, str(v.n_frames), f"{v.fps:.3f}", f"{v.duration:.1f}", *shares)
     Console().print(table)
+    for v in videos:
+        for stage, problem in v.damaged.items():
+            console.print(
+                f"[yellow]damaged:[/yellow] {v.video_id} {stage}: {problem}", highlight=False, soft_wrap=True
+            )
 
 
 @app.command()
 def index(store: StoreOption = Path("store.h5")) -> None:
     """Rebuild store.h5 from its shards (after a crash, or to repair a damaged index).
 
-    Also removes temporary files left by killed writers: run it while nothing extracts."""
-    from pipeline.store import StoreError, check_store_path, rebuild_index, shard_root
+    Also removes temporary files left by killed writers (never those of a running extract)."""
+    from pipeline.store import StoreError, check_store_path, clean_store_temps, rebuild_index, shard_root
 
     try:
         check_store_path(store)
         if not shard_root(store).is_dir():
             raise StoreError(f"{store}: no {shard_root(store).name}/ folder of shards to index")
-        count = rebuild_index(store, clean=True)
+        removed = clean_store_temps(store)
+        count = rebuild_index(store)
     except (StoreError, OSError) as e:
         raise fail(str(e)) from None
+    if removed is None:
+        console.print(f"{store}: an extract is writing; its temporary files were left alone", highlight=False)
     console.print(f"{store}: {count} videos indexed")
 
 
@@ -216,10 +241,9 @@ def pack(
     out: Annotated[Path, typer.Option(help="The self-contained file to write.")] = Path("packed.h5"),
 ) -> None:
     """Copy a store and all its shards into one self-contained HDF5 file."""
-    from pipeline.store import StoreError, check_store_path, pack_store
+    from pipeline.store import StoreError, pack_store
 
     try:
-        check_store_path(out)
         pack_store(store, out)
     except (StoreError, OSError) as e:
         raise fail(str(e)) from None
@@ -283,13 +307,16 @@ def labels_import(
     """Import per-frame or per-clip valence/arousal labels; an error writes nothing."""
     from pipeline.labels import LabelError, import_labels
 
+    def warn(message: str) -> None:
+        console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
     try:
-        imported = import_labels(store, paths, split, split_file)
+        imported = import_labels(store, paths, split, split_file, skipped=warn)
     except LabelError as e:
         raise fail(str(e)) from None
     for item in imported:
         if item.warning:
-            console.print(f"[yellow]warning:[/yellow] {item.warning}", highlight=False, soft_wrap=True)
+            warn(item.warning)
     splits = sorted({item.split or "(no split)" for item in imported})
     frames = sum(int(item.present.sum()) for item in imported)
     console.print(

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.store import StoreError, open_store, video_ids
+from pipeline.store import StoreError, damaged_members, open_store, video_ids
 
 from .config import MODALITIES
 from .model import CNN_CHANNELS, CROP_STORED
@@ -62,6 +62,7 @@ def read_splits(store: Path) -> dict[str, str]:
         out = {}
         for vid in video_ids(f):
             group = f[f"videos/{vid}"]
+            _check_shards(store, vid, group, full=False, only="labels")
             if "labels" in group:
                 split = group["labels"].attrs.get("split", "")
                 out[vid] = split.decode() if isinstance(split, bytes) else str(split)
@@ -105,6 +106,8 @@ def load(
         raise DataError(f"unknown modality {bad or modalities}; choose from {', '.join(MODALITIES)}")
     with _open(store) as f:
         groups = [f[f"videos/{v}"] for v in videos]
+        for vid, g in zip(videos, groups, strict=True):
+            _check_shards(store, vid, g, full=False)
         lengths = np.array([int(g.attrs["n_frames"]) for g in groups], np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         n = int(offsets[-1])
@@ -137,27 +140,32 @@ def load(
             present[m] = np.zeros(n + 1, bool)
         for i, (vid, g) in enumerate(zip(videos, groups, strict=True)):
             lo, hi = offsets[i], offsets[i + 1]
-            timestamps[lo:hi] = _on_grid(store, vid, "grid", g["timestamps"], hi - lo)[:]
-            if "labels" in g:
-                lab = g["labels"]
-                labels[lo:hi, 0] = _on_grid(store, vid, "labels", lab["valence"], hi - lo)[:]
-                labels[lo:hi, 1] = _on_grid(store, vid, "labels", lab["arousal"], hi - lo)[:]
-                labelled[lo:hi] = _on_grid(store, vid, "labels", lab["present"], hi - lo)[:]
-            for m in modalities:
-                stage = STAGE_OF[m]
-                group = g[stage]
-                present[m][lo:hi] = _on_grid(store, vid, stage, group["present"], hi - lo)[:]
-                if m == "visual" and visual_input == "crops":
-                    _read_crops(_on_grid(store, vid, stage, group["crops"], hi - lo), features[m][lo:hi])
-                else:
-                    block = _on_grid(store, vid, stage, group["embedding"], hi - lo)[:]
-                    if not np.isfinite(block).all():
-                        bad_rows = np.flatnonzero(~np.isfinite(block).all(axis=1))
-                        raise DataError(
-                            f"{store}: video {vid}: {STAGE_OF[m]}/embedding has NaN or inf values "
-                            f"({len(bad_rows)} frames, first at frame {bad_rows[0]})"
-                        )
-                    features[m][lo:hi] = block
+            try:
+                timestamps[lo:hi] = _on_grid(store, vid, "grid", g["timestamps"], hi - lo)[:]
+                if "labels" in g:
+                    lab = g["labels"]
+                    labels[lo:hi, 0] = _on_grid(store, vid, "labels", lab["valence"], hi - lo)[:]
+                    labels[lo:hi, 1] = _on_grid(store, vid, "labels", lab["arousal"], hi - lo)[:]
+                    labelled[lo:hi] = _on_grid(store, vid, "labels", lab["present"], hi - lo)[:]
+                for m in modalities:
+                    stage = STAGE_OF[m]
+                    group = g[stage]
+                    present[m][lo:hi] = _on_grid(store, vid, stage, group["present"], hi - lo)[:]
+                    if m == "visual" and visual_input == "crops":
+                        _read_crops(_on_grid(store, vid, stage, group["crops"], hi - lo), features[m][lo:hi])
+                    else:
+                        block = _on_grid(store, vid, stage, group["embedding"], hi - lo)[:]
+                        if not np.isfinite(block).all():
+                            bad_rows = np.flatnonzero(~np.isfinite(block).all(axis=1))
+                            raise DataError(
+                                f"{store}: video {vid}: {STAGE_OF[m]}/embedding has NaN or inf values "
+                                f"({len(bad_rows)} frames, first at frame {bad_rows[0]})"
+                            )
+                        features[m][lo:hi] = block
+            except OSError as e:  # a chunk whose checksum fails, or a file damaged past its header
+                _check_shards(store, vid, g, full=True)
+                error = " ".join(str(e).split())
+                raise DataError(f"{store}: video {vid}: cannot read its data ({error})") from None
         if not np.isfinite(labels).all():
             raise DataError(f"{store}: labels contain NaN or inf values")
     return StoreData(
@@ -171,6 +179,17 @@ def load(
         dims=dims,
         visual_input=visual_input,
     )
+
+
+def _check_shards(store: Path, vid: str, group: h5py.Group, full: bool, only: str | None = None) -> None:
+    """A one-line error naming the video and the file when one of its shards is missing or damaged."""
+    damaged = damaged_members(store, group, full, only)
+    if damaged:
+        name, problem = next(iter(damaged.items()))
+        raise DataError(
+            f"{store}: video {vid}: {name} shard {problem} (see `rcma status`; the next `rcma extract` "
+            "recomputes it)"
+        )
 
 
 def _on_grid(store: Path, vid: str, stage: str, dataset: h5py.Dataset, n_frames: int) -> h5py.Dataset:

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.store import id_file
+
 from . import data as fd
 from .metrics import scores
 from .train import TrainError, build_model, load_checkpoint, pick_device, predict_frames
@@ -96,18 +98,18 @@ def predict(
         lo, hi = data.offsets[i], data.offsets[i + 1]
         p, t = pred[lo:hi], data.timestamps[lo:hi]
         _write_csv(
-            out / f"{vid}.csv",
+            id_file(out, vid, ".csv"),
             ["frame", "time", "valence", "arousal"],
             ((k, f"{t[k]:.6f}", f"{p[k, 0]:.6f}", f"{p[k, 1]:.6f}") for k in range(hi - lo)),
         )
         _write_csv(
-            out / SUBMISSION / f"{vid}.txt",
+            id_file(out / SUBMISSION, vid, ".txt"),
             ["valence", "arousal"],
             ((f"{p[k, 0]:.6f}", f"{p[k, 1]:.6f}") for k in range(hi - lo)),
         )
         if plots:
             labels = np.where(mask[lo:hi, None], true[lo:hi], np.nan) if mask[lo:hi].any() else None
-            plot_video(out / "plots" / f"{vid}.png", vid, t, p, labels)
+            plot_video(id_file(out / "plots", vid, ".png"), vid, t, p, labels)
     return data.video_ids
 
 

@@ -45,6 +45,7 @@ LOGMEL_PATCH = 96  # 0.96 s
 LOGMEL_POOLS = ("stats", "flat")
 
 SSL_BUNDLES = {"wav2vec2": "WAV2VEC2_BASE", "hubert": "HUBERT_BASE", "wavlm": "WAVLM_BASE"}
+SSL_LAYERS = 12  # transformer layers of every BASE bundle
 SSL_URL = "https://download.pytorch.org/torchaudio/models/"
 SSL_STRIDE = 320  # samples per state of the conv feature extractor
 SSL_FIELD = 400  # samples seen by one state
@@ -177,6 +178,8 @@ class SelfSupervised(StateSequence):
     def __init__(self, kind: str, layer: int | None = None, weights: str | None = None):
         self.name = kind
         self.bundle_name = SSL_BUNDLES[kind]
+        if layer is not None and not 1 <= layer <= SSL_LAYERS:
+            raise ValueError(f"--audio-layer {layer}: {self.bundle_name} has layers 1..{SSL_LAYERS}")
         self.layer = layer
         self.weights = weights
 
@@ -297,6 +300,8 @@ def build_embedder(
     asr_model: str | None,
 ) -> AudioEmbedder:
     if audio_model == "logmel":
+        if audio_layer is not None:
+            raise ValueError("--audio-layer is for wav2vec2, hubert, wavlm and whisper-encoder, not logmel")
         return LogMel(logmel_pool)
     if audio_model in SSL_BUNDLES:
         return SelfSupervised(audio_model, audio_layer, audio_weights)

@@ -16,15 +16,15 @@ little-endian. Quantized weights are dequantized: int8 rows are `round(w * scale
 from __future__ import annotations
 
 import json
-import os
 import struct
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
+
+from pipeline.store import atomic_file
 
 SUPPORTED_VERSIONS = (5, 6)
 WHISPER_SPEC = "WhisperSpec"
@@ -214,10 +214,6 @@ def convert_ct2_dir(model_dir: Path, out: Path) -> Path:
             checkpoint["alignment_heads"] = [[int(layer), int(head)] for layer, head in heads]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_file(out) as tmp:
         torch.save(checkpoint, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out

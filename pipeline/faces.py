@@ -21,6 +21,9 @@ keeps the box and landmarks within the spread of the full detector's own results
 Subject: the largest face of the first frame with a face; then the detection that overlaps or
 is near the last box, so another face entering the frame does not take the track over. A track
 missing for REACQUIRE_AFTER_S (a cut, the subject leaving) is given up for the largest face.
+With `subject` "left" or "right" (Aff-Wild2's two-subject videos), a track starts only on a face
+whose centre is in that half of the frame (the largest there), so the other person is never
+taken when the tracked one is out of view.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ MATCH_CENTRE = 0.5  # ...or one whose centre is within this many box sizes of th
 MATCH_SCALE = 1.5  # ...and whose size is within this factor of it
 REFINE_FRAMES = 2  # frames tracked by O-Net alone on the last box between two window searches
 REACQUIRE_AFTER_S = 0.5  # a track lost this long is given up for the largest face in view
+SUBJECTS = ("largest", "left", "right")
 DECODE_BATCH = 16
 PREFETCH_BATCHES = 2
 # The networks run on a small window are too small to gain from intra-op threads on a CPU (their
@@ -164,11 +168,25 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
+def pick_subject(faces: list[Face], width: int, subject: str = "largest") -> Face | None:
+    """The face a track starts on: the largest, among those in the frame's left or right half
+    when `subject` says so."""
+    half = width / 2
+    if subject == "left":
+        faces = [f for f in faces if f.centre[0] < half]
+    elif subject == "right":
+        faces = [f for f in faces if f.centre[0] >= half]
+    if not faces:
+        return None
+    return max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+
+
 class SubjectTracker:
     """Follows one face: the largest to start, then whichever detection continues its track."""
 
-    def __init__(self, detector: Mtcnn, reacquire_after: int):
+    def __init__(self, detector: Mtcnn, reacquire_after: int, subject: str = "largest"):
         self.detector = detector
+        self.subject = subject
         self.reacquire_after = reacquire_after
         self.last: Face | None = None
         self.missed = 0
@@ -196,9 +214,8 @@ class SubjectTracker:
                 return None
         if everywhere is None:
             everywhere = self._detect_full(frame)
-        if not everywhere:
-            return None
-        return self._keep(max(everywhere, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1])))
+        start = pick_subject(everywhere, frame.shape[1], self.subject)
+        return None if start is None else self._keep(start)
 
     def _keep(self, face: Face) -> Face:
         self.last, self.missed = face, 0
@@ -311,7 +328,12 @@ def grid_rows(times: np.ndarray, grid: np.ndarray) -> np.ndarray:
 class FacesStage(Stage):
     name = "faces"
 
-    def __init__(self, visual_model: str = VGGFACE2, crops: bool = True, device: str = "auto"):
+    def __init__(
+        self, visual_model: str = VGGFACE2, crops: bool = True, device: str = "auto", subject: str = "largest"
+    ):
+        if subject not in SUBJECTS:
+            raise ValueError(f"unknown --subject {subject!r}; choose from {', '.join(SUBJECTS)}")
+        self.subject = subject
         self.visual_model = str(visual_model)
         self.crops = bool(crops)
         self.device = device
@@ -320,7 +342,9 @@ class FacesStage(Stage):
         self._model_sha: tuple[tuple[str, int, int], str] | None = None
 
     def config(self) -> dict[str, Any]:
+        subject = {} if self.subject == "largest" else {"subject": self.subject}  # older hashes stay valid
         return {
+            **subject,
             "visual_model": self.visual_model,
             "visual_model_sha256": self._model_file_sha256(),
             "crops": self.crops,
@@ -390,7 +414,8 @@ class FacesStage(Stage):
         next_row = 0
         faces_found = 0
         if media.info.has_video:
-            tracker = SubjectTracker(self.detector, max(1, round(REACQUIRE_AFTER_S * media.info.fps)))
+            reacquire_after = max(1, round(REACQUIRE_AFTER_S * media.info.fps))
+            tracker = SubjectTracker(self.detector, reacquire_after, self.subject)
             threads = DETECTOR_CPU_THREADS if self.detector.device == "cpu" else None
             for times, frames in prefetched(iter_video_frames(media.path, DECODE_BATCH)):
                 found = []

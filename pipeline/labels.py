@@ -2,11 +2,15 @@
 
 Formats:
 - Aff-Wild2 VA files `<video_id>.txt`: a `valence,arousal` header, then one line per frame;
-  -5 marks an unannotated frame (stored with present=False).
+  -5 marks an unannotated frame (stored with present=False). Two-person videos have
+  `<video>_left.txt` and `<video>_right.txt`: each goes to the store id of that name, or to
+  `<video>` when its faces were extracted with `--subject left` (or right); a file for the
+  subject that `<video>` did not track is skipped with a warning.
 - CSV with a `video_id` column (or `file`, a path whose name without extension is the id),
   `valence` and `arousal`, and either `frame` (0-based index), `time` (seconds, matched to the
   nearest frame of the video's timestamps; several rows on one frame are averaged), or neither
-  (one row per clip, given to all of its frames).
+  (one row per clip, given to all of its frames). Rows for the same frame number, or the very
+  same time, must agree: different values are an error.
 
 Labels that run a few frames past the video or stop a few frames short (at most
 max(TOLERANCE_FRAMES, TOLERANCE_SHARE * n)) are trimmed or padded with a warning; anything
@@ -17,7 +21,10 @@ before the first shard is written, so an error changes nothing.
 from __future__ import annotations
 
 import csv
+import json
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +34,7 @@ from pipeline import store as st
 
 STAGE = "labels"
 UNANNOTATED = -5.0
+TWO_SUBJECTS = ("left", "right")  # Aff-Wild2 labels two-person videos as <video>_left / _right
 TOLERANCE_FRAMES = 5
 TOLERANCE_SHARE = 0.01
 SPLITS = ("train", "val", "test")
@@ -54,19 +62,35 @@ def tolerance(n_frames: int) -> int:
 
 
 def import_labels(
-    store: Path, paths: list[Path], split: str | None = None, split_file: Path | None = None
+    store: Path,
+    paths: list[Path],
+    split: str | None = None,
+    split_file: Path | None = None,
+    skipped: Callable[[str], None] | None = None,
 ) -> list[VideoLabels]:
-    """Reads, checks and writes labels for every video found in `paths`; returns what was written."""
+    """Reads, checks and writes labels for every video found in `paths`; returns what was written.
+
+    `skipped` is told of each file passed over (a two-subject file for a subject not tracked)."""
     store = Path(store)
     if split is not None and split_file is not None:
         raise LabelError("give --split or --split-file, not both")
     if split is not None:
         split = _split_name(split, "--split")
-    grid, grid_hashes = _store_grid(store)
+    grid, grid_hashes, subjects = _store_grid(store)
     files = _label_files(paths)
     parsed: list[VideoLabels] = []
     for path in files:
-        parsed += _read_affwild2(path, grid) if path.suffix.lower() == ".txt" else _read_csv(path, grid)
+        try:
+            if path.suffix.lower() == ".txt":
+                parsed += _read_affwild2(path, grid, subjects, skipped or _warn)
+            else:
+                parsed += _read_csv(path, grid)
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise LabelError(f"{path}: not a text label file ({_first_line(e)})") from None
+    for item in parsed:
+        if not item.present.any():
+            note = f"{item.video_id}: every label in {item.source} is unannotated; it replaces the old labels"
+            item.warning = f"{item.warning}; {note}" if item.warning else note
     seen: dict[str, str] = {}
     for item in parsed:
         if item.video_id in seen:
@@ -91,6 +115,10 @@ def import_labels(
         st.write_shard(store, STAGE, item.video_id, rows, attrs)
     st.rebuild_index(store)
     return parsed
+
+
+def _first_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def read_split_file(path: Path) -> dict[str, str]:
@@ -120,8 +148,13 @@ def _split_name(name: str, where: str) -> str:
     return name
 
 
-def _store_grid(store: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Each video's timestamps, and the grid_hash of those that have one."""
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def _store_grid(store: Path) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
+    """Each video's timestamps, the grid_hash of those that have one, and the face each video's
+    faces stage tracked (see pipeline.faces: largest, left or right)."""
     try:
         f = st.open_store(store)
     except st.StoreError as e:
@@ -129,12 +162,22 @@ def _store_grid(store: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     with f:
         grid: dict[str, np.ndarray] = {}
         hashes: dict[str, str] = {}
+        subjects: dict[str, str] = {}
         for vid in st.video_ids(f):
             group = f[f"videos/{vid}"]
-            grid[vid] = group["timestamps"][:]
+            try:
+                grid[vid] = group["timestamps"][:]
+            except (OSError, KeyError):  # a missing, cut or corrupted grid shard
+                problem = st.damaged_members(store, group, full=True).get("timestamps", "damaged")
+                raise LabelError(
+                    f"{store}: video {vid}: its frame grid shard {problem}; `rcma extract` recomputes it"
+                ) from None
             if "grid_hash" in group.attrs:
                 hashes[vid] = _text(group.attrs["grid_hash"])
-        return grid, hashes
+            if "faces" in group:
+                config = json.loads(_text(group["faces"].attrs.get("config", "{}")) or "{}")
+                subjects[vid] = config.get("subject", "largest")
+        return grid, hashes, subjects
 
 
 def _existing_splits(store: Path) -> dict[str, str]:
@@ -215,8 +258,31 @@ def _labels(
     )
 
 
-def _read_affwild2(path: Path, grid: dict[str, np.ndarray]) -> list[VideoLabels]:
+def _two_subject_id(
+    path: Path, grid: dict[str, np.ndarray], subjects: dict[str, str], skipped: Callable[[str], None]
+) -> str | None:
+    """The store id for Aff-Wild2's `<video>_left.txt` / `_right.txt`: `<video>_left` itself when the
+    store has it, else `<video>` when its faces stage tracked that subject (`--subject left`);
+    None, after telling `skipped`, when `<video>` tracked another face."""
     vid = path.stem
+    base, _, side = vid.rpartition("_")
+    if vid in grid or side not in TWO_SUBJECTS or base not in grid:
+        return vid
+    if subjects.get(base) == side:
+        return base
+    skipped(
+        f"{path}: skipped: video {base} was extracted tracking the {subjects.get(base, 'largest')} face, "
+        f"not the {side} one (extract it with --subject {side}, or a link named {vid} to it)"
+    )
+    return None
+
+
+def _read_affwild2(
+    path: Path, grid: dict[str, np.ndarray], subjects: dict[str, str], skipped: Callable[[str], None]
+) -> list[VideoLabels]:
+    vid = _two_subject_id(path, grid, subjects, skipped)
+    if vid is None:
+        return []
     if vid not in grid:
         raise _unknown(vid, path, grid)
     lines = path.read_text().splitlines()
@@ -303,6 +369,7 @@ def _read_csv(path: Path, grid: dict[str, np.ndarray]) -> list[VideoLabels]:
             frames, values = frames[~outside], values[~outside]
         labelled = ~(values == UNANNOTATED).any(axis=1)
         frames, values = frames[labelled], values[labelled]
+        _refuse_conflicts(path, vid, when, frames if when == "frame" else keys[~outside][labelled], values)
         total = np.zeros((n, 2))
         count = np.zeros(n)
         np.add.at(total, frames, values)
@@ -311,6 +378,21 @@ def _read_csv(path: Path, grid: dict[str, np.ndarray]) -> list[VideoLabels]:
         per_frame = total / np.maximum(count, 1)[:, None]
         out.append(_labels(vid, path, f"csv-{when}", per_frame, present, warning))
     return out
+
+
+def _refuse_conflicts(path: Path, vid: str, when: str, keys: np.ndarray, values: np.ndarray) -> None:
+    """Rows for the same frame (or the very same time) must agree: different values are refused,
+    not averaged. Rows at different times that fall on one frame are averaged, by design."""
+    order = np.lexsort((values[:, 1], values[:, 0], keys))
+    keys, values = keys[order], values[order]
+    same = keys[1:] == keys[:-1]
+    differ = same & (values[1:] != values[:-1]).any(axis=1)
+    if differ.any():
+        k = int(np.flatnonzero(differ)[0])
+        raise LabelError(
+            f"{path}: video {vid}: two rows for {when} {keys[k]:g} disagree "
+            f"({values[k, 0]:g},{values[k, 1]:g} and {values[k + 1, 0]:g},{values[k + 1, 1]:g})"
+        )
 
 
 def _number(row: dict[str, str], column: str, path: Path, line: int) -> float:

@@ -11,8 +11,9 @@ import hashlib
 import importlib
 import os
 import urllib.request
-import uuid
 from pathlib import Path
+
+from pipeline.store import atomic_file
 
 CACHE_ENV = "RCMA_CACHE"
 DOWNLOAD_TIMEOUT_S = 30
@@ -54,21 +55,21 @@ def fetch_weights(
     if target.is_file() and (sha256 is None or sha256_file(target) == sha256):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(tmp, "wb") as out:
-            while block := response.read(1 << 20):
-                out.write(block)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ModelUnavailable(
-            f"{name}: weights {target.name} are not in {target.parent} and could not be downloaded "
-            f"from {url} ({getattr(e, 'reason', e)}); download it and pass {option} PATH or set ${env_var}"
-        ) from None
-    if sha256 is not None and (actual := sha256_file(tmp)) != sha256:
-        tmp.unlink(missing_ok=True)
-        raise ModelUnavailable(f"{name}: downloaded {target.name} has SHA-256 {actual}, expected {sha256}")
-    os.replace(tmp, target)
+    with atomic_file(target) as tmp:  # a killed download leaves no file under the weights' name
+        try:
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(tmp, "wb") as out:
+                while block := response.read(1 << 20):
+                    out.write(block)
+        except OSError as e:
+            raise ModelUnavailable(
+                f"{name}: weights {target.name} are not in {target.parent} and could not be downloaded "
+                f"from {url} ({getattr(e, 'reason', e)}); download it and pass {option} PATH or "
+                f"set ${env_var}"
+            ) from None
+        if sha256 is not None and (actual := sha256_file(tmp)) != sha256:
+            raise ModelUnavailable(
+                f"{name}: downloaded {target.name} has SHA-256 {actual}, expected {sha256}"
+            )
     return target
 
 

@@ -2,7 +2,8 @@
 
 A job is one input file; it runs every requested stage of that file in turn, so the frame grid
 (and decoded audio) is shared by its stages. A (video, stage) is done when its shard exists,
-opens, and carries the current config hash and frame-grid hash.
+opens, passes its checksums (every array is read), and carries the current config hash and
+frame-grid hash.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def discover(inputs: Iterable[Path]) -> tuple[list[Job], Report]:
     report = Report()
     found: list[tuple[Path, Path | None]] = []  # (file, the folder it was found under, if any)
     for given in inputs:
-        given = Path(given)
+        given = Path(os.path.normpath(given))  # `a/../b.mp4` is `b.mp4`: one spelling, one id
         if given.is_dir():
             for path in sorted(p for p in given.rglob("*") if p.is_file() or p.is_symlink()):
                 if any(part.startswith(".") for part in path.relative_to(given).parts):
@@ -110,7 +111,13 @@ def discover(inputs: Iterable[Path]) -> tuple[list[Job], Report]:
     for path, root in found:
         unique.setdefault(path.absolute(), (path, root))  # the same file named twice runs once
     files = dict(unique.values())
-    return [Job(path, vid) for path, vid in _assign_ids(files).items()], report
+    jobs = []
+    for path, vid in _assign_ids(files).items():
+        try:
+            jobs.append(Job(path, st.check_id(vid)))
+        except ValueError as e:  # a name such as `..mp4`: this file fails, the others run
+            report.bad_paths.append((path, str(e)))
+    return jobs, report
 
 
 def _assign_ids(files: dict[Path, Path | None]) -> dict[Path, str]:
@@ -150,11 +157,13 @@ class Extractor:
     """Runs the given stages over jobs in this process, loading each stage's models once."""
 
     def __init__(self, store: Path, stages: list[Stage], fps: float = DEFAULT_FPS, force: bool = False):
+        check_fps(fps)
         self.store = store
         self.stages = stages
         self.fps = fps
         self.force = force
         self._loaded: set[str] = set()
+        self._unloadable: dict[str, str] = {}
 
     def run_job(self, job: Job, progress: Progress | None = None) -> list[Outcome]:
         source = str(job.path)
@@ -168,7 +177,8 @@ class Extractor:
             chash = config_hash(stage)
             shard = st.shard_path(self.store, stage.name, job.video_id)
             attrs = st.read_shard_attrs(shard) if not self.force else None
-            if attrs and attrs.get("config_hash") == chash and attrs.get("grid_hash") == ghash:
+            current = attrs and attrs.get("config_hash") == chash and attrs.get("grid_hash") == ghash
+            if current and not st.shard_problem(shard, full=True):  # a damaged shard is recomputed
                 outcomes.append(Outcome(job.video_id, source, stage.name, "skipped"))
                 continue
             started = time.perf_counter()
@@ -188,6 +198,15 @@ class Extractor:
             )
         return outcomes
 
+    def prepare(self) -> None:
+        """Resolves every stage's models and settings (its config) before the first job, so a bad
+        option or a missing model is one run error, not one failure per video."""
+        for stage in self.stages:
+            try:
+                config_hash(stage)
+            except (ModelUnavailable, ValueError) as e:
+                raise FatalError(f"{stage.name}: {_one_line(e)}") from None
+
     def _fail(self, job: Job, stage: str, error: str) -> Outcome:
         st.record_failure(self.store, stage, job.video_id, str(job.path), error)
         return Outcome(job.video_id, str(job.path), stage, "failed", error=error)
@@ -195,10 +214,13 @@ class Extractor:
     def _load(self, stage: Stage) -> None:
         if stage.name in self._loaded:
             return
+        if stage.name in self._unloadable:  # tried once: every later job fails the same way
+            raise FatalError(self._unloadable[stage.name])
         try:
             stage.load()
-        except ModelUnavailable as e:
-            raise FatalError(str(e)) from None
+        except (ModelUnavailable, ValueError) as e:  # an option out of range for the model loaded
+            self._unloadable[stage.name] = f"{stage.name}: {_one_line(e)}"
+            raise FatalError(self._unloadable[stage.name]) from None
         self._loaded.add(stage.name)
 
     def _media(self, job: Job) -> Media:
@@ -215,7 +237,8 @@ class Extractor:
         grid = st.shard_path(self.store, st.GRID, job.video_id)
         attrs = st.read_shard_attrs(grid)
         source = str(job.path.absolute())
-        if attrs and attrs.get("identity") == json.dumps(identity, sort_keys=True):
+        same = attrs and attrs.get("identity") == json.dumps(identity, sort_keys=True)
+        if same and not st.shard_problem(grid, full=True):
             timestamps = st.read_rows(grid, "timestamps")
             info = MediaInfo(**{k: attrs[k] for k in MediaInfo.__dataclass_fields__})
             return Media(job.path, job.video_id, info, timestamps)
@@ -262,7 +285,7 @@ class Extractor:
         path = st.shard_path(self.store, stage.name, media.video_id)
         label = f"{stage.name} {media.video_id}"
         warning = ""
-        with st.ShardWriter(path, media.n_frames, attrs) as writer:
+        with st.ShardWriter(path, media.n_frames, attrs, st.shard_root(self.store)) as writer:
             next_row = 0
             if progress:
                 progress(label, 0, media.n_frames)
@@ -283,6 +306,13 @@ class Extractor:
         return warning
 
 
+def check_fps(fps: float) -> None:
+    if not 0 < fps <= 1000:  # also refuses NaN
+        raise ValueError(
+            f"--fps {fps:g}: the frame rate for audio-only files must be above 0 and at most 1000"
+        )
+
+
 def _one_line(error: BaseException) -> str:
     text = str(error) or type(error).__name__
     if not isinstance(error, MediaError | OSError | ValueError):
@@ -297,6 +327,7 @@ def run_local(
     on_job_done: Callable[[Job, list[Outcome]], None] | None = None,
 ) -> list[Outcome]:
     outcomes: list[Outcome] = []
+    extractor.prepare()
     index = IndexRefresher(extractor.store)
     try:
         for job in jobs:
@@ -326,17 +357,81 @@ class IndexRefresher:
 
 
 _worker_extractors: dict[str, Extractor] = {}
+CONNECT_TIMEOUT_S = 20.0
 
 
-def _extract_on_worker(
-    job: Job, store: str, stage_specs: list[tuple[str, dict]], fps: float, force: bool
-) -> list[Outcome]:
-    """The Dask task: models are loaded once per worker process and reused across jobs."""
+@dataclass(frozen=True)
+class RunErrorOnWorker:
+    """Returned, not raised, by a Dask task for a run error, so that Dask does not retry it."""
+
+    error: str
+
+
+def _worker_extractor(store: str, stage_specs: list[tuple[str, dict]], fps: float, force: bool) -> Extractor:
+    """Models are loaded once per worker process and reused across jobs."""
     key = json.dumps([store, stage_specs, fps, force], sort_keys=True, default=str)
     if key not in _worker_extractors:
         stages = [build_stage(name, options) for name, options in stage_specs]
         _worker_extractors[key] = Extractor(Path(store), stages, fps, force)
-    return _worker_extractors[key].run_job(job)
+    return _worker_extractors[key]
+
+
+def _prepare_on_worker(
+    store: str, stage_specs: list[tuple[str, dict]], fps: float, force: bool
+) -> RunErrorOnWorker | None:
+    """Resolves the stages' models once, where they will run, before any job is sent."""
+    try:
+        _worker_extractor(store, stage_specs, fps, force).prepare()
+    except (FatalError, ModelUnavailable, ValueError) as e:
+        return RunErrorOnWorker(_one_line(e))
+    return None
+
+
+def _extract_on_worker(
+    job: Job, store: str, stage_specs: list[tuple[str, dict]], fps: float, force: bool
+) -> list[Outcome] | RunErrorOnWorker:
+    """The Dask task for one job."""
+    try:
+        return _worker_extractor(store, stage_specs, fps, force).run_job(job)
+    except FatalError as e:
+        return RunErrorOnWorker(str(e))
+
+
+def connect(scheduler: str, timeout: float = CONNECT_TIMEOUT_S):
+    """A Dask client for `tcp://host:port` or a scheduler file, or one line naming the address.
+
+    Dask's own connect waits for the scheduler's handshake without a time limit, so an address
+    that accepts connections but never speaks Dask (a silent listener, a web server) is first
+    tried here under `timeout`.
+    """
+    import asyncio
+
+    from distributed import Client
+    from distributed.comm import connect as dask_connect
+
+    address = scheduler
+    if os.path.isfile(scheduler):
+        try:
+            address = json.loads(Path(scheduler).read_text())["address"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise FatalError(f"{scheduler}: not a Dask scheduler file (no address in it)") from None
+
+    async def handshake() -> None:
+        comm = await asyncio.wait_for(dask_connect(address, timeout=timeout), timeout)
+        await comm.close()
+
+    not_dask = "(is that address a Dask scheduler?)"
+    try:
+        asyncio.run(handshake())
+        return Client(address, timeout=timeout)
+    except TimeoutError:
+        raise FatalError(
+            f"the Dask scheduler at {address} did not answer within {timeout:g} s {not_dask}"
+        ) from None
+    except MemoryError:  # a web server's reply, read as the length of a Dask message
+        raise FatalError(f"{address} answers, but not as a Dask scheduler {not_dask}") from None
+    except Exception as e:  # whatever a foreign server makes Dask's decoder raise
+        raise FatalError(f"cannot reach the Dask scheduler at {address}: {_one_line(e)} {not_dask}") from None
 
 
 def run_dask(
@@ -352,27 +447,30 @@ def run_dask(
 
     Workers write their own shards (the store's folder must be on a filesystem they share);
     this process only rebuilds the index. A task lost with its worker is retried by Dask, and a
-    retried job rewrites only its own shards.
+    retried job rewrites only its own shards. A lost scheduler is a run error: the videos it
+    did not finish are not recorded as failed, and the next run does them.
     """
-    from distributed import Client, as_completed
+    from distributed import as_completed
 
-    try:
-        if os.path.isfile(scheduler):
-            client = Client(scheduler_file=scheduler, timeout="20s")
-        else:
-            client = Client(scheduler, timeout="20s")
-    except (OSError, ValueError) as e:
-        raise FatalError(f"cannot reach the Dask scheduler at {scheduler}: {_one_line(e)}") from None
+    check_fps(fps)
+    client = connect(scheduler)
     # Workers may run in other folders: give them absolute paths, for media and for model files.
     specs = [(name, {k: _absolute_if_path(v) for k, v in options.items()}) for name, options in stage_specs]
+    where = str(store.resolve())
     outcomes: list[Outcome] = []
     index = IndexRefresher(store)
     try:
+        prepared = _lost_cluster_is_a_run_error(
+            scheduler,
+            lambda: client.submit(_prepare_on_worker, where, specs, fps, force, pure=False).result(),
+        )
+        if isinstance(prepared, RunErrorOnWorker):
+            raise FatalError(prepared.error)
         futures = {
             client.submit(
                 _extract_on_worker,
                 Job(job.path.absolute(), job.video_id),
-                str(store.resolve()),
+                where,
                 specs,
                 fps,
                 force,
@@ -384,7 +482,7 @@ def run_dask(
         for future in as_completed(futures):
             job = futures[future]
             try:
-                result = future.result()
+                result = _lost_cluster_is_a_run_error(scheduler, future.result)
             except FatalError:
                 for other in futures:
                     other.cancel()
@@ -396,14 +494,49 @@ def run_dask(
                 ]
                 for outcome in result:
                     st.record_failure(store, outcome.stage, job.video_id, str(job.path), outcome.error)
+            if isinstance(result, RunErrorOnWorker):
+                for other in futures:
+                    other.cancel()
+                raise FatalError(result.error)
             outcomes += result
             if on_job_done:
                 on_job_done(job, result)
             index.refresh()
     finally:
-        client.close()
+        _quietly(client.close)
         index.refresh(now=True)
     return outcomes
+
+
+def _lost_cluster_is_a_run_error(scheduler: str, wait: Callable[[], Any]) -> Any:
+    """`wait()`, with the scheduler's loss (the future cancelled by it, the connection closed)
+    turned into a FatalError: it says nothing about the video."""
+    from concurrent.futures import CancelledError
+
+    from distributed.comm.core import CommClosedError
+
+    try:
+        return wait()
+    except (CancelledError, CommClosedError) as e:
+        raise FatalError(
+            f"lost the Dask scheduler at {scheduler} ({_one_line(e)}); finished videos are kept, "
+            "run the same command again to do the rest"
+        ) from None
+
+
+def _quietly(close: Callable[[], Any]) -> None:
+    """Closes a client whose scheduler may be gone, without Dask's tracebacks."""
+    import contextlib
+    import logging
+
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.suppress(Exception):
+            close()
+    finally:
+        logger.setLevel(level)
 
 
 def _absolute_if_path(value: Any) -> Any:

@@ -335,3 +335,40 @@ def test_config_and_provenance(tmp_path: Path):
     provenance = stage.provenance()
     assert set(provenance["face_detector_sha256"]) == {"pnet", "rnet", "onet"}
     assert provenance["versions"]["facenet-pytorch"] == "2.5.3"
+
+
+def first_frames(src: Path, dst: Path, n: int) -> Path:
+    """The first n frames of src, re-encoded."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = (
+            inp.streams.video[0].width,
+            inp.streams.video[0].height,
+            "yuv420p",
+        )
+        for k, frame in enumerate(inp.decode(video=0)):
+            if k == n:
+                break
+            out.mux(
+                stream.encode(av.VideoFrame.from_ndarray(frame.to_ndarray(format="rgb24"), format="rgb24"))
+            )
+        out.mux(stream.encode())
+    return dst
+
+
+def test_subject_option_tracks_the_left_or_the_right_person(tmp_path: Path):
+    clip = first_frames(HAMILTON, tmp_path / "two_people.mp4", len(HAMILTON_FIRST_SHOT))
+    media = media_for(clip)
+    centres = {}
+    for subject in ("largest", "left", "right"):
+        stage = FacesStage(visual_model="none", crops=False, device="cpu", subject=subject)
+        arrays = collect(stage, media)
+        assert arrays["present"].mean() > 0.5, subject
+        boxes = arrays["boxes"][arrays["present"]]
+        centres[subject] = (boxes[:, 0] + boxes[:, 2]) / 2 / media.info.width
+    assert (centres["left"] < 0.5).all() and (centres["right"] >= 0.5).all()
+    assert (centres["largest"] >= 0.5).all()  # the performer, right, is the larger face
+    assert "subject" not in FacesStage(device="cpu").config()  # stores made before the option stay done
+    assert FacesStage(device="cpu", subject="left").config()["subject"] == "left"
+    with pytest.raises(ValueError, match="unknown --subject 'middle'"):
+        FacesStage(device="cpu", subject="middle")

@@ -184,3 +184,55 @@ def test_malformed_rows_name_the_file_and_line(store, tmp_path):
     result = CliRunner().invoke(app, ["labels", "import", str(tmp_path / "bad0.csv"), "--store", str(store)])
     assert result.exit_code == 2 and "bad0.csv:4: 2 fields" in result.output
     assert "Traceback" not in result.output
+
+
+def test_conflicting_rows_for_one_frame_are_refused_not_averaged(store, tmp_path):
+    make_store(store, {"v": 30})
+    agree = tmp_path / "agree.csv"
+    agree.write_text("video_id,frame,valence,arousal\nv,3,0.5,0.5\nv,3,0.5,0.5\nv,4,0.1,0.1\n")
+    import_labels(store, [agree])
+    conflict = tmp_path / "conflict.csv"
+    conflict.write_text("video_id,frame,valence,arousal\nv,3,0.8,0.5\nv,3,-0.8,0.5\n")
+    with pytest.raises(LabelError, match=r"conflict\.csv: video v: two rows for frame 3 disagree"):
+        import_labels(store, [conflict])
+    same_time = tmp_path / "times.csv"
+    same_time.write_text("video_id,time,valence,arousal\nv,0.1,0.8,0.5\nv,0.1,-0.8,0.5\n")
+    with pytest.raises(LabelError, match="two rows for time 0.1 disagree"):
+        import_labels(store, [same_time])
+    v, _, present, _ = read_labels(store, "v")
+    assert present.sum() == 2 and v[3] == pytest.approx(0.5)  # the refused files changed nothing
+
+
+def test_all_unannotated_labels_warn_and_a_binary_file_is_one_line(store, tmp_path):
+    make_store(store, {"v": 5})
+    unannotated = tmp_path / "v.txt"
+    affwild2(unannotated, [(-5, -5)] * 5)
+    result = CliRunner().invoke(app, ["labels", "import", str(unannotated), "--store", str(store)])
+    assert result.exit_code == 0 and "warning: v: every label in" in result.output
+    binary = tmp_path / "labels.csv"
+    binary.write_bytes(bytes(range(256)) * 4)
+    result = CliRunner().invoke(app, ["labels", "import", str(binary), "--store", str(store)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert result.output.startswith(f"error: {binary}: not a text label file")
+
+
+def test_affwild2_two_subject_files_go_to_the_matching_ids(store, tmp_path):
+    make_store(store, {"v": 5, "w_left": 5, "w_right": 5})
+    faces = {"present": np.ones(5, bool), "boxes": np.zeros((5, 4), np.float32)}
+    st.write_shard(store, "faces", "v", faces, {"config": {"subject": "left"}})  # `--subject left`
+    st.rebuild_index(store)
+    folder = tmp_path / "VA_Set"
+    folder.mkdir()
+    affwild2(folder / "v_left.txt", [(0.5, 0.5)] * 5)
+    affwild2(folder / "v_right.txt", [(-0.5, -0.5)] * 5)
+    affwild2(folder / "w_left.txt", [(0.1, 0.1)] * 5)
+    affwild2(folder / "w_right.txt", [(0.2, 0.2)] * 5)
+    result = CliRunner().invoke(app, ["labels", "import", str(folder), "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    assert "labels for 3 videos" in result.output
+    assert f"warning: {folder / 'v_right.txt'}: skipped: video v was extracted tracking the left face" in (
+        result.output
+    )
+    assert read_labels(store, "v")[0] == pytest.approx([0.5] * 5)
+    assert read_labels(store, "w_left")[0] == pytest.approx([0.1] * 5)
+    assert read_labels(store, "w_right")[0] == pytest.approx([0.2] * 5)
