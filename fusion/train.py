@@ -138,12 +138,14 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
     device = pick_device(cfg.device)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    if resume and not (out / "last.pt").exists() and not any(out.glob("*/last.pt")):
-        raise TrainError(f"{out / 'last.pt'}: nothing to resume")
     if not resume and out.exists() and any(out.glob("**/last.pt")):
         raise TrainError(f"{out} already holds a run (last.pt); use --resume or another --out")
     if resume:
         _check_resumable(out, cfg)
+    if cfg.folds or cfg.seeds > 1:  # the members' folders hold their own; this one is for --resume
+        out.mkdir(parents=True, exist_ok=True)
+        settings = json.dumps({"train": asdict(cfg)}, indent=2)
+        atomic_write(out / "config.json", lambda tmp: tmp.write_text(settings))
     store = Path(cfg.features)
     if cfg.folds:
         return _cross_validate(cfg, store, device, resume, console)
@@ -507,7 +509,7 @@ def saved_config(out: Path) -> dict[str, Any]:
     """The settings of the run in `out`, so that resuming it needs no options repeated."""
     out = Path(out)
     config = out / "config.json"
-    if not config.exists() or not ((out / "last.pt").exists() or any(out.glob("*/last.pt"))):
+    if not config.exists() or not any(out.glob("**/last.pt")):
         raise TrainError(f"{out / 'last.pt'}: nothing to resume")
     try:
         saved = dict(json.loads(config.read_text())["train"])

@@ -134,6 +134,9 @@ def test_an_ensemble_predicts_the_mean_of_its_members(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert len(summary["member_val_ccc"]) == 3 and summary["member_val_ccc_std"] >= 0
     assert evaluate(run / "best.pt", store, "val", device="cpu")["overall"]["frames"] == 2 * 64
+    resumed = CliRunner().invoke(app, ["train", "--out", str(run), "--resume", "--epochs", "3", "--quiet"])
+    assert resumed.exit_code == 0, resumed.output
+    assert [load_checkpoint(run / f"seed-{i}" / "last.pt")["state"]["epoch"] for i in range(3)] == [3, 3, 3]
 
 
 def test_folds_never_split_a_group():
