@@ -160,6 +160,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
         if both:
             raise TrainError(f"{store}: video {both[0]} is in both the training and the validation split")
         data = fd.load(store, cfg.modalities, train_ids + val_ids, cfg.visual, device)
+        stages = fd.stage_configs(store, train_ids + val_ids, cfg.modalities)
     except fd.DataError as e:
         raise TrainError(str(e)) from None
     train_idx = list(range(len(train_ids)))
@@ -169,6 +170,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
         if not labelled[_rows(data, chosen)].any():
             raise TrainError(f"{store}: the {name} split's {len(chosen)} videos have no labelled frames")
     data_info = {"modalities": list(cfg.modalities), "dims": data.dims, "visual_input": data.visual_input}
+    if ckpt is None or "stages" in ckpt["data"]:  # runs from before stages were recorded resume as they were
+        data_info["stages"] = stages  # how the features were extracted: `rcma predict VIDEO` repeats it
     if ckpt is not None and ckpt["data"] != data_info:
         raise TrainError(f"{store}: features {data_info} differ from the checkpoint's {ckpt['data']}")
 
