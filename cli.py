@@ -471,5 +471,27 @@ def _say(line: str) -> None:
     console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
+@app.command()
+def doctor() -> None:
+    """Models present or to be downloaded, torch device, versions, media decoding; exit 1 if the
+    default pipeline lacks something."""
+    from pipeline.doctor import MISSING, OK, run_checks
+
+    checks = run_checks()
+    colour = {OK: "green", MISSING: "red"}
+    table = Table("", "check", "status", "detail", box=None, pad_edge=False, show_header=False)
+    table.columns[3].overflow = "fold"
+    area = ""
+    for c in checks:
+        style = colour.get(c.status, "yellow" if c.needed else "dim")
+        table.add_row(c.area if c.area != area else "", c.name, f"[{style}]{c.status}[/{style}]", c.detail)
+        area = c.area
+    Console(highlight=False).print(table)
+    failed = [c for c in checks if c.failed]
+    if failed:
+        raise fail(f"missing for the default pipeline: {', '.join(c.name for c in failed)}", 1)
+    console.print("everything the default pipeline needs is here", highlight=False)
+
+
 if __name__ == "__main__":
     app()

@@ -173,7 +173,8 @@ def write_outputs(
     pred: np.ndarray,
     store: Path,
     plots: bool = True,
-    problems: list[str] | None = None,
+    failed: list[str] | None = None,
+    notes: list[str] | None = None,
     sources: dict[str, str] | None = None,
 ) -> Path:
     """Writes every per-video file and the run's ABAW file and report; returns the report's path."""
@@ -212,7 +213,7 @@ def write_outputs(
         sections.append(video_section(store, vid, t, p, flags, png, source))
     _write_csv(out / ABAW_FILE, ["image_location", "valence", "arousal"], abaw_rows)
     report = out / REPORT
-    write_report(report, model_summary(ckpt, model_path), sections, problems or [])
+    write_report(report, model_summary(ckpt, model_path), sections, failed or [], notes or [])
     return report
 
 
@@ -247,6 +248,9 @@ def rebuild_stages(ckpt: dict[str, Any], model_path: Path, device: str) -> tuple
             got = tried[-1][1]
             differ = [k for k in sorted(set(config) | set(got)) if config.get(k) != got.get(k)]
             shown = "; ".join(f"{k}: trained with {config.get(k)!r}, here {got.get(k)!r}" for k in differ[:3])
+            gone = [v for v in config.values() if _looks_like_path(v) and not Path(v).expanduser().exists()]
+            if gone:
+                shown = f"model file {gone[0]} is missing; {shown}"
             raise PredictError(
                 f"{model_path}: its {name} features cannot be reproduced here ({shown}); provide the same "
                 "model files (paths or $RCMA_* variables, see `rcma doctor`) or extract with --features"
@@ -362,10 +366,15 @@ def predict_media(
     window, hop = _hop(ckpt)
     pred = predict_frames(model, data, list(range(len(data.video_ids))), window, hop)
     sources = {job.video_id: str(job.path) for job in good}
-    problems = run.failed + run.warnings
-    run.report = write_outputs(out, model_path, ckpt, data, pred, store, plots, problems, sources)
+    run.report = write_outputs(
+        out, model_path, ckpt, data, pred, store, plots, run.failed, run.warnings, sources
+    )
     run.videos = data.video_ids
     return run
+
+
+def _looks_like_path(value: Any) -> bool:
+    return isinstance(value, str) and (os.sep in value or value.endswith((".pt", ".onnx", ".bin")))
 
 
 def _line(error: BaseException) -> str:

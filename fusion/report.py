@@ -44,6 +44,7 @@ def model_summary(ckpt: dict[str, Any], model_path: Path) -> dict[str, Any]:
     stages = data.get("stages") or {}
     return {
         "path": str(model_path),
+        "uses_faces": "visual" in mods,
         "modalities": [MODALITY_NAMES.get(m, m) for m in mods],
         "fusion": fusion,
         "window": cfg.get("window"),
@@ -166,7 +167,7 @@ def _transcript(group: h5py.Group) -> tuple[list[dict[str, Any]], str]:
     return list(segments.values()), ""
 
 
-def render(summary: dict[str, Any], videos: list[dict[str, Any]], problems: list[str]) -> str:
+def render(summary: dict[str, Any], videos: list[dict[str, Any]], failed: list[str], notes: list[str]) -> str:
     import jinja2
 
     env = jinja2.Environment(
@@ -176,13 +177,13 @@ def render(summary: dict[str, Any], videos: list[dict[str, Any]], problems: list
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    return env.get_template("report.html.j2").render(model=summary, videos=videos, problems=problems)
+    return env.get_template("report.html.j2").render(model=summary, videos=videos, failed=failed, notes=notes)
 
 
 def write_report(
-    path: Path, summary: dict[str, Any], videos: list[dict[str, Any]], problems: list[str]
+    path: Path, summary: dict[str, Any], videos: list[dict[str, Any]], failed: list[str], notes: list[str]
 ) -> None:
     from .predict import atomic_path
 
     with atomic_path(path) as tmp:
-        tmp.write_text(render(summary, videos, problems), encoding="utf-8")
+        tmp.write_text(render(summary, videos, failed, notes), encoding="utf-8")
