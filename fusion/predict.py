@@ -205,7 +205,7 @@ def write_outputs(
         )
         abaw_rows += [(f"{vid}/{k + 1:05d}.jpg", f"{p[k, 0]:.6f}", f"{p[k, 1]:.6f}") for k in range(hi - lo)]
         labels = np.where(mask[lo:hi, None], true[lo:hi], np.nan) if mask[lo:hi].any() else None
-        png = plot_png(vid, t, p, labels)
+        png = plot_png(vid, t, p, labels, flags)
         if plots:
             with atomic_path(out / "plots" / f"{vid}.png") as tmp:
                 tmp.write_bytes(png)
@@ -233,19 +233,23 @@ def rebuild_stages(ckpt: dict[str, Any], model_path: Path, device: str) -> tuple
     stages = []
     for name in wanted:
         config, expected = recorded[name]["config"], recorded[name]["config_hash"]
-        tried: list[tuple[Any, dict[str, Any]]] = []
+        tried: list[dict[str, Any]] = []
+        error = ""
         for options in _stage_options(name, config, device):
             try:
                 stage = build_stage(name, options)
                 got = stage.config()
-            except (ModelUnavailable, ValueError, OSError) as e:
-                raise PredictError(f"{model_path}: cannot rebuild its {name} stage: {_line(e)}") from None
+            except (ModelUnavailable, ValueError, OSError) as e:  # try the next way; report the last
+                error = _line(e)
+                continue
             if config_hash(stage) == expected:
                 stages.append(stage)
                 break
-            tried.append((stage, got))
+            tried.append(got)
         else:
-            got = tried[-1][1]
+            if not tried:
+                raise PredictError(f"{model_path}: cannot rebuild its {name} stage: {error}")
+            got = tried[-1]
             differ = [k for k in sorted(set(config) | set(got)) if config.get(k) != got.get(k)]
             shown = "; ".join(f"{k}: trained with {config.get(k)!r}, here {got.get(k)!r}" for k in differ[:3])
             gone = [v for v in config.values() if _looks_like_path(v) and not Path(v).expanduser().exists()]
@@ -401,8 +405,15 @@ def _write_csv(path: Path, header: list[str], rows: Any) -> None:
         writer.writerows(rows)
 
 
-def plot_png(vid: str, times: np.ndarray, pred: np.ndarray, labels: np.ndarray | None) -> bytes:
-    """Valence and arousal over time as PNG bytes: prediction, and the labels where there are any."""
+def plot_png(
+    vid: str,
+    times: np.ndarray,
+    pred: np.ndarray,
+    labels: np.ndarray | None,
+    present: dict[str, np.ndarray] | None = None,
+) -> bytes:
+    """Valence and arousal over time as PNG bytes: prediction, the labels where there are any, and
+    under them a band per input showing the frames where it had data."""
     import io
 
     import matplotlib
@@ -410,19 +421,43 @@ def plot_png(vid: str, times: np.ndarray, pred: np.ndarray, labels: np.ndarray |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 1, figsize=(10, 4.2), sharex=True)
-    for k, (ax, name) in enumerate(zip(axes, ("valence", "arousal"), strict=True)):
+    present = present or {}
+    ratios = [3, 3] + ([0.35 * len(present)] if present else [])
+    fig, axes = plt.subplots(
+        len(ratios), 1, figsize=(10, 4.2 + 0.3 * len(present)), sharex=True, height_ratios=ratios
+    )
+    for k, (ax, name) in enumerate(zip(axes, ("valence", "arousal"), strict=False)):
         ax.plot(times, pred[:, k], label="predicted", lw=1.4, color=("#1f77b4", "#d62728")[k])
         if labels is not None:
             ax.plot(times, labels[:, k], label="label", lw=1.2, alpha=0.8, color="#555555", ls="--")
         ax.set(ylabel=name, ylim=(-1.05, 1.05))
         ax.axhline(0, color="grey", lw=0.5)
         ax.grid(alpha=0.3)
+    if present:
+        band = axes[2]
+        step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0
+        for row, mask in enumerate(present.values()):
+            runs = _runs(mask)
+            band.broken_barh(
+                [(times[a], times[b - 1] - times[a] + step) for a, b in runs],
+                (row + 0.15, 0.7),
+                color="#3c8d5a",
+            )
+        band.set(ylim=(0, len(present)), yticks=np.arange(len(present)) + 0.5, yticklabels=list(present))
+        band.tick_params(axis="y", length=0, labelsize=8)
+        band.invert_yaxis()  # the first input on top
+        band.grid(False)
     axes[0].set_title(vid)
     axes[0].legend(loc="upper right", fontsize=8)
-    axes[1].set_xlabel("time (s)")
+    axes[-1].set_xlabel("time (s)")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) index pairs of the runs of True in a boolean array."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
