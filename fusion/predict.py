@@ -103,6 +103,7 @@ class PredictRun:
     report: Path
     failed: list[str] = field(default_factory=list)  # one line per input that could not be predicted
     warnings: list[str] = field(default_factory=list)  # one line per input predicted with a gap
+    skipped: list[str] = field(default_factory=list)  # files in the folders given that are not media
 
 
 def choose_videos(
@@ -325,10 +326,10 @@ def predict_media(
     jobs, found = runner.discover(inputs)
     run = PredictRun(out, store, [], out / REPORT)
     run.failed += [f"{path}: {problem}" for path, problem in found.bad_paths]
-    run.warnings += [f"{path}: {problem}" for path, problem in found.not_media]
+    run.skipped += [f"{path}: {problem}" for path, problem in found.not_media]
     for line in run.failed:
         tell(f"failed: {line}")
-    for line in run.warnings:
+    for line in run.skipped:
         tell(f"skipped: {line}")
     if not jobs:
         raise PredictError("no media files found in " + ", ".join(map(str, inputs)))

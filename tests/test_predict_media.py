@@ -217,6 +217,7 @@ def test_bad_videos_are_one_line_each_and_the_others_are_predicted(model, tmp_pa
         for packet in stream.encode(None):
             dst.mux(packet)
     (videos / "damaged.mp4").write_bytes(SINGLE_FACE.read_bytes()[:20000])
+    (videos / "notes.txt").write_text("not a video")
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["predict", str(videos), "--model", str(model), "--out", str(out), "-q"])
     assert result.exit_code == 1, result.output
@@ -228,6 +229,7 @@ def test_bad_videos_are_one_line_each_and_the_others_are_predicted(model, tmp_pa
     )
     assert any(line.startswith("warning:") and "silent.mp4: audio: no audio track" in line for line in lines)
     assert any(line.startswith("warning:") and "wall.mp4: faces: no face found" in line for line in lines)
+    assert any(line.startswith("skipped:") and "notes.txt: not a media file" in line for line in lines)
     assert "predictions for 3 videos, 1 failed" in result.output
     assert sorted(p.name for p in out.glob("*.csv")) == ["good.csv", "silent.csv", "wall.csv"]
     silent = read_csv(out / "silent.csv")
@@ -235,6 +237,7 @@ def test_bad_videos_are_one_line_each_and_the_others_are_predicted(model, tmp_pa
     assert {r["visual_present"] for r in read_csv(out / "wall.csv")} == {"0"}
     page = (out / "report.html").read_text()
     assert "Not predicted" in page and "damaged.mp4" in page and "no face was found in this video" in page
+    assert "notes.txt" not in page
 
 
 class _Payload:
@@ -289,3 +292,17 @@ def test_bad_checkpoints_are_one_line_and_never_unpickled(model, tmp_path):
         assert len(result.output.strip().splitlines()) == 1, result.output
         assert not (out / "store.h5").exists()  # refused before anything was extracted
     assert not marker.exists()
+
+
+def test_predict_into_an_existing_store_reuses_what_is_done(model, tmp_path):
+    store = model.parent.parent / "store.h5"  # the training store: these clips are extracted there
+    shards = sorted(Path(f"{store}.d").rglob("*.h5"))
+    before = {p: p.stat().st_mtime_ns for p in shards}
+    out = tmp_path / "out"
+    args = ["predict", str(CREMA_MP4[0]), "--model", str(model), "--store", str(store), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "-q"])
+    assert result.exit_code == 0, result.output
+    assert {p: p.stat().st_mtime_ns for p in shards} == before  # nothing recomputed
+    assert not (out / "store.h5").exists()
+    rows = read_csv(out / f"{CREMA_MP4[0].stem}.csv")
+    assert len(rows) == decoded_frames(CREMA_MP4[0])
