@@ -413,7 +413,7 @@ def predict(
     inputs: Annotated[
         list[Path] | None,
         typer.Argument(
-            help="Videos or folders: extracted as the model's training videos were, then predicted"
+            help="Videos or folders: extracted as the model's training videos were, then predicted."
         ),
     ] = None,
     features: Annotated[
@@ -431,7 +431,7 @@ def predict(
     ] = None,
     video_list: Annotated[
         Path | None,
-        typer.Option("--list", help="A file of video ids to predict, one a line (no labels needed)"),
+        typer.Option("--list", help="A file of video ids to predict, one a line (no labels needed)."),
     ] = None,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="A PNG per video.")] = True,
     device: Annotated[str, typer.Option(help="cpu, cuda, or auto.")] = "auto",
