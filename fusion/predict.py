@@ -344,10 +344,10 @@ def predict_media(
         disable=quiet,
     ) as bars:
         files = bars.add_task("files", total=len(jobs))
-        frames = bars.add_task("frames", total=None)
+        frames = bars.add_task("frames", total=None, visible=False)  # shown once a stage runs
 
         def on_frames(label: str, done: int, total: int) -> None:
-            bars.update(frames, description=label, completed=done, total=total)
+            bars.update(frames, description=label, completed=done, total=total, visible=True)
 
         def on_job(job: runner.Job, outcomes: list[runner.Outcome]) -> None:
             for o in outcomes:

@@ -306,3 +306,14 @@ def test_predict_into_an_existing_store_reuses_what_is_done(model, tmp_path):
     assert not (out / "store.h5").exists()
     rows = read_csv(out / f"{CREMA_MP4[0].stem}.csv")
     assert len(rows) == decoded_frames(CREMA_MP4[0])
+
+
+def test_a_run_with_recorded_stages_resumes(model, tmp_path):
+    """data_info (now with the stage settings) is compared on --resume: an unchanged store passes."""
+    run = tmp_path / "run"
+    shutil.copytree(model.parent, run)
+    result = CliRunner().invoke(app, ["train", "--out", str(run), "--resume", "--epochs", "3", "--quiet"])
+    assert result.exit_code == 0, result.output
+    resumed = torch.load(run / "last.pt", weights_only=True)
+    assert resumed["state"]["epoch"] == 3
+    assert resumed["data"]["stages"] == torch.load(model, weights_only=True)["data"]["stages"]
