@@ -18,8 +18,10 @@ DEMO := demo-out
 DEMO_STORE := $(DEMO)/store.h5
 
 # Extract faces, audio and text from the bundled clips (offline: crops, no face embedder), train
-# audio+text RCMA and the audio-only baseline on the 47 labelled speech clips, score both, and
-# predict every file.
+# audio+text RCMA and the audio-only baseline on the 47 labelled speech clips, score both, predict
+# every file of the store, then run the one-command path on raw videos and audio that were not
+# trained on: `rcma predict FILES --model ... --store ...` extracts what the checkpoint needs (here
+# already in the demo store, so it is reused) and writes CSVs, plots and report.html.
 demo: setup
 	mkdir -p $(DEMO)
 	$(BIN)/rcma extract data/crema-d/mp4 data/pexels data/hamilton data/jfk data/speech-va \
@@ -36,7 +38,10 @@ demo: setup
 	$(BIN)/rcma evaluate --model $(DEMO)/audio-only/best.pt --features $(DEMO_STORE) --split val
 	$(BIN)/rcma predict --model $(DEMO)/run/best.pt --features $(DEMO_STORE) --out $(DEMO)/predictions
 	$(BIN)/rcma show --store $(DEMO_STORE)
+	$(BIN)/rcma predict data/hamilton/short_hamilton_clip.mp4 data/pexels/single_face.mp4 data/jfk/jfk.flac \
+	  --model $(DEMO)/run/best.pt --store $(DEMO_STORE) --out $(DEMO)/report
 	@echo "demo: store $(DEMO_STORE), curves $(DEMO)/run/curves.png, plots $(DEMO)/predictions/plots/"
+	@echo "demo: report $(DEMO)/report/report.html (open it in a browser)"
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -424,21 +424,87 @@ def evaluate(
 @app.command()
 def predict(
     model: Annotated[Path, typer.Option(help="A checkpoint (best.pt or last.pt).")],
-    features: Annotated[Path, typer.Option(help="The feature store.")] = Path("store.h5"),
-    out: Annotated[Path, typer.Option(help="Folder for CSVs, submission/ and plots/.")] = Path("predictions"),
+    inputs: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Videos or folders: extracted as the model's training videos were, then predicted."
+        ),
+    ] = None,
+    features: Annotated[
+        Path | None, typer.Option(help="Predict a store's videos instead of media files.")
+    ] = None,
+    store: Annotated[
+        Path | None, typer.Option(help="With media files: the store to extract into (default: OUT/store.h5).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for CSVs, plots/, submission/ and report.html.")] = Path(
+        "predictions"
+    ),
     split: Annotated[str | None, typer.Option(help="Only this split's videos (default: all).")] = None,
+    split_file: Annotated[
+        Path | None, typer.Option(help="`video_id,split` lines giving --split for unlabelled videos.")
+    ] = None,
+    video_list: Annotated[
+        Path | None,
+        typer.Option("--list", help="A file of video ids to predict, one a line (no labels needed)."),
+    ] = None,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="A PNG per video.")] = True,
     device: Annotated[str, typer.Option(help="cpu, cuda, or auto.")] = "auto",
+    quiet: QuietOption = False,
 ) -> None:
-    """Per-frame valence/arousal for every video: CSV, Aff-Wild2 submission .txt, and a plot."""
-    from fusion.predict import PredictError
+    """Per-frame valence/arousal: CSV and plot per video, ABAW submission files, and report.html.
+
+    Give media files (`rcma predict clip.mp4 --model best.pt`) to extract and predict in one go,
+    or --features STORE to predict videos already extracted."""
+    from fusion.predict import PredictError, choose_videos, predict_media
     from fusion.predict import predict as run_prediction
 
     try:
-        videos = run_prediction(model, features, out, split, plots, device)
+        if inputs:
+            if features is not None or split or split_file or video_list:
+                raise PredictError("give media files, or --features (with --split, --split-file, --list)")
+            run = predict_media(model, inputs, out, store, plots, device, quiet, say=_say)
+            videos, report, failed = run.videos, run.report, len(run.failed)
+        else:
+            features = features or Path("store.h5")
+            chosen = choose_videos(features, split, split_file, video_list)
+            videos = run_prediction(model, features, out, split, plots, device, chosen)
+            report, failed = out / "report.html", 0
     except PredictError as e:
         raise fail(str(e)) from None
-    console.print(f"{out}: predictions for {len(videos)} videos", highlight=False, soft_wrap=True)
+    console.print(
+        f"{out}: predictions for {len(videos)} videos{f', {failed} failed' if failed else ''}; "
+        f"report: {report}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if failed:
+        raise typer.Exit(1)
+
+
+def _say(line: str) -> None:
+    console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command()
+def doctor() -> None:
+    """Models present or to be downloaded, torch device, versions, media decoding; exit 1 if the
+    default pipeline lacks something."""
+    from pipeline.doctor import MISSING, OK, run_checks
+
+    checks = run_checks()
+    colour = {OK: "green", MISSING: "red"}
+    table = Table("", "check", "status", "detail", box=None, pad_edge=False, show_header=False)
+    table.columns[3].overflow = "fold"
+    area = ""
+    for c in checks:
+        style = colour.get(c.status, "yellow" if c.needed else "dim")
+        table.add_row(c.area if c.area != area else "", c.name, f"[{style}]{c.status}[/{style}]", c.detail)
+        area = c.area
+    Console(highlight=False).print(table)
+    failed = [c for c in checks if c.failed]
+    if failed:
+        raise fail(f"missing for the default pipeline: {', '.join(c.name for c in failed)}", 1)
+    console.print("everything the default pipeline needs is here", highlight=False)
 
 
 if __name__ == "__main__":

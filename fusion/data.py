@@ -40,6 +40,7 @@ class StoreData:
     labelled: torch.Tensor  # (N + 1,) bool
     dims: dict[str, int]  # input width per modality, as the model sees it
     visual_input: str  # "embedding", "crops" or "" (no visual)
+    stages: dict[str, dict]  # how the features were extracted (see stage_configs)
 
     @property
     def n_frames(self) -> int:
@@ -178,6 +179,7 @@ def load(
         labelled=torch.from_numpy(labelled).to(device),
         dims=dims,
         visual_input=visual_input,
+        stages=stage_configs(store, videos, modalities),
     )
 
 
@@ -270,3 +272,39 @@ def cut(data: StoreData, index: torch.Tensor, valid: torch.Tensor) -> dict[str, 
         "labels": data.labels[index],
         "labelled": data.labelled[index] & valid,
     }
+
+
+def stage_configs(store: Path, videos: list[str], modalities: list[str]) -> dict[str, dict]:
+    """How the features of `modalities` were extracted, as recorded by each stage's shards.
+
+    {stage: {"config": ..., "config_hash": ...}} for every stage that recorded its config (stores
+    written by hand may not), plus {"grid": {"audio_fps": ...}} when audio-only files are among the
+    videos (their frame grid comes from `rcma extract --fps`). `rcma predict VIDEO` rebuilds these
+    stages to extract new videos exactly as the training videos were. Videos whose shards disagree
+    are an error: the model would have been trained on a mix of two feature sets.
+    """
+    import json
+
+    out: dict[str, dict] = {}
+    first: dict[str, str] = {}
+    with _open(store) as f:
+        for vid in videos:
+            group = f[f"videos/{vid}"]
+            if "has_video" in group.attrs and not bool(group.attrs["has_video"]):
+                out.setdefault("grid", {"audio_fps": float(group.attrs["fps"])})
+            for stage in dict.fromkeys(STAGE_OF[m] for m in modalities if m in STAGE_OF):
+                attrs = group[stage].attrs if stage in group else {}
+                if "config_hash" not in attrs:
+                    continue
+                chash = str(attrs["config_hash"])
+                if stage in out and out[stage]["config_hash"] != chash:
+                    raise DataError(
+                        f"{store}: {stage} features of videos {first[stage]} and {vid} were extracted with "
+                        "different settings; re-run `rcma extract` on all of them with one setting"
+                    )
+                if stage not in out:
+                    config = attrs["config"]
+                    config = config.decode() if isinstance(config, bytes) else str(config)
+                    out[stage] = {"config": json.loads(config), "config_hash": chash}
+                    first[stage] = vid
+    return out

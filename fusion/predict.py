@@ -1,13 +1,20 @@
-"""Evaluation and prediction with a trained checkpoint on a store.
+"""Evaluation and prediction with a trained checkpoint, on a store or straight from media files.
 
 Every check (checkpoint readable, store has the checkpoint's modalities at the same widths, the
 split is not empty, features finite) happens before anything is written.
+
+`predict_media` is the one place where fusion/ drives extraction: it rebuilds the stages the
+checkpoint records (fusion.data.stage_configs, saved at training time), runs them through
+pipeline.runner into a store, then predicts from that store like `predict`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +28,8 @@ from .metrics import scores
 from .train import TrainError, build_model, load_checkpoint, pick_device, predict_frames
 
 SUBMISSION = "submission"  # Aff-Wild2 challenge format: <video_id>.txt, `valence,arousal`, one line a frame
+ABAW_FILE = "abaw_va_predictions.txt"  # ABAW VA layout: `image_location,valence,arousal`, <id>/00001.jpg ...
+REPORT = "report.html"
 
 
 class PredictError(Exception):
@@ -28,13 +37,19 @@ class PredictError(Exception):
 
 
 def _prepare(
-    model_path: Path, store: Path, splits: list[str] | None, need_labels: bool, device: str
+    model_path: Path,
+    store: Path,
+    splits: list[str] | None,
+    need_labels: bool,
+    device: str,
+    videos: list[str] | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any], fd.StoreData]:
     try:
         dev = pick_device(device)
         ckpt = load_checkpoint(model_path, dev)
         info = ckpt["data"]
-        videos = fd.select_videos(store, splits, need_labels)
+        if videos is None:
+            videos = fd.select_videos(store, splits, need_labels)
         data = fd.load(store, list(info["modalities"]), videos, info["visual_input"] or "auto", dev)
     except (TrainError, fd.DataError) as e:
         raise PredictError(str(e)) from None
@@ -80,6 +95,60 @@ def evaluate(
     }
 
 
+@dataclass
+class PredictRun:
+    """What one prediction run produced, and the lines worth telling the user."""
+
+    out: Path
+    store: Path
+    videos: list[str]
+    report: Path
+    failed: list[str] = field(default_factory=list)  # one line per input that could not be predicted
+    warnings: list[str] = field(default_factory=list)  # one line per input predicted with a gap
+    skipped: list[str] = field(default_factory=list)  # files in the folders given that are not media
+
+
+def choose_videos(
+    store: Path, split: str | None = None, split_file: Path | None = None, video_list: Path | None = None
+) -> list[str] | None:
+    """Videos to predict in a store: a split (from the store's labels, or from `split_file` for
+    unlabelled videos such as a test set), or the ids in `video_list`; None means every video."""
+    from pipeline.labels import LabelError, read_split_file
+    from pipeline.store import StoreError, open_store, video_ids
+
+    if split_file is not None and split is None:
+        raise PredictError(f"{split_file}: a split file needs --split NAME (which of its splits to predict)")
+    if video_list is None and split_file is None:
+        return None
+    try:
+        with open_store(store) as f:
+            known = video_ids(f)
+        if video_list is not None:
+            if not video_list.is_file():
+                raise PredictError(f"{video_list}: no such list file")
+            wanted = [
+                line.split(",")[0].strip()
+                for line in video_list.read_text().splitlines()
+                if line.strip() and not line.startswith("#")
+            ]
+            where = str(video_list)
+        else:
+            mapping = read_split_file(split_file)
+            wanted = [vid for vid, name in mapping.items() if name == split]
+            where = f"{split_file} (split {split})"
+    except (StoreError, LabelError, UnicodeDecodeError) as e:
+        raise PredictError(str(e).splitlines()[0]) from None
+    missing = [vid for vid in wanted if vid not in known]
+    if missing:
+        raise PredictError(
+            f"{where}: {len(missing)} videos are not in {store}, first {missing[0]!r} "
+            f"(extract them with `rcma extract ... --store {store}`)"
+        )
+    if not wanted:
+        raise PredictError(f"{where}: lists no videos")
+    return list(dict.fromkeys(wanted))
+
+
 def predict(
     model_path: Path,
     store: Path,
@@ -87,62 +156,311 @@ def predict(
     split: str | None = None,
     plots: bool = True,
     device: str = "auto",
+    videos: list[str] | None = None,
 ) -> list[str]:
-    """Per video: <id>.csv (frame, time, valence, arousal), submission/<id>.txt and plots/<id>.png."""
-    model, ckpt, data = _prepare(model_path, store, [split] if split else None, split is not None, device)
+    """Per video: <id>.csv, submission/<id>.txt and plots/<id>.png; for the run, the ABAW file and
+    report.html. `videos` (see `choose_videos`) overrides `split`, and needs no labels."""
+    need_labels = split is not None and videos is None
+    model, ckpt, data = _prepare(model_path, store, [split] if split else None, need_labels, device, videos)
     window, hop = _hop(ckpt)
     pred = predict_frames(model, data, list(range(len(data.video_ids))), window, hop)
+    write_outputs(out, model_path, ckpt, data, pred, store, plots)
+    return data.video_ids
+
+
+def write_outputs(
+    out: Path,
+    model_path: Path,
+    ckpt: dict[str, Any],
+    data: fd.StoreData,
+    pred: np.ndarray,
+    store: Path,
+    plots: bool = True,
+    failed: list[str] | None = None,
+    notes: list[str] | None = None,
+    sources: dict[str, str] | None = None,
+) -> Path:
+    """Writes every per-video file and the run's ABAW file and report; returns the report's path."""
+    from .report import model_summary, video_section, write_report
+
     true = data.labels[:-1].cpu().numpy()
     mask = data.labelled[:-1].cpu().numpy()
+    modalities = list(ckpt["data"]["modalities"])
+    present = {m: data.present[m][:-1].cpu().numpy() for m in modalities}
+    sections = []
+    abaw_rows: list[tuple[str, str, str]] = []
     for i, vid in enumerate(data.video_ids):
         lo, hi = data.offsets[i], data.offsets[i + 1]
         p, t = pred[lo:hi], data.timestamps[lo:hi]
+        flags = {m: present[m][lo:hi] for m in modalities}
         _write_csv(
             id_file(out, vid, ".csv"),
-            ["frame", "time", "valence", "arousal"],
-            ((k, f"{t[k]:.6f}", f"{p[k, 0]:.6f}", f"{p[k, 1]:.6f}") for k in range(hi - lo)),
+            ["frame", "time", "valence", "arousal", *(f"{m}_present" for m in modalities)],
+            (
+                (k, f"{t[k]:.6f}", f"{p[k, 0]:.6f}", f"{p[k, 1]:.6f}", *(int(flags[m][k]) for m in flags))
+                for k in range(hi - lo)
+            ),
         )
         _write_csv(
             id_file(out / SUBMISSION, vid, ".txt"),
             ["valence", "arousal"],
             ((f"{p[k, 0]:.6f}", f"{p[k, 1]:.6f}") for k in range(hi - lo)),
         )
+        abaw_rows += [(f"{vid}/{k + 1:05d}.jpg", f"{p[k, 0]:.6f}", f"{p[k, 1]:.6f}") for k in range(hi - lo)]
+        labels = np.where(mask[lo:hi, None], true[lo:hi], np.nan) if mask[lo:hi].any() else None
+        png = plot_png(vid, t, p, labels, flags)
         if plots:
-            labels = np.where(mask[lo:hi, None], true[lo:hi], np.nan) if mask[lo:hi].any() else None
-            plot_video(id_file(out / "plots", vid, ".png"), vid, t, p, labels)
-    return data.video_ids
+            with atomic_path(id_file(out / "plots", vid, ".png")) as tmp:
+                tmp.write_bytes(png)
+        source = (sources or {}).get(vid, "")
+        sections.append(video_section(store, vid, t, p, flags, png, source))
+    _write_csv(out / ABAW_FILE, ["image_location", "valence", "arousal"], abaw_rows)
+    report = out / REPORT
+    write_report(report, model_summary(ckpt, model_path), sections, failed or [], notes or [])
+    return report
+
+
+def rebuild_stages(ckpt: dict[str, Any], model_path: Path, device: str) -> tuple[list[Any], float | None]:
+    """The stages (and audio-only frame rate) the checkpoint's features came from, checked to give the
+    same config hash here; a model file or setting that cannot be reproduced is a one-line error."""
+    from pipeline.models import ModelUnavailable
+    from pipeline.stages import build_stage, config_hash
+
+    recorded = ckpt["data"].get("stages")
+    wanted = [fd.STAGE_OF[m] for m in ckpt["data"]["modalities"]]
+    if not recorded or any(stage not in recorded for stage in wanted):
+        raise PredictError(
+            f"{model_path}: the checkpoint does not record how its features were extracted (trained by an "
+            "older rcma); extract with its training settings and run `rcma predict --features STORE`"
+        )
+    stages = []
+    for name in wanted:
+        config, expected = recorded[name]["config"], recorded[name]["config_hash"]
+        tried: list[dict[str, Any]] = []
+        error = ""
+        for options in _stage_options(name, config, device):
+            try:
+                stage = build_stage(name, options)
+                got = stage.config()
+            except (ModelUnavailable, ValueError, OSError) as e:  # try the next way; report the last
+                error = _line(e)
+                continue
+            if config_hash(stage) == expected:
+                stages.append(stage)
+                break
+            tried.append(got)
+        else:
+            if not tried:
+                raise PredictError(f"{model_path}: cannot rebuild its {name} stage: {error}")
+            got = tried[-1]
+            differ = [k for k in sorted(set(config) | set(got)) if config.get(k) != got.get(k)]
+            shown = "; ".join(f"{k}: trained with {config.get(k)!r}, here {got.get(k)!r}" for k in differ[:3])
+            gone = [v for v in config.values() if _looks_like_path(v) and not Path(v).expanduser().exists()]
+            if gone:
+                shown = f"model file {gone[0]} is missing; {shown}"
+            raise PredictError(
+                f"{model_path}: its {name} features cannot be reproduced here ({shown}); provide the same "
+                "model files (paths or $RCMA_* variables, see `rcma doctor`) or extract with --features"
+            )
+    fps = ckpt["data"]["stages"].get("grid", {}).get("audio_fps")
+    return stages, fps
+
+
+def _stage_options(name: str, config: dict[str, Any], device: str) -> Iterator[dict[str, Any]]:
+    """Options that should rebuild a stage with `config`: this machine's defaults (models found by
+    $RCMA_* variables and packaged copies) first, then the model names the config records."""
+    if name == "faces":
+        yield {"visual_model": config["visual_model"], "crops": config["crops"], "device": device}
+    elif name == "audio":
+        options = {
+            "audio_model": config["audio_model"],
+            "logmel_pool": config.get("logmel_pool", "stats"),
+            "audio_layer": config.get("audio_layer"),
+            "audio_weights": config.get("audio_weights"),
+            "device": device,
+        }
+        yield {**options, "asr_model": None}
+        if config.get("whisper_model"):
+            yield {**options, "asr_model": config["whisper_model"]}
+    elif name == "text":
+        options = {"asr_backend": config["asr_backend"], "text_unit": config["text_unit"], "device": device}
+        yield {**options, "asr_model": None, "text_model": None}
+        yield {**options, "asr_model": config["asr_model"], "text_model": config["text_model"]}
+    else:
+        raise PredictError(f"unknown stage {name!r} in the checkpoint")
+
+
+def predict_media(
+    model_path: Path,
+    inputs: list[Path],
+    out: Path,
+    store: Path | None = None,
+    plots: bool = True,
+    device: str = "auto",
+    quiet: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> PredictRun:
+    """Extracts what the checkpoint needs from media files (reusing what `store` already holds),
+    predicts every file that could be extracted, and writes the outputs and report.html into `out`.
+
+    A file that cannot be read is a line in `failed`; the other files are still predicted.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pipeline import runner
+    from pipeline.media import DEFAULT_FPS
+    from pipeline.store import StoreError, check_store_path
+
+    console = Console(stderr=True, quiet=quiet, soft_wrap=True)
+    tell = say or (lambda line: console.print(line, highlight=False, markup=False))
+    try:
+        ckpt = load_checkpoint(model_path)
+    except TrainError as e:
+        raise PredictError(str(e)) from None
+    stages, fps = rebuild_stages(ckpt, model_path, device)
+    out.mkdir(parents=True, exist_ok=True)
+    store = store or out / "store.h5"
+    try:
+        check_store_path(store)
+    except StoreError as e:
+        raise PredictError(str(e)) from None
+    jobs, found = runner.discover(inputs)
+    run = PredictRun(out, store, [], out / REPORT)
+    run.failed += [f"{path}: {problem}" for path, problem in found.bad_paths]
+    run.skipped += [f"{path}: {problem}" for path, problem in found.not_media]
+    for line in run.failed:
+        tell(f"failed: {line}")
+    for line in run.skipped:
+        tell(f"skipped: {line}")
+    if not jobs:
+        raise PredictError("no media files found in " + ", ".join(map(str, inputs)))
+    extractor = runner.Extractor(store, stages, fps or DEFAULT_FPS)
+    bad: set[str] = set()
+    with Progress(
+        TextColumn("{task.description:<32.32}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet,
+    ) as bars:
+        files = bars.add_task("files", total=len(jobs))
+        frames = bars.add_task("frames", total=None, visible=False)  # shown once a stage runs
+
+        def on_frames(label: str, done: int, total: int) -> None:
+            bars.update(frames, description=label, completed=done, total=total, visible=True)
+
+        def on_job(job: runner.Job, outcomes: list[runner.Outcome]) -> None:
+            for o in outcomes:
+                if o.status == "failed" and job.video_id not in bad:
+                    bad.add(job.video_id)
+                    run.failed.append(f"{o.source}: {o.stage}: {o.error}")
+                    tell(f"failed: {run.failed[-1]}")
+                elif o.warning:
+                    run.warnings.append(f"{o.source}: {o.stage}: {o.warning}")
+                    tell(f"warning: {run.warnings[-1]}")
+            bars.advance(files)
+
+        try:
+            runner.run_local(jobs, extractor, on_frames, on_job)
+        except runner.FatalError as e:
+            raise PredictError(f"{model_path}: {e}") from None
+    good = [job for job in jobs if job.video_id not in bad]
+    if not good:
+        raise PredictError(f"none of the {len(jobs)} files could be extracted: {run.failed[-1]}")
+    model, ckpt, data = _prepare(model_path, store, None, False, device, [job.video_id for job in good])
+    window, hop = _hop(ckpt)
+    pred = predict_frames(model, data, list(range(len(data.video_ids))), window, hop)
+    sources = {job.video_id: str(job.path) for job in good}
+    run.report = write_outputs(
+        out, model_path, ckpt, data, pred, store, plots, run.failed, run.warnings, sources
+    )
+    run.videos = data.video_ids
+    return run
+
+
+def _looks_like_path(value: Any) -> bool:
+    return isinstance(value, str) and (os.sep in value or value.endswith((".pt", ".onnx", ".bin")))
+
+
+def _line(error: BaseException) -> str:
+    return " ".join((str(error) or type(error).__name__).split())
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write; renamed onto `path` only when the block succeeds,
+    so a reader never sees half a file. Every output of predict and the report goes through it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _write_csv(path: Path, header: list[str], rows: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
-def plot_video(path: Path, vid: str, times: np.ndarray, pred: np.ndarray, labels: np.ndarray | None) -> None:
-    """Valence and arousal over time: prediction, and the labels where there are any."""
+def plot_png(
+    vid: str,
+    times: np.ndarray,
+    pred: np.ndarray,
+    labels: np.ndarray | None,
+    present: dict[str, np.ndarray] | None = None,
+) -> bytes:
+    """Valence and arousal over time as PNG bytes: prediction, the labels where there are any, and
+    under them a band per input showing the frames where it had data."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 1, figsize=(10, 4), sharex=True)
-    for k, (ax, name) in enumerate(zip(axes, ("valence", "arousal"), strict=True)):
-        ax.plot(times, pred[:, k], label="predicted", lw=1)
+    present = present or {}
+    ratios = [3, 3] + ([0.35 * len(present)] if present else [])
+    fig, axes = plt.subplots(
+        len(ratios), 1, figsize=(10, 4.2 + 0.3 * len(present)), sharex=True, height_ratios=ratios
+    )
+    for k, (ax, name) in enumerate(zip(axes, ("valence", "arousal"), strict=False)):
+        ax.plot(times, pred[:, k], label="predicted", lw=1.4, color=("#1f77b4", "#d62728")[k])
         if labels is not None:
-            ax.plot(times, labels[:, k], label="label", lw=1, alpha=0.8)
+            ax.plot(times, labels[:, k], label="label", lw=1.2, alpha=0.8, color="#555555", ls="--")
         ax.set(ylabel=name, ylim=(-1.05, 1.05))
         ax.axhline(0, color="grey", lw=0.5)
+        ax.grid(alpha=0.3)
+    if present:
+        band = axes[2]
+        step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0
+        for row, mask in enumerate(present.values()):
+            runs = _runs(mask)
+            band.broken_barh(
+                [(times[a], times[b - 1] - times[a] + step) for a, b in runs],
+                (row + 0.15, 0.7),
+                color="#3c8d5a",
+            )
+        band.set(ylim=(0, len(present)), yticks=np.arange(len(present)) + 0.5, yticklabels=list(present))
+        band.tick_params(axis="y", length=0, labelsize=8)
+        band.invert_yaxis()  # the first input on top
+        band.grid(False)
     axes[0].set_title(vid)
     axes[0].legend(loc="upper right", fontsize=8)
-    axes[1].set_xlabel("time (s)")
+    axes[-1].set_xlabel("time (s)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
+    return buffer.getvalue()
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) index pairs of the runs of True in a boolean array."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))

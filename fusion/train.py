@@ -330,6 +330,8 @@ def fit(
     device = data.labels.device
     ckpt = _start_checkpoint(out, resume)
     data_info = {"modalities": list(cfg.modalities), "dims": data.dims, "visual_input": data.visual_input}
+    if ckpt is None or "stages" in ckpt["data"]:  # runs from before stages were recorded resume as they were
+        data_info["stages"] = data.stages  # how the features were extracted: `rcma predict VIDEO` repeats it
     if ckpt is not None and ckpt["data"] != data_info:
         raise TrainError(f"{cfg.features}: features {data_info} differ from the checkpoint's {ckpt['data']}")
 

@@ -80,7 +80,8 @@ def test_evaluate_and_predict_outputs(interaction, tmp_path):
     assert len(videos) == 4
     with (out / "vid12.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 300 and list(rows[0]) == ["frame", "time", "valence", "arousal"]
+    assert len(rows) == 300
+    assert list(rows[0]) == ["frame", "time", "valence", "arousal", "audio_present", "visual_present"]
     assert float(rows[30]["time"]) == pytest.approx(1.0)
     lines = (out / "submission" / "vid12.txt").read_text().splitlines()
     assert lines[0] == "valence,arousal" and len(lines) == 301
