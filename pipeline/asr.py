@@ -229,6 +229,13 @@ def _resolve_ct2(given: str | None) -> WhisperSource:
             f"{path}: faster-whisper needs a CTranslate2 model folder (with model.bin), "
             "not an openai-whisper checkpoint; use --asr-backend openai-whisper"
         )
+    from faster_whisper.utils import available_models
+
+    if given not in available_models() and "/" not in given:  # neither a size nor a hub model id
+        raise ModelUnavailable(
+            f"Whisper model {given!r} is not a faster-whisper model name ({', '.join(available_models())}), "
+            f"a hub model id or a CTranslate2 folder; pass {ASR_OPTION} or set ${ASR_ENV}"
+        )
     return WhisperSource(given, "download", None, "")
 
 

@@ -251,3 +251,33 @@ def test_default_and_missing_whisper_models(tmp_path: Path, monkeypatch):
     assert "\n" not in str(error.value) and "--asr-model" in str(error.value)
     with pytest.raises(ModelUnavailable, match="not an openai-whisper checkpoint"):
         asr.resolve(str(tmp_path / "missing.pt"))
+
+
+def test_audio_is_decoded_once_per_file(text_stage: TextStage, store: Path, monkeypatch):
+    """The audio and text stages of one file share one decode of its audio, and an audio-only
+    file's frame grid comes from that same decode: count the containers opened per file."""
+    import av
+
+    from pipeline import media as media_module
+
+    opened: list[str] = []
+    audio_reads: list[str] = []
+    real_open, real_read = av.open, media_module.read_audio
+    monkeypatch.setattr(
+        av, "open", lambda path, *a, **k: opened.append(Path(path).name) or real_open(path, *a, **k)
+    )
+
+    def counted_read(path, *args, **kwargs):
+        audio_reads.append(Path(path).name)
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(media_module, "read_audio", counted_read)
+    monkeypatch.setattr(runner, "read_audio", counted_read)
+    clips = [JFK, CREMA_MP4[0]]
+    jobs, _ = runner.discover(clips)
+    outcomes = runner.run_local(jobs, runner.Extractor(store, [AudioStage(), text_stage]))
+    assert all(o.status == "done" for o in outcomes), [o.error for o in outcomes if o.error]
+    assert sorted(audio_reads) == sorted(c.name for c in clips)  # once each, for both stages
+    # flac: probed, then its audio decoded once (for its grid and both stages); mp4: probed, its
+    # video decoded once for the grid, its audio once for both stages.
+    assert opened.count(JFK.name) == 2 and opened.count(CREMA_MP4[0].name) == 3, opened
