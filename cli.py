@@ -61,7 +61,16 @@ def extract(
         str | None,
         typer.Option(help="Whisper name, .pt checkpoint or CTranslate2 folder ($RCMA_ASR_MODEL)."),
     ] = None,
-    asr_backend: Annotated[str, typer.Option(help="openai-whisper or faster-whisper.")] = "openai-whisper",
+    asr_backend: Annotated[
+        str | None, typer.Option(help="faster-whisper (default) or openai-whisper.", show_default=False)
+    ] = None,
+    asr_compute_type: Annotated[
+        str | None,
+        typer.Option(
+            help="faster-whisper: auto (default: int8 on CPU, float16 on CUDA), int8, float32, ...",
+            show_default=False,
+        ),
+    ] = None,
     text_model: Annotated[
         str | None, typer.Option(help="sentence-transformers name or folder ($RCMA_TEXT_MODEL).")
     ] = None,
@@ -97,6 +106,7 @@ def extract(
         "logmel_pool": logmel_pool,
         "asr_model": asr_model,
         "asr_backend": asr_backend,
+        "asr_compute_type": asr_compute_type,
         "text_model": text_model,
         "text_unit": text_unit,
     }

@@ -1,15 +1,22 @@
-"""Real-time factors of the audio and text stages, against openai-whisper's own `transcribe`.
+"""Real-time factors of the audio and text stages, against openai-whisper and faster-whisper.
 
 RTF = compute seconds / media seconds (lower is faster), wall and CPU time, models loaded, one
 warm-up run each, then `--repeat` rounds in which every workload runs once; each keeps its best.
-Media: JFK (11 s) and the six CREMA-D mp4 clips (about 13 s together).
+Media: JFK (11 s) and the six CREMA-D mp4 clips (about 13 s together), each file on its own
+("short"), and one long file: JFK, the CREMA-D clips and the 47 speech-va clips end to end
+(about 2.7 minutes of real speech, "long").
 
-The reference is `whisper.transcribe(model, audio)` called the usual way (default options, fp16
-off on CPU) on the same tiny.en weights. Given a path it would decode with the ffmpeg binary,
-which this machine lacks, so it is given the waveform decoded by PyAV; decoding is then not in
-its time, while the stages' times include decoding (a few milliseconds per file here).
+The references, all on the same tiny.en weights, each given the waveform decoded by PyAV (the
+ffmpeg binary they would otherwise call is absent here): `whisper.transcribe(model, audio)` the
+usual way (default options, fp16 off on CPU), and with `word_timestamps=True`; faster-whisper
+with int8 weights and word timestamps, its sequential `WhisperModel.transcribe` and its
+`BatchedInferencePipeline` (default options: beam 5, Silero VAD, batch 8), and the batched
+pipeline greedy (beam 1, as the text stage decodes). The text stage is timed on the waveform
+("transcription only": VAD, Whisper and the hallucination filters) and whole (decoding the file,
+the frame grid and the sentence embeddings included). The target on every machine: the text
+stage's RTF at most that of faster-whisper batched int8 with word timestamps, in the same run.
 
-    .venv/bin/python bench/audio_text.py [--repeat 3] [--out bench/out/audio_text.json]
+    .venv/bin/python bench/audio_text.py [--repeat 3] [--text-only] [--out bench/out/audio_text.json]
 """
 
 from __future__ import annotations
@@ -33,14 +40,31 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline import asr  # noqa: E402
 from pipeline.audio import AudioStage  # noqa: E402
-from pipeline.media import SAMPLE_RATE, Media, frame_grid, probe  # noqa: E402
+from pipeline.media import SAMPLE_RATE, Media, frame_grid, probe, read_audio  # noqa: E402
 from pipeline.text import TextStage  # noqa: E402
 
 DATA = ROOT / "data"
-SETS = {
-    "jfk": [DATA / "jfk" / "jfk.flac"],
-    "crema-d": sorted((DATA / "crema-d" / "mp4").glob("*.mp4")),
-}
+SHORT = [DATA / "jfk" / "jfk.flac", *sorted((DATA / "crema-d" / "mp4").glob("*.mp4"))]
+LONG_PARTS = [*SHORT, *sorted((DATA / "speech-va").glob("*.wav"))]
+
+
+def write_long(folder: Path) -> Path:
+    """The real clips of LONG_PARTS end to end, as one 16 kHz wav."""
+    import wave
+
+    audio = np.concatenate([read_audio(p) for p in LONG_PARTS])
+    path = folder / "long.wav"
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(SAMPLE_RATE)
+        f.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+BATCHED = "faster-whisper int8 words, batched"
+STAGE = "text stage (whole, default)"
+SETS: dict[str, list[Path]] = {}
 
 
 def fresh_media(path: Path) -> Media:
@@ -90,14 +114,19 @@ def random_ssl_weights(kind: str, folder: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--text-only", action="store_true", help="skip the audio embedders")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "audio_text.json")
     args = parser.parse_args()
 
     import whisper
+    from faster_whisper import BatchedInferencePipeline
 
+    tmp = tempfile.TemporaryDirectory()
+    global SETS
+    SETS = {"short": SHORT, "long": [write_long(Path(tmp.name))]}
     durations = {name: seconds_of(paths) for name, paths in SETS.items()}
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-    warm = SETS["crema-d"][:1]
+    warm = SHORT[1:2]
     loads: dict[str, float] = {}
     work: dict[str, Callable[[Path], object]] = {}
 
@@ -107,25 +136,38 @@ def main() -> None:
         loads[label] = time.perf_counter() - started
         work[label] = run_stage(stage)
 
-    tmp = tempfile.TemporaryDirectory()
-    load("audio logmel (stats)", AudioStage(device="cpu"))
-    load("audio logmel (flat)", AudioStage(logmel_pool="flat", device="cpu"))
-    load("audio whisper-encoder tiny.en", AudioStage(audio_model="whisper-encoder", device="cpu"))
-    for kind in ("wav2vec2", "hubert", "wavlm"):
-        weights = random_ssl_weights(kind, Path(tmp.name))
-        load(f"audio {kind} (random weights)", AudioStage(kind, audio_weights=weights, device="cpu"))
+    if not args.text_only:
+        load("audio logmel (stats)", AudioStage(device="cpu"))
+        load("audio logmel (flat)", AudioStage(logmel_pool="flat", device="cpu"))
+        load("audio whisper-encoder tiny.en", AudioStage(audio_model="whisper-encoder", device="cpu"))
+        for kind in ("wav2vec2", "hubert", "wavlm"):
+            weights = random_ssl_weights(kind, Path(tmp.name))
+            load(f"audio {kind} (random weights)", AudioStage(kind, audio_weights=weights, device="cpu"))
     started = time.perf_counter()
-    reference_model = whisper.load_model(str(asr.resolve(None).path), device="cpu")
+    reference_model = whisper.load_model(str(asr.resolve(None, "openai-whisper").path), device="cpu")
     loads["whisper.load_model"] = time.perf_counter() - started
     decoded = {p: fresh_media(p).audio() for paths in SETS.values() for p in paths}
     work["whisper.transcribe (reference)"] = lambda p: whisper.transcribe(reference_model, decoded[p])
     work["whisper.transcribe word_timestamps"] = lambda p: whisper.transcribe(
         reference_model, decoded[p], word_timestamps=True
     )
-    for backend in asr.BACKENDS:
-        stage = TextStage(asr_backend=backend, device="cpu")
-        load(f"text stage, {backend}", stage)
-        work[f"  transcription only, {backend}"] = lambda p, s=stage: s.transcribe(decoded[p])
+    started = time.perf_counter()
+    int8 = asr.load_faster_whisper(asr.resolve(None, "faster-whisper"), "cpu", "int8")
+    loads["faster-whisper int8"] = time.perf_counter() - started
+    batched = BatchedInferencePipeline(int8)
+    english = {"language": "en"} if not int8.model.is_multilingual else {}
+    work["faster-whisper int8 words"] = lambda p: list(
+        int8.transcribe(decoded[p], word_timestamps=True, **english)[0]
+    )
+    work[BATCHED] = lambda p: list(batched.transcribe(decoded[p], word_timestamps=True, **english)[0])
+    work["  the same, greedy (beam 1)"] = lambda p: list(
+        batched.transcribe(decoded[p], word_timestamps=True, beam_size=1, **english)[0]
+    )
+    stage = TextStage(device="cpu")
+    load(STAGE, stage)
+    work[f"  transcription only ({stage.asr_backend} {stage.compute_type})"] = lambda p: stage.transcribe(
+        decoded[p]
+    )
 
     # Round-robin: every workload runs once per round and keeps its best round, so a burst of
     # load from other jobs on a shared machine does not fall on one workload only.
@@ -139,24 +181,28 @@ def main() -> None:
                 w, c = timed(run, paths, 1)
                 wall[label][name] = min(wall[label][name], w)
                 cpu[label][name] = min(cpu[label][name], c)
+    load_end = os.getloadavg()
     tmp.cleanup()
     results = {label: {n: wall[label][n] / durations[n] for n in SETS} for label in work}
     cpu_results = {label: {n: cpu[label][n] / durations[n] for n in SETS} for label in work}
     header = [f"{'wall ' + n:>14}" for n in SETS] + [f"{'cpu ' + n:>14}" for n in SETS]
-    print(f"{'RTF (seconds / media second)':<36}" + "".join(header))
+    print(f"{'RTF (seconds / media second)':<46}" + "".join(header))
+    print("(" + ", ".join(f"{n}: {durations[n]:.1f} s" for n in SETS) + ")")
     for label in work:
         cells = [f"{results[label][n]:>14.3f}" for n in SETS] + [
             f"{cpu_results[label][n]:>14.3f}" for n in SETS
         ]
-        print(f"{label:<36}" + "".join(cells))
+        print(f"{label:<46}" + "".join(cells))
 
-    reference = results["whisper.transcribe (reference)"]
-    cpu_reference = cpu_results["whisper.transcribe (reference)"]
-    print("\nratio to whisper.transcribe (reference), wall then CPU, per set:")
-    for label in results:
-        cells = [f"{results[label][n] / reference[n]:>14.2f}" for n in SETS]
-        cells += [f"{cpu_results[label][n] / cpu_reference[n]:>14.2f}" for n in SETS]
-        print(f"{label:<36}" + "".join(cells))
+    for base in ("whisper.transcribe (reference)", BATCHED):
+        reference, cpu_reference = results[base], cpu_results[base]
+        print(f"\nratio to {base}, wall then CPU, per set:")
+        for label in results:
+            cells = [f"{results[label][n] / reference[n]:>14.2f}" for n in SETS]
+            cells += [f"{cpu_results[label][n] / cpu_reference[n]:>14.2f}" for n in SETS]
+            print(f"{label:<46}" + "".join(cells))
+    ok = all(results[STAGE][n] <= results[BATCHED][n] for n in SETS)
+    print(f"\ntarget (text stage RTF <= {BATCHED}, every set): {'met' if ok else 'NOT met'}")
     print("\nmodel load seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in loads.items()))
     machine = {
         "machine": platform.machine(),
@@ -164,7 +210,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
-        "load_average_at_end": os.getloadavg(),
+        "load_average_at_end": load_end,
         "ffmpeg": shutil.which("ffmpeg") or "absent (reference given the waveform)",
         "media_seconds": durations,
     }

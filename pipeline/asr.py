@@ -23,14 +23,21 @@ from pipeline.ct2_whisper import convert_ct2_dir
 from pipeline.models import ModelUnavailable, cache_dir, packaged_model, sha256_file
 
 ASR_ENV = "RCMA_ASR_MODEL"
-# Whisper writes words over digital silence (a "you" on a silent track); a word whose span is
-# quieter than this RMS level (dB below full scale) is dropped.
-SILENT_WORD_DBFS = -60.0
 # Whisper falls back to sampling at higher temperatures when greedy decoding looks wrong; a fixed
 # seed makes those transcripts, and so a re-run's arrays, the same every time.
 SAMPLING_SEED = 0
 ASR_OPTION = "--asr-model"
 BACKENDS = ("openai-whisper", "faster-whisper")
+DEFAULT_BACKEND = "faster-whisper"
+# faster-whisper's arithmetic: "auto" is int8 on CPU (the same words on JFK and CREMA-D as float32,
+# see docs/extraction.md) and float16 on CUDA.
+COMPUTE_TYPES = ("auto", "int8", "int8_float32", "float16", "int8_float16", "float32")
+DEFAULT_COMPUTE_TYPE = "auto"
+# Windows of speech (up to Whisper's 30 s) decoded together by faster-whisper's batched pipeline.
+DECODE_BATCH = 8
+WHISPER_WINDOW_S = 30.0
+# A word's loudness is measured over its span, or this much around it when Whisper gives it less.
+SILENCE_MIN_SPAN_S = 0.02
 DEFAULT_DOWNLOAD = "base"
 PACKAGED_NAME = "tiny.en"
 # Largest first: the default is the best model present.
@@ -80,6 +87,10 @@ class Transcript:
     segment_text: list[str] = field(default_factory=list)
     segment_start: list[float] = field(default_factory=list)
     segment_end: list[float] = field(default_factory=list)
+    # Whisper's own confidence in each segment (NaN where a backend does not give it)
+    segment_avg_logprob: list[float] = field(default_factory=list)
+    segment_no_speech_prob: list[float] = field(default_factory=list)
+    segment_compression_ratio: list[float] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -218,6 +229,13 @@ def _resolve_ct2(given: str | None) -> WhisperSource:
             f"{path}: faster-whisper needs a CTranslate2 model folder (with model.bin), "
             "not an openai-whisper checkpoint; use --asr-backend openai-whisper"
         )
+    from faster_whisper.utils import available_models
+
+    if given not in available_models() and "/" not in given:  # neither a size nor a hub model id
+        raise ModelUnavailable(
+            f"Whisper model {given!r} is not a faster-whisper model name ({', '.join(available_models())}), "
+            f"a hub model id or a CTranslate2 folder; pass {ASR_OPTION} or set ${ASR_ENV}"
+        )
     return WhisperSource(given, "download", None, "")
 
 
@@ -253,12 +271,27 @@ def load_whisper(source: WhisperSource, device: str = "cpu"):
     return model.to(device).eval()
 
 
-def load_faster_whisper(source: WhisperSource, device: str = "cpu"):
-    """CTranslate2 at the weights' precision on CPU (float32, as openai-whisper computes), with as
-    many threads as torch uses (CTranslate2's default of 4 oversubscribes small machines)."""
+def resolve_compute_type(compute_type: str, device: str) -> str:
+    """faster-whisper's compute type: "auto" is int8 on CPU and float16 on CUDA."""
+    if compute_type not in COMPUTE_TYPES:
+        raise ValueError(
+            f"unknown --asr-compute-type {compute_type!r}; choose from {', '.join(COMPUTE_TYPES)}"
+        )
+    if compute_type == "auto":
+        return "float16" if device == "cuda" else "int8"
+    if "float16" in compute_type and device != "cuda":
+        raise ValueError(f"--asr-compute-type {compute_type} needs CUDA; on CPU use int8 or float32")
+    return compute_type
+
+
+def load_faster_whisper(source: WhisperSource, device: str = "cpu", compute_type: str | None = None):
+    """CTranslate2 with `compute_type` (default: the weights' precision, float32 on CPU as openai-whisper
+    computes, float16 on CUDA), with as many threads as torch uses (CTranslate2's default of 4
+    oversubscribes small machines)."""
     from faster_whisper import WhisperModel
 
-    compute_type = "float16" if device == "cuda" else "float32"
+    if compute_type is None:
+        compute_type = "float16" if device == "cuda" else "float32"
     try:
         return WhisperModel(
             str(source.path or source.name),
@@ -291,14 +324,23 @@ def transcribe_openai(model, audio: np.ndarray) -> Transcript:
         )
     out = Transcript(language=result["language"], language_detected=not english_only)
     for segment in result["segments"]:
-        _add_segment(out, segment["text"], segment["start"], segment["end"])
+        _add_segment(
+            out,
+            segment["text"],
+            segment["start"],
+            segment["end"],
+            segment["avg_logprob"],
+            segment["no_speech_prob"],
+            segment["compression_ratio"],
+        )
         for word in segment.get("words", []):
             _add_word(out, word["word"], word["start"], word["end"], word["probability"])
     return out
 
 
 def transcribe_faster(model, audio: np.ndarray) -> Transcript:
-    """faster-whisper with the settings `transcribe_openai` uses (greedy, word timestamps)."""
+    """faster-whisper's sequential `transcribe` with the settings `transcribe_openai` uses (greedy,
+    temperature fallback, word timestamps)."""
     import ctranslate2
 
     english_only = not model.model.is_multilingual
@@ -310,42 +352,212 @@ def transcribe_faster(model, audio: np.ndarray) -> Transcript:
         word_timestamps=True,
         language="en" if english_only else None,
     )
-    out = Transcript(language=info.language, language_detected=not english_only)
+    return _from_faster(segments, info.language, english_only)
+
+
+def speech_windows(speech: np.ndarray, window_s: float = WHISPER_WINDOW_S) -> list[dict[str, float]]:
+    """Stretches of detected speech grouped into Whisper windows of at most `window_s` seconds.
+
+    Each window runs from the start of its first stretch to the end of its last, pauses included,
+    so Whisper hears the audio as recorded and its times need no remapping.
+    """
+    windows: list[dict[str, float]] = []
+    for start, end in speech:
+        if windows and end - windows[-1]["start"] <= window_s:
+            windows[-1]["end"] = float(end)
+        else:
+            windows.append({"start": float(start), "end": float(min(end, start + window_s))})
+    return windows
+
+
+def transcribe_batched(model, audio: np.ndarray, speech: np.ndarray, beam_size: int = 1) -> Transcript:
+    """faster-whisper's batched pipeline over the windows of detected `speech` (seconds, (k, 2)):
+    greedy by default (as `transcribe_openai`), word timestamps, `DECODE_BATCH` windows per encoder
+    and decoder call."""
+    from faster_whisper import BatchedInferencePipeline
+
+    english_only = not model.model.is_multilingual
+    language = "en" if english_only else None
+    windows = speech_windows(speech)
+    if not windows:
+        return Transcript(language=language or "", language_detected=not english_only)
+    segments, info = BatchedInferencePipeline(model).transcribe(
+        audio,
+        language=language,
+        word_timestamps=True,
+        clip_timestamps=windows,
+        batch_size=DECODE_BATCH,
+        beam_size=beam_size,
+    )
+    return _from_faster(segments, info.language, english_only)
+
+
+def _from_faster(segments, language: str, english_only: bool) -> Transcript:
+    out = Transcript(language=language, language_detected=not english_only)
     for segment in segments:
-        _add_segment(out, segment.text, segment.start, segment.end)
+        _add_segment(
+            out,
+            segment.text,
+            segment.start,
+            segment.end,
+            segment.avg_logprob,
+            segment.no_speech_prob,
+            segment.compression_ratio,
+        )
         for word in segment.words or []:
             _add_word(out, word.word, word.start, word.end, word.probability)
     return out
 
 
-def drop_silent_words(transcript: Transcript, audio: np.ndarray, sample_rate: int) -> Transcript:
-    """The transcript without words spoken over silence, and without segments left empty."""
-    floor = 10 ** (SILENT_WORD_DBFS / 20)
-    loud = []
-    for start, end in zip(transcript.word_start, transcript.word_end, strict=True):
-        lo = int(start * sample_rate)
-        span = audio[lo : max(int(end * sample_rate), lo + 1)]
-        loud.append(len(span) > 0 and np.sqrt(np.mean(np.square(span, dtype=np.float64))) >= floor)
-    segments = sorted({s for s, keep in zip(transcript.word_segment, loud, strict=True) if keep})
+@dataclass(frozen=True)
+class Filters:
+    """What counts as text Whisper itself doubts; recorded in the text stage's config.
+
+    A segment is dropped when Whisper flags it: no-speech probability above `max_no_speech_prob`,
+    average token log-probability below `min_avg_logprob`, or gzip compression ratio above
+    `max_compression_ratio` (Whisper's own thresholds for a failed decode). A word is dropped when
+    less than `min_speech_share` of its span lies in speech found by Silero VAD (only a small share
+    is asked: Whisper's word spans often stretch over the pause before the word), when its span is
+    quieter than `silent_word_dbfs` (Whisper writes a "you" over digital silence), or when it is
+    part of a loop (see `loop_words`).
+    """
+
+    max_no_speech_prob: float = 0.6
+    min_avg_logprob: float = -1.0
+    max_compression_ratio: float = 2.4
+    vad_threshold: float = 0.5
+    vad_min_silence_ms: int = 160
+    vad_speech_pad_ms: int = 400
+    min_speech_share: float = 0.1
+    silent_word_dbfs: float = -60.0
+    loop_repeats: int = 3
+    loop_max_words: int = 10
+    loop_max_prob: float = 0.5
+
+    def config(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def speech_regions(audio: np.ndarray, filters: Filters, sample_rate: int) -> np.ndarray:
+    """(k, 2) start and end seconds of speech found by Silero VAD (packaged with faster-whisper,
+    runs offline), stretches longer than a Whisper window split."""
+    from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+    options = VadOptions(
+        threshold=filters.vad_threshold,
+        min_silence_duration_ms=filters.vad_min_silence_ms,
+        speech_pad_ms=filters.vad_speech_pad_ms,
+        max_speech_duration_s=WHISPER_WINDOW_S,
+    )
+    found = get_speech_timestamps(audio, options, sampling_rate=sample_rate)
+    return np.asarray([(r["start"] / sample_rate, r["end"] / sample_rate) for r in found], float).reshape(
+        -1, 2
+    )
+
+
+def loop_words(words: list[str], probs: list[float], filters: Filters) -> np.ndarray:
+    """Per word, True where it belongs to a low-confidence loop: a phrase of up to `loop_max_words`
+    words said `loop_repeats` or more times in a row, one copy of which (at least) has a mean word
+    probability below `loop_max_prob`. (Whisper grows sure of its own loop as it repeats it, so the
+    doubt shows in a copy, often the first, not in the run's mean.)"""
+    norm = ["".join(c for c in w.lower() if c.isalnum() or c == "'") for w in words]
+    looped = np.zeros(len(words), bool)
+    prob = np.asarray(probs, float)
+    for n in range(1, filters.loop_max_words + 1):
+        i = 0
+        while i + n * filters.loop_repeats <= len(norm):
+            repeats = 1
+            while norm[i + repeats * n : i + (repeats + 1) * n] == norm[i : i + n]:
+                repeats += 1
+            end = i + repeats * n
+            copies = prob[i:end].reshape(repeats, n).mean(1)
+            if repeats >= filters.loop_repeats and copies.min() < filters.loop_max_prob:
+                looped[i:end] = True
+            i = end if repeats >= filters.loop_repeats else i + 1
+    return looped
+
+
+def drop_hallucinations(
+    transcript: Transcript, audio: np.ndarray, speech: np.ndarray, sample_rate: int, filters: Filters
+) -> Transcript:
+    """The transcript without what Whisper doubts (see `Filters`); each kept segment's text is made
+    of its kept words, and segments left without words are gone."""
+    n = len(transcript.words)
+    segment = np.asarray(transcript.word_segment, np.int64)
+    doubted = np.asarray(
+        [
+            ns > filters.max_no_speech_prob
+            or lp < filters.min_avg_logprob
+            or cr > filters.max_compression_ratio
+            for ns, lp, cr in zip(
+                transcript.segment_no_speech_prob,
+                transcript.segment_avg_logprob,
+                transcript.segment_compression_ratio,
+                strict=True,
+            )
+        ],
+        bool,
+    )
+    keep = ~doubted[segment] if n else np.zeros(0, bool)
+    floor = 10 ** (filters.silent_word_dbfs / 20)
+    for w in range(n):
+        start, end = transcript.word_start[w], transcript.word_end[w]
+        middle, half = (start + end) / 2, max(end - start, SILENCE_MIN_SPAN_S) / 2
+        span = audio[max(int((middle - half) * sample_rate), 0) : int((middle + half) * sample_rate) + 1]
+        loud = len(span) > 0 and np.sqrt(np.mean(np.square(span, dtype=np.float64))) >= floor
+        keep[w] &= loud and _speech_share(start, end, speech) >= filters.min_speech_share
+    kept = np.flatnonzero(keep)
+    keep[
+        kept[
+            loop_words([transcript.words[w] for w in kept], [transcript.word_prob[w] for w in kept], filters)
+        ]
+    ] = False
     out = Transcript(transcript.language, transcript.language_detected)
-    for s in segments:
-        _add_segment(out, transcript.segment_text[s], transcript.segment_start[s], transcript.segment_end[s])
-        for w in np.flatnonzero(np.asarray(transcript.word_segment) == s):
-            if loud[w]:
-                _add_word(
-                    out,
-                    transcript.words[w],
-                    transcript.word_start[w],
-                    transcript.word_end[w],
-                    transcript.word_prob[w],
-                )
+    for s in sorted(set(segment[keep].tolist())):
+        words = np.flatnonzero(keep & (segment == s))
+        _add_segment(
+            out,
+            " ".join(transcript.words[w] for w in words),
+            transcript.segment_start[s],
+            transcript.segment_end[s],
+            transcript.segment_avg_logprob[s],
+            transcript.segment_no_speech_prob[s],
+            transcript.segment_compression_ratio[s],
+        )
+        for w in words:
+            _add_word(
+                out,
+                transcript.words[w],
+                transcript.word_start[w],
+                transcript.word_end[w],
+                transcript.word_prob[w],
+            )
     return out
 
 
-def _add_segment(out: Transcript, text: str, start: float, end: float) -> None:
+def _speech_share(start: float, end: float, speech: np.ndarray) -> float:
+    """The share of [start, end] inside the speech regions (for an instant: 1 if inside, else 0)."""
+    if end <= start:
+        return float(np.any((speech[:, 0] <= start) & (start <= speech[:, 1])))
+    overlap = np.clip(np.minimum(speech[:, 1], end) - np.maximum(speech[:, 0], start), 0, None).sum()
+    return float(overlap / (end - start))
+
+
+def _add_segment(
+    out: Transcript,
+    text: str,
+    start: float,
+    end: float,
+    avg_logprob: float = float("nan"),
+    no_speech_prob: float = float("nan"),
+    compression_ratio: float = float("nan"),
+) -> None:
     out.segment_text.append(text.strip())
     out.segment_start.append(float(start))
     out.segment_end.append(float(end))
+    out.segment_avg_logprob.append(float(avg_logprob))
+    out.segment_no_speech_prob.append(float(no_speech_prob))
+    out.segment_compression_ratio.append(float(compression_ratio))
 
 
 def _add_word(out: Transcript, word: str, start: float, end: float, probability: float) -> None:

@@ -50,7 +50,7 @@ SSL_URL = "https://download.pytorch.org/torchaudio/models/"
 SSL_STRIDE = 320  # samples per state of the conv feature extractor
 SSL_FIELD = 400  # samples seen by one state
 CHUNK_SAMPLES = 30 * SAMPLE_RATE  # a Whisper window; also bounds memory for the SSL models
-WHISPER_STRIDE = 320  # 10 ms mel hops, conv2 stride 2
+WHISPER_STRIDE = 320  # 10 ms mel hops, conv2 stride 2 (checked against the model when it loads)
 WHISPER_BATCH = 4
 
 
@@ -230,12 +230,30 @@ class SelfSupervised(StateSequence):
         return out
 
 
+def whisper_state_timing(encoder) -> tuple[int, float]:
+    """(stride, centre) in samples of the encoder's states, from its real strides and paddings.
+
+    Whisper's STFT is centred (`torch.stft(center=True)`): mel frame j is centred on sample
+    hop * j. A convolution with kernel k, stride s and padding p centres output i on input
+    s * i - p + (k - 1) / 2. Through conv1 (3, 1, 1) and conv2 (3, 2, 1) state i is centred on
+    mel frame 2i, sample 320 i: its centre is 0 samples after its first stride, not 160.
+    """
+    from whisper.audio import HOP_LENGTH
+
+    stride, centre = HOP_LENGTH, 0.0  # samples per input step, and step 0's centre
+    for conv in (encoder.conv1, encoder.conv2):
+        (k,), (s,), (p,) = conv.kernel_size, conv.stride, conv.padding
+        centre += stride * ((k - 1) / 2 - p)
+        stride *= s
+    return stride, centre
+
+
 class WhisperEncoder(StateSequence):
     """Whisper's encoder on 30 s windows (zero-padded as Whisper itself pads its last window)."""
 
     name = "whisper-encoder"
     stride = WHISPER_STRIDE
-    centre = WHISPER_STRIDE / 2
+    centre = 0.0  # replaced by `whisper_state_timing` of the loaded model
 
     def __init__(self, asr_model: str | None = None, layer: int | None = None):
         self.asr_model = asr_model
@@ -262,12 +280,17 @@ class WhisperEncoder(StateSequence):
             )
         self.dim = self.model.dims.n_audio_state
         self.device = device
+        self.stride, self.centre = whisper_state_timing(self.model.encoder)
+        if CHUNK_SAMPLES % self.stride:
+            raise ValueError(
+                f"Whisper {self.source.name}: a state every {self.stride} samples does not tile 30 s"
+            )
 
     def provenance(self) -> dict[str, Any]:
         return self.source.provenance("whisper")
 
     def n_states(self, n_samples: int) -> int:
-        return -(-n_samples // WHISPER_STRIDE)
+        return -(-n_samples // self.stride)
 
     def states(self, chunks: list[np.ndarray]) -> list[np.ndarray]:
         import whisper
@@ -339,6 +362,8 @@ class AudioStage(Stage):
         if isinstance(self.embedder, WhisperEncoder):
             config["whisper_model"] = self.embedder.source.name
             config["whisper_weights_sha256"] = self.embedder.source.sha256
+            # States were once placed half a state late; stores made then are recomputed.
+            config["whisper_state_timing"] = "centre from conv strides and paddings"
         return config
 
     def load(self) -> None:

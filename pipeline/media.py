@@ -142,14 +142,19 @@ def _quarter_turns(container: av.container.InputContainer, video: av.VideoStream
     return round(frame.rotation / 90) % 4
 
 
-def frame_grid(path: Path, info: MediaInfo, fps: float = DEFAULT_FPS) -> np.ndarray:
+def frame_grid(
+    path: Path, info: MediaInfo, fps: float = DEFAULT_FPS, audio: np.ndarray | None = None
+) -> np.ndarray:
     """Presentation times of the decoded video frames; a regular grid at `fps` for audio-only files.
 
     The video is decoded (not converted to pixels) rather than demuxed, so the grid holds exactly
-    the frames a decoder produces, and a damaged file fails here, before any model runs.
+    the frames a decoder produces, and a damaged file fails here, before any model runs. An
+    audio-only file's grid is as long as its audio: pass the decoded `audio` (`read_audio`) when
+    the stages will use it, so it is decoded once.
     """
     if not info.has_video:
-        n = int(np.floor(_audio_duration(path) * fps))
+        seconds = (len(audio) if audio is not None else len(read_audio(path))) / SAMPLE_RATE
+        n = int(np.floor(seconds * fps))
         if n == 0:
             raise MediaError("audio track is empty")
         return np.arange(n, dtype=np.float64) / fps
@@ -267,7 +272,3 @@ def read_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     if lead:
         audio = np.concatenate([np.zeros(lead, np.float32), audio])
     return audio.astype(np.float32, copy=False)
-
-
-def _audio_duration(path: Path) -> float:
-    return len(read_audio(path)) / SAMPLE_RATE

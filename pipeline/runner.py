@@ -27,6 +27,7 @@ from pipeline.media import (
     MediaInfo,
     frame_grid,
     probe,
+    read_audio,
 )
 from pipeline.models import ModelUnavailable
 from pipeline.stages import Extra, Rows, Stage, build_stage, config_hash, library_versions
@@ -250,7 +251,8 @@ class Extractor:
         info = probe(job.path)
         if not info.has_video:
             info = replace(info, fps=self.fps)
-        timestamps = frame_grid(job.path, info, self.fps)
+        audio = read_audio(job.path) if not info.has_video else None  # the grid's and the stages'
+        timestamps = frame_grid(job.path, info, self.fps, audio)
         fields = {k: getattr(info, k) for k in MediaInfo.__dataclass_fields__}
         st.write_shard(
             self.store,
@@ -265,7 +267,7 @@ class Extractor:
                 **fields,
             },
         )
-        return Media(job.path, job.video_id, info, timestamps)
+        return Media(job.path, job.video_id, info, timestamps, {} if audio is None else {"audio": audio})
 
     def _write(self, stage: Stage, media: Media, chash: str, ghash: str, progress: Progress | None) -> str:
         """Runs the stage into its shard; returns the stage's warning, if it gave one."""

@@ -1,5 +1,10 @@
 """The text stage: a Whisper transcript with word timings, and a sentence embedding per frame.
 
+Whisper runs only where Silero VAD finds speech (by default faster-whisper's batched pipeline,
+int8 on CPU, float16 on CUDA), and text Whisper itself doubts is dropped (`asr.Filters`: flagged
+segments, words outside speech, low-confidence loops), so a frame is `present` only where a kept
+word is being spoken. Each kept word's probability is stored for users to filter further.
+
 Each frame takes an embedding of the word being spoken at its timestamp: by default that word
 read in its segment (`--text-unit word-context`: the mean of the word's token states with the
 whole Whisper segment as input, contextual per-word features like the paper's BERT ones), or the
@@ -79,11 +84,13 @@ class TextStage(Stage):
     def __init__(
         self,
         asr_model: str | None = None,
-        asr_backend: str = "openai-whisper",
+        asr_backend: str | None = None,
+        asr_compute_type: str | None = None,
         text_model: str | None = None,
         text_unit: str = "word-context",
         device: str = "auto",
     ):
+        asr_backend = asr_backend or asr.DEFAULT_BACKEND
         if asr_backend not in asr.BACKENDS:
             raise ValueError(f"unknown --asr-backend {asr_backend!r}; choose from {', '.join(asr.BACKENDS)}")
         if text_unit not in TEXT_UNITS:
@@ -93,6 +100,13 @@ class TextStage(Stage):
         self.text_model = text_model
         self.text_unit = text_unit
         self.device = resolve_device(device)
+        # Only faster-whisper has compute types; openai-whisper computes in float32 (fp16 on CUDA).
+        self.compute_type = (
+            asr.resolve_compute_type(asr_compute_type or asr.DEFAULT_COMPUTE_TYPE, self.device)
+            if asr_backend == "faster-whisper"
+            else ""
+        )
+        self.filters = asr.Filters()
         self._source: asr.WhisperSource | None = None
         self._text: tuple[str, Path | None] | None = None
 
@@ -114,6 +128,8 @@ class TextStage(Stage):
             "asr_backend": self.asr_backend,
             "asr_model": self.source.name,
             "asr_weights_sha256": self.source.sha256,
+            "asr_compute_type": self.compute_type,
+            "hallucination_filters": self.filters.config(),
             "text_model": self.text_source[0],
             "text_unit": self.text_unit,
         }
@@ -122,7 +138,7 @@ class TextStage(Stage):
         if self.asr_backend == "openai-whisper":
             self.asr = asr.load_whisper(self.source, self.device)
         else:
-            self.asr = asr.load_faster_whisper(self.source, self.device)
+            self.asr = asr.load_faster_whisper(self.source, self.device, self.compute_type)
         self.embedder = self._load_text_model()
         if self.text_unit == "word-context" and not getattr(self.embedder.tokenizer, "is_fast", False):
             raise ModelUnavailable(
@@ -163,16 +179,23 @@ class TextStage(Stage):
         }
 
     def transcribe(self, audio: np.ndarray) -> asr.Transcript:
+        """The kept transcript of a 16 kHz waveform: Whisper run where Silero VAD finds speech, then
+        what Whisper itself doubts dropped (`asr.Filters`)."""
+        speech = asr.speech_regions(audio, self.filters, SAMPLE_RATE)
+        if not len(speech):  # no speech: Whisper is not asked, so it cannot invent any
+            return asr.Transcript(language="", language_detected=False)
         if self.asr_backend == "openai-whisper":
-            return asr.transcribe_openai(self.asr, audio)
-        return asr.transcribe_faster(self.asr, audio)
+            heard = asr.transcribe_openai(self.asr, audio)
+        else:
+            heard = asr.transcribe_batched(self.asr, audio, speech)
+        return asr.drop_hallucinations(heard, audio, speech, SAMPLE_RATE, self.filters)
 
     def run(self, media: Media) -> Iterator[Rows | Extra]:
         audio = media.audio()
         if audio is None or len(audio) < SAMPLE_RATE // 100:
             transcript = asr.Transcript(language="", language_detected=False)
         else:
-            transcript = asr.drop_silent_words(self.transcribe(audio), audio, SAMPLE_RATE)
+            transcript = self.transcribe(audio)
         if self.text_unit == "segment":
             starts, ends = transcript.segment_start, transcript.segment_end
             vectors = self._encode(transcript.segment_text)
@@ -199,6 +222,9 @@ class TextStage(Stage):
                 "segment_text": np.asarray(transcript.segment_text, dtype=str),
                 "segment_start": np.asarray(transcript.segment_start, np.float64),
                 "segment_end": np.asarray(transcript.segment_end, np.float64),
+                "segment_avg_logprob": np.asarray(transcript.segment_avg_logprob, np.float32),
+                "segment_no_speech_prob": np.asarray(transcript.segment_no_speech_prob, np.float32),
+                "segment_compression_ratio": np.asarray(transcript.segment_compression_ratio, np.float32),
             },
             attrs={
                 "language": transcript.language,

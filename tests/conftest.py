@@ -14,6 +14,7 @@ SINGLE_FACE = DATA / "pexels" / "single_face.mp4"
 HAMILTON = DATA / "hamilton" / "short_hamilton_clip.mp4"
 JFK = DATA / "jfk" / "jfk.flac"
 SPEECH_VA = sorted((DATA / "speech-va").glob("*.wav"))
+BEAT = DATA / "music" / "beat_small.wav"
 
 
 @pytest.fixture

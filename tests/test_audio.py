@@ -120,8 +120,8 @@ def test_whisper_encoder_states_are_picked_by_time(whisper_encoder: AudioStage, 
     mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(jfk.audio())))
     with torch.inference_mode():
         states = model.encoder(mel[None])[0].numpy()
-    # State i covers 20 ms from i * 20 ms; frame at t takes the state centred nearest t.
-    index = state_index(jfk.timestamps, centre=160)
+    # State i is centred on sample 320 i; frame at t takes the state centred nearest t.
+    index = state_index(jfk.timestamps, centre=0)
     np.testing.assert_allclose(rows["embedding"], states[index], rtol=1e-2, atol=1e-2)
     assert whisper_encoder.provenance()["whisper_model"] == "tiny.en"
     assert len(whisper_encoder.provenance()["whisper_weights_sha256"]) == 64
@@ -136,13 +136,37 @@ def test_whisper_encoder_past_30_s_and_inner_layer(whisper_encoder: AudioStage):
     chunk = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(audio[60 * SAMPLE_RATE :])))
     with torch.inference_mode():
         states = whisper_encoder.embedder.model.encoder(chunk[None])[0].numpy()
-    index = state_index(timestamps[120:] - 60, centre=160)
+    index = state_index(timestamps[120:] - 60, centre=0)
     np.testing.assert_allclose(rows["embedding"][120:], states[index], rtol=1e-2, atol=1e-2)
     inner = AudioStage(audio_model="whisper-encoder", audio_layer=2)
     inner.load()
     inner_rows = rows_of(inner, with_audio(audio[: 5 * SAMPLE_RATE], np.arange(0, 5, 0.5)))
     assert inner_rows["embedding"].shape == (10, 384)
     assert not np.allclose(inner_rows["embedding"], rows["embedding"][:10], atol=1e-2)
+
+
+def test_whisper_encoder_frame_at_a_click_gets_the_state_centred_on_it():
+    """A click in steady noise changes exactly the encoder states whose inputs reach it (measured,
+    not computed from the code's constants); the frame at the click takes the middle one of them.
+    Clicks 100-150 samples before a state centre catch the half-state (10 ms) lateness the stage
+    once had: it gave them the state before."""
+    stage = AudioStage(audio_model="whisper-encoder", audio_layer=0)  # conv states, before attention
+    stage.load()
+    # A whole 30 s window of noise: no zero padding, and Whisper's loudness floor (max - 8) stays
+    # below the noise, so a click changes only the mel frames its STFT windows reach.
+    noise = (0.01 * np.random.default_rng(0).standard_normal(30 * SAMPLE_RATE)).astype(np.float32)
+    base = stage.embedder.states([noise])[0]
+    for click in (320 * 100 - 100, 320 * 150 + 100, 320 * 200 - 150, 320 * 300):
+        audio = noise.copy()
+        audio[click] += 0.9
+        states = stage.embedder.states([audio])[0]
+        changed = np.flatnonzero(np.abs(states - base).max(1) > 1e-4)
+        assert len(changed) in (3, 4) and np.all(np.diff(changed) == 1), changed  # one contiguous run
+        half = len(changed) // 2
+        middle = changed[half - 1 : half + 1] if len(changed) % 2 == 0 else changed[half : half + 1]
+        expected = min(middle, key=lambda i: abs(i * 320 - click))  # of two middles, the nearer
+        row = rows_of(stage, with_audio(audio, np.array([click / SAMPLE_RATE])))["embedding"][0]
+        np.testing.assert_array_equal(row, states[expected].astype(np.float16))
 
 
 @pytest.mark.parametrize("kind", sorted(SSL_BUNDLES))
