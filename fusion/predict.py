@@ -10,7 +10,6 @@ pipeline.runner into a store, then predicts from that store like `predict`.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 from collections.abc import Callable, Iterator
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.store import id_file
+from pipeline.store import atomic_file, id_file
 
 from . import data as fd
 from .metrics import scores
@@ -210,7 +209,7 @@ def write_outputs(
         labels = np.where(mask[lo:hi, None], true[lo:hi], np.nan) if mask[lo:hi].any() else None
         png = plot_png(vid, t, p, labels, flags)
         if plots:
-            with atomic_path(id_file(out / "plots", vid, ".png")) as tmp:
+            with atomic_file(_parent_made(id_file(out / "plots", vid, ".png"))) as tmp:
                 tmp.write_bytes(png)
         source = (sources or {}).get(vid, "")
         sections.append(video_section(store, vid, t, p, flags, png, source))
@@ -388,21 +387,13 @@ def _line(error: BaseException) -> str:
     return " ".join((str(error) or type(error).__name__).split())
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary name beside `path` to write; renamed onto `path` only when the block succeeds,
-    so a reader never sees half a file. Every output of predict and the report goes through it."""
+def _parent_made(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return path
 
 
 def _write_csv(path: Path, header: list[str], rows: Any) -> None:
-    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+    with atomic_file(_parent_made(path)) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)

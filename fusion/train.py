@@ -17,9 +17,7 @@ import contextlib
 import csv
 import json
 import math
-import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,8 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from pipeline.store import atomic_file
 
 from . import data as fd
 from .config import FIXED_ON_RESUME, LEGACY, ModelConfig, TrainConfig, TrainError
@@ -145,7 +145,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
     if cfg.folds or cfg.seeds > 1:  # the members' folders hold their own; this one is for --resume
         out.mkdir(parents=True, exist_ok=True)
         settings = json.dumps({"train": asdict(cfg)}, indent=2)
-        atomic_write(out / "config.json", lambda tmp: tmp.write_text(settings))
+        with atomic_file(out / "config.json") as tmp:
+            tmp.write_text(settings)
     store = Path(cfg.features)
     if cfg.folds:
         return _cross_validate(cfg, store, device, resume, console)
@@ -210,7 +211,8 @@ def _train_seeds(
     }
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(checkpoint, out / "best.pt")
-    atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    with atomic_file(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
     console.print(
         f"{cfg.seeds} seeds: val CCC {summary['member_val_ccc_mean']:.4f} "
         f"± {summary['member_val_ccc_std']:.4f} each, {val['ccc']:.4f} for their mean prediction",
@@ -302,7 +304,8 @@ def _cross_validate(
         "test_pooled": scores(np.concatenate(pooled_pred), np.concatenate(pooled_true)),
     }
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "folds.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    with atomic_file(out / "folds.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
     console.print(
         f"{cfg.folds}-fold test CCC {summary['test_ccc_mean']:.4f} ± {summary['test_ccc_std']:.4f} "
         f"(all folds' frames pooled: {summary['test_pooled']['ccc']:.4f})",
@@ -361,7 +364,8 @@ def fit(
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     out.mkdir(parents=True, exist_ok=True)
     config_json = json.dumps({"train": asdict(cfg), "model": asdict(mcfg), "data": data_info}, indent=2)
-    atomic_write(out / "config.json", lambda tmp: tmp.write_text(config_json))
+    with atomic_file(out / "config.json") as tmp:
+        tmp.write_text(config_json)
     from torch.utils.tensorboard import SummaryWriter
 
     tb = SummaryWriter(str(out / "tb"), purge_step=state["step"] + 1 if state["step"] else None)
@@ -547,17 +551,8 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str,
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
-
-
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Calls write(temporary path) and renames the result to `path`: readers see old or new, whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as tmp:
+        torch.save(checkpoint, tmp)
 
 
 def _history(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
@@ -577,7 +572,8 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
             for r in rows:
                 writer.writerow({k: int(v) if k in ("epoch", "step") else v for k, v in r.items()})
 
-    atomic_write(path, write)
+    with atomic_file(path) as tmp:
+        write(tmp)
 
 
 def _plot_curves(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -595,5 +591,6 @@ def _plot_curves(path: Path, rows: list[dict[str, Any]]) -> None:
     ax2.set(xlabel="epoch", ylabel="validation CCC")
     ax2.legend()
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
