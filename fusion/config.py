@@ -16,6 +16,15 @@ JOINTS = ("others", "all")
 ATTENTIONS = ("paper", "authors")
 GATES = ("none", "residual", "grjca")
 HEADS = ("mlp", "authors")
+MODEL_CHOICES = {"fusion": FUSIONS, "joint": JOINTS, "gate": GATES, "attention": ATTENTIONS, "head": HEADS}
+
+
+def unchosen(settings: Any, choices: dict[str, tuple[str, ...]]) -> str | None:
+    """The first setting whose value is not among its choices, as one line; None when all are."""
+    for name, allowed in choices.items():
+        if getattr(settings, name) not in allowed:
+            return f"--{name} {getattr(settings, name)}: choose one of {', '.join(allowed)}"
+    return None
 
 
 @dataclass
@@ -45,15 +54,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.modalities:
             self.modalities = [m for m in MODALITIES if m in self.inputs]
-        for name, allowed in (
-            ("fusion", FUSIONS),
-            ("joint", JOINTS),
-            ("gate", GATES),
-            ("attention", ATTENTIONS),
-            ("head", HEADS),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        problem = unchosen(self, MODEL_CHOICES)
+        if problem:
+            raise ValueError(problem)
 
 
 # The settings of checkpoints written before these options existed: they load as they were trained.
@@ -157,16 +160,9 @@ class TrainConfig:
             )
         if len(set(self.modalities)) != len(self.modalities):
             raise TrainError(f"modalities {','.join(self.modalities)}: each may be given once")
-        for name, allowed in (
-            ("fusion", FUSIONS),
-            ("joint", JOINTS),
-            ("gate", GATES),
-            ("attention", ATTENTIONS),
-            ("head", HEADS),
-            ("visual", VISUAL_INPUTS),
-        ):
-            if getattr(self, name) not in allowed:
-                raise TrainError(f"--{name} {getattr(self, name)}: choose one of {', '.join(allowed)}")
+        problem = unchosen(self, {**MODEL_CHOICES, "visual": VISUAL_INPUTS})
+        if problem:
+            raise TrainError(problem)
         for name in ("window", "hop", "width", "batch_size", "epochs", "patience", "seeds"):
             if getattr(self, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
