@@ -90,6 +90,8 @@ FIXED_ON_RESUME = (
     "normalise",
     "seeds",
     "folds",
+    "seed",  # with folds, the seed and the groups decide which videos each fold tests
+    "groups",
 )
 VISUAL_INPUTS = ("auto", "embedding", "crops")
 

@@ -23,6 +23,7 @@ from .model import CNN_CHANNELS, CROP_STORED
 
 STAGE_OF = {"audio": "audio", "visual": "faces", "text": "text"}
 READ_BLOCK = 4096  # crops are read and resized this many frames at a time
+PER_VIDEO = {"faces": ("subject",)}  # settings chosen per video (whose face), not per feature set
 
 
 class DataError(Exception):
@@ -285,6 +286,8 @@ def stage_configs(store: Path, videos: list[str], modalities: list[str]) -> dict
     """
     import json
 
+    from pipeline.stages import hash_config
+
     out: dict[str, dict] = {}
     first: dict[str, str] = {}
     with _open(store) as f:
@@ -296,15 +299,16 @@ def stage_configs(store: Path, videos: list[str], modalities: list[str]) -> dict
                 attrs = group[stage].attrs if stage in group else {}
                 if "config_hash" not in attrs:
                     continue
-                chash = str(attrs["config_hash"])
-                if stage in out and out[stage]["config_hash"] != chash:
+                config = attrs["config"]
+                config = json.loads(config.decode() if isinstance(config, bytes) else str(config))
+                shared = {k: v for k, v in config.items() if k not in PER_VIDEO.get(stage, ())}
+                shared_hash = hash_config(stage, shared)
+                if stage in out and out[stage]["config_hash"] != shared_hash:
                     raise DataError(
                         f"{store}: {stage} features of videos {first[stage]} and {vid} were extracted with "
                         "different settings; re-run `rcma extract` on all of them with one setting"
                     )
                 if stage not in out:
-                    config = attrs["config"]
-                    config = config.decode() if isinstance(config, bytes) else str(config)
-                    out[stage] = {"config": json.loads(config), "config_hash": chash}
+                    out[stage] = {"config": shared, "config_hash": shared_hash}
                     first[stage] = vid
     return out

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from .config import LEGACY, ModelConfig
+from .config import LEGACY, ModelConfig, TrainError
 
 KERNEL_SIZE = 5
 DILATIONS = (1, 2, 4, 8)
@@ -357,6 +357,22 @@ class Ensemble(nn.Module):
         return torch.stack([m(*args) for m in self.members]).mean(0)
 
 
+# Parameter names that checkpoints of the first release (model class `Fusion`) used, and today's.
+RENAMED = (("rcma.attend.", "attention.steps.0."), ("head.0.", "head.hidden."), ("head.3.", "head.out."))
+
+
+def upgrade_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with parameter names of an older release renamed to today's."""
+    out = {}
+    for key, value in state.items():
+        for old, new in RENAMED:
+            if key.startswith(old):
+                key = new + key[len(old) :]
+                break
+        out[key] = value
+    return out
+
+
 def model_config_of(saved: dict[str, Any]) -> ModelConfig:
     """A checkpoint's model config; settings it predates take the values it was trained with."""
     known = {f.name for f in fields(ModelConfig)}
@@ -370,7 +386,11 @@ def build_model(ckpt: dict[str, Any], device: str | torch.device = "cpu") -> RCM
     models = []
     for state in states:
         model = RCMA(cfg)
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(upgrade_state(state))
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise TrainError(f"the checkpoint's weights do not fit its model settings ({first})") from None
         models.append(model)
     model = models[0] if len(models) == 1 else Ensemble(models)
     return model.to(device).eval()

@@ -59,7 +59,10 @@ def _prepare(
             if info["dims"][m] != data.dims.get(m)
         )
         raise PredictError(f"{model_path}: feature widths differ from {store}: {changed}")
-    return build_model(ckpt, dev), ckpt, data
+    try:
+        return build_model(ckpt, dev), ckpt, data
+    except TrainError as e:
+        raise PredictError(f"{model_path}: {e}") from None
 
 
 def _hop(ckpt: dict[str, Any]) -> tuple[int, int]:
@@ -283,6 +286,8 @@ def _stage_options(name: str, config: dict[str, Any], device: str) -> Iterator[d
             yield {**options, "asr_model": config["whisper_model"]}
     elif name == "text":
         options = {"asr_backend": config["asr_backend"], "text_unit": config["text_unit"], "device": device}
+        if config.get("asr_compute_type"):  # int8 on a CPU and float16 on a GPU give other words
+            options["asr_compute_type"] = config["asr_compute_type"]
         yield {**options, "asr_model": None, "text_model": None}
         yield {**options, "asr_model": config["asr_model"], "text_model": config["text_model"]}
     else:

@@ -32,7 +32,7 @@ from pipeline.store import atomic_file
 from . import data as fd
 from .config import FIXED_ON_RESUME, LEGACY, ModelConfig, TrainConfig, TrainError
 from .metrics import ccc_loss, scores
-from .model import RCMA, Ensemble, build_model
+from .model import RCMA, Ensemble, build_model, upgrade_state
 
 LOG_EVERY = 10  # steps between training-loss logs
 
@@ -353,7 +353,7 @@ def fit(
     state = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0}
     history: list[dict[str, Any]] = []
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(upgrade_state(ckpt["model"]))
         optimizer.load_state_dict(ckpt["optimizer"])
         plateau.load_state_dict(ckpt["scheduler"])
         state = dict(ckpt["state"])

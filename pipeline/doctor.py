@@ -41,7 +41,7 @@ PACKAGES = (
     "jinja2",
     "matplotlib",
 )
-OPTIONAL_PACKAGES = {"faster-whisper", "ctranslate2", "distributed"}
+OPTIONAL_PACKAGES = {"distributed"}  # faster-whisper (and its CTranslate2, Silero VAD) is the default ASR
 # (container, file suffix, video encoder candidates, audio encoder, needed by the default pipeline)
 CONTAINERS = (
     ("mp4", ".mp4", ("libx264", "mpeg4"), "aac", True),

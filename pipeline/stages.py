@@ -73,7 +73,11 @@ class Stage(ABC):
 
 
 def config_hash(stage: Stage) -> str:
-    text = json.dumps({"stage": stage.name, **stage.config()}, sort_keys=True)
+    return hash_config(stage.name, stage.config())
+
+
+def hash_config(name: str, config: dict[str, Any]) -> str:
+    text = json.dumps({"stage": name, **config}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from cli import app
 from fusion import data as fd
-from fusion.config import ModelConfig
+from fusion.config import LEGACY, ModelConfig
 from fusion.model import RCMA, Ensemble, build_model
-from fusion.predict import evaluate
+from fusion.predict import PredictError, evaluate
 from fusion.train import TrainConfig, TrainError, fold_of_videos, load_checkpoint, normalisation, train
 from pipeline import store as st
 
@@ -199,3 +199,38 @@ def test_a_kill_between_last_pt_and_metrics_csv_loses_no_row(tmp_path, monkeypat
     train(TrainConfig(**{**vars(cfg), "epochs": 3}), resume=True, quiet=True)
     with (run / "metrics.csv").open() as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
+
+
+def test_a_checkpoint_of_the_first_release_still_predicts(tmp_path):
+    """Release 0.1 saved `Fusion` weights (rcma.attend.*, head.0.*) and no settings for the later options."""
+    store = interaction_store(tmp_path / "s.h5", n_train=2, n_val=2, frames=40)
+    torch.manual_seed(0)
+    model = RCMA(ModelConfig(inputs={"audio": 16, "visual": 16}, window=32, width=8, **LEGACY)).eval()
+    renames = {"attention.steps.0.": "rcma.attend.", "head.hidden.": "head.0.", "head.out.": "head.3."}
+    old_state = {}
+    for key, value in model.state_dict().items():
+        for new, old in renames.items():
+            key = key.replace(new, old) if key.startswith(new) else key
+        old_state[key] = value
+    old_config = dict(inputs={"audio": 16, "visual": 16}, window=32, width=8, iterations=3, fusion="rcma")
+    old_config.update(joint="others", dropout=0.2, visual_crops=False, modalities=["audio", "visual"])
+    ckpt = {
+        "config": {"window": 32, "eval_hop": 16},
+        "model_config": old_config,
+        "data": {
+            "modalities": ["audio", "visual"],
+            "dims": {"audio": 16, "visual": 16},
+            "visual_input": "embedding",
+        },
+        "model": old_state,
+    }
+    torch.save(ckpt, tmp_path / "old.pt")
+    loaded = build_model(load_checkpoint(tmp_path / "old.pt"))
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    result = evaluate(tmp_path / "old.pt", store, "val", device="cpu")
+    assert result["overall"]["frames"] == 2 * 40
+    del old_state["head.3.bias"]
+    torch.save({**ckpt, "model": old_state}, tmp_path / "broken.pt")
+    with pytest.raises(PredictError, match="weights do not fit its model settings"):
+        evaluate(tmp_path / "broken.pt", store, "val", device="cpu")
