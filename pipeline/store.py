@@ -5,10 +5,13 @@ Layout (see README "Store layout"):
     store.h5.d/grid/<id>.h5        frame grid: timestamps and the video's attrs
     store.h5.d/<stage>/<id>.h5     one stage's arrays for one video, with provenance attrs
     store.h5.d/failed/<stage>/<id>.json   the last error of a failed (video, stage)
+    store.h5.d/<stage>/config.json the one configuration of that stage's shards in this store
 
 Every file is written by `atomic_file` (a temporary name, then a rename), so a killed process
 leaves either a whole file or none. The index holds only relative external links and attrs, and
-is rebuilt from the shards, so it can always be recreated. A name longer than MAX_NAME_BYTES is
+is rebuilt from the shards, so it can always be recreated. A stage's shards in one store all come
+from one configuration: `claim_stage_configs` refuses a run with another (unless forced), and the
+index links only shards of the stage's recorded configuration. A name longer than MAX_NAME_BYTES is
 cut and hashed; the whole id stays in the shard's attrs.
 
 Damage and hostility (docs/reliability.md): every array of a shard carries a fletcher32 checksum
@@ -26,8 +29,10 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +43,7 @@ import numpy as np
 
 GRID = "grid"
 FAILED = "failed"
+CONFIG_FILE = "config.json"
 CHUNK_BYTES = 1 << 20
 VIDEO_ATTRS = (
     "source",
@@ -350,36 +356,290 @@ def failures(store: Path) -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
-def rebuild_index(store: Path) -> int:
-    """Writes store.h5 afresh from the finished shards; returns the number of videos in it.
+def stage_config_path(store: Path, stage: str) -> Path:
+    return shard_root(store) / stage / CONFIG_FILE
 
-    Only shards made on a video's current frame grid are linked, so a stage or labels shard left
-    from before the file changed is never read against the new grid.
+
+def stage_config(store: Path, stage: str) -> dict[str, Any] | None:
+    """{"config_hash", "config"} of the stage's shards in this store, or None before its first run
+    (and in stores made before configs were recorded)."""
+    try:
+        record = json.loads(stage_config_path(store, stage).read_text())
+        return record if isinstance(record, dict) and "config_hash" in record else None
+    except (OSError, ValueError):
+        return None
+
+
+def claim_stage_configs(store: Path, configs: dict[str, tuple[str, dict[str, Any]]], force: bool) -> None:
+    """Records each stage's (config hash, config) as the store's, refusing, unless `force`, a stage
+    the store holds with another config: one line naming the differing settings and the ways out.
+
+    A store made before configs were recorded is read once: its shards' most common config is
+    taken as the store's. With `force`, the new config replaces the old, and the old config's
+    shards are no longer indexed (each is recomputed when its video is extracted again).
+    """
+    root = shard_root(store)
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / ".index.lock"):
+        for stage, (chash, config) in configs.items():
+            held = stage_config(store, stage) or _config_of_shards(store, stage, chash)
+            if held and held["config_hash"] != chash and not force:
+                raise StoreError(
+                    f"{store}: its {stage} features were made with other settings "
+                    f"({config_difference(held.get('config', {}), config)}); use --force to recompute "
+                    f"them with these settings, or another --store"
+                )
+        for stage, (chash, config) in configs.items():
+            if (stage_config(store, stage) or {}).get("config_hash") == chash:
+                continue
+            path = stage_config_path(store, stage)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            record = {"stage": stage, "config_hash": chash, "config": config}
+            with atomic_file(path, root) as tmp:
+                tmp.write_text(json.dumps(record, sort_keys=True, indent=1) + "\n")
+
+
+def _config_of_shards(store: Path, stage: str, wanted: str) -> dict[str, Any] | None:
+    """The config record of a store made before records: `wanted` if any shard has it, else the
+    most common one; None when the stage has no shards."""
+    found: dict[str, dict[str, Any]] = {}
+    counts: Counter = Counter()
+    for _, path in _ids_under(shard_root(store) / stage, ".h5"):
+        attrs = read_shard_attrs(path)
+        if attrs and attrs.get("config_hash"):
+            counts[attrs["config_hash"]] += 1
+            found.setdefault(attrs["config_hash"], json.loads(attrs.get("config") or "{}"))
+    if not counts:
+        return None
+    chosen = wanted if wanted in counts else counts.most_common(1)[0][0]
+    return {"config_hash": chosen, "config": found[chosen]}
+
+
+def config_difference(
+    held: dict[str, Any], wanted: dict[str, Any], held_name: str = "in the store", wanted_name: str = "now"
+) -> str:
+    """`name: <held value> <held_name>, <wanted value> <wanted_name>` for each differing setting."""
+    changed = [
+        f"{key}: {held.get(key, '(unset)')} {held_name}, {wanted.get(key, '(unset)')} {wanted_name}"
+        for key in sorted(held.keys() | wanted.keys())
+        if held.get(key) != wanted.get(key)
+    ]
+    return "; ".join(changed) or "a setting not recorded in the config"
+
+
+def config_summary(config: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in sorted(config.items()))
+
+
+INDEX_LAYOUT = "rcma-sharded-v1"
+SCAN_CACHE = "shard_scan"  # a dataset of the index: what each shard held when it was last read
+REWRITE_SHARE = 0.2  # an index update touching more videos than this share is written afresh
+REWRITE_GROWTH = 2.0  # ...as is one grown this many times its fresh size by updates
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One finished shard as a scan found it: its id, whether it opens, and the attrs the index
+    and `rcma status` need (grid and config hashes; a grid shard's video attrs)."""
+
+    video_id: str
+    path: Path
+    problem: str
+    attrs: dict[str, Any]
+    size: int
+    mtime_ns: int
+
+    def cache_entry(self) -> list:
+        return [self.size, self.mtime_ns, self.video_id, self.problem, self.attrs]
+
+
+def scan_shards(store: Path, folder: str, cache: dict[str, list] | None = None) -> dict[str, ShardInfo]:
+    """{video id: ShardInfo} of every finished shard under `store.h5.d/<folder>/`.
+
+    A shard whose size and modification time match its entry in `cache` (the index's record of
+    the last scan) is not opened again: this is what keeps the index and `rcma status` fast on a
+    store of 100,000 videos. Any other shard is opened and checked (`shard_problem`'s quick check).
+    """
+    root = shard_root(store)
+    out: dict[str, ShardInfo] = {}
+    for rel, size, mtime in _walk_files(root / folder, ".h5"):
+        key = f"{folder}/{rel}"
+        path = root / key
+        entry = (cache or {}).get(key)
+        if entry is not None and entry[0] == size and entry[1] == mtime:
+            video_id, problem, attrs = entry[2], entry[3], entry[4]
+        else:
+            video_id = rel[: -len(".h5")]
+            problem = shard_problem(path)
+            attrs = {}
+            if not problem:
+                every = read_shard_attrs(path) or {}
+                keep = ("grid_hash", "config_hash", "video_id", *(VIDEO_ATTRS if folder == GRID else ()))
+                attrs = {k: every[k] for k in keep if k in every}
+                if any(_HASHED.search(part) for part in rel.split("/")):
+                    video_id = str(attrs.get("video_id", video_id))
+        out[video_id] = ShardInfo(video_id, path, problem, attrs, size, mtime)
+    return out
+
+
+def _walk_files(folder: Path, suffix: str) -> Iterator[tuple[str, int, int]]:
+    """(path relative to `folder`, size, mtime_ns) of its files ending in `suffix`, recursively,
+    in sorted order; hidden files (temporary ones, `.index.lock`) are left out."""
+    stack = [("", str(folder))]
+    found = []
+    while stack:
+        prefix, where = stack.pop()
+        try:
+            entries = list(os.scandir(where))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((f"{prefix}{entry.name}/", entry.path))
+            elif entry.name.endswith(suffix):
+                try:
+                    stat = entry.stat()
+                except OSError:
+                    continue
+                found.append((f"{prefix}{entry.name}", stat.st_size, stat.st_mtime_ns))
+    return iter(sorted(found))
+
+
+def read_scan_cache(store: Path) -> dict[str, list]:
+    """The index's record of the last scan ({} when the index is missing, damaged or older)."""
+    try:
+        with h5py.File(store, "r") as f:
+            return json.loads(_text(f[SCAN_CACHE][()]))["shards"]
+    except (OSError, KeyError, ValueError, TypeError):
+        return {}
+
+
+def rebuild_index(store: Path, fresh: bool = False) -> int:
+    """Writes store.h5 from the finished shards; returns the number of videos in it.
+
+    Only shards made on a video's current frame grid, and of their stage's recorded config, are
+    linked, so a shard left from before the file changed is never read against the new grid and
+    a stage never mixes configs. The index records what it linked and what each shard held
+    (`SCAN_CACHE`): a rebuild opens only shards that changed since, and rewrites only the videos
+    whose links changed, in a copy of the index that replaces it atomically. `fresh` (or many
+    changes) writes it anew from the shards.
     """
     check_store_path(store)
     root = shard_root(store)
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / ".index.lock"):  # two writers must not interleave scan and rename
-        grids = dict(_ids_under(root / GRID, ".h5"))
-        stages = {stage: dict(_ids_under(root / stage, ".h5")) for stage in stage_names(store)}
-        count = 0
-        with atomic_file(store, root) as tmp, h5py.File(tmp, "w") as index:
-            set_attrs(index, {"layout": "rcma-sharded-v1", "shards": root.name})
-            videos = index.create_group("videos")
-            for video_id, grid in grids.items():
-                attrs = read_shard_attrs(grid)
-                if attrs is None:
-                    continue
-                group = videos.require_group(video_id)
-                set_attrs(group, {k: attrs[k] for k in VIDEO_ATTRS if k in attrs})
-                group["timestamps"] = h5py.ExternalLink(_relative(grid, store), "/timestamps")
-                for stage, shards in stages.items():
-                    shard = shards.get(video_id)
-                    shard_attrs = read_shard_attrs(shard) if shard else None
-                    if shard_attrs is not None and shard_attrs.get("grid_hash") == attrs.get("grid_hash"):
-                        group[stage] = h5py.ExternalLink(_relative(shard, store), "/")
-                count += 1
-    return count
+        previous = {} if fresh else _read_index_record(store)
+        cache = previous.get("shards", {})
+        grids = scan_shards(store, GRID, cache)
+        stages = {stage: scan_shards(store, stage, cache) for stage in stage_names(store)}
+        configs = {stage: (stage_config(store, stage) or {}).get("config_hash") for stage in stages}
+        videos: dict[str, tuple[dict[str, Any], dict[str, tuple[str, str]]]] = {}
+        for video_id, grid in grids.items():
+            if grid.problem:
+                continue
+            attrs = {k: grid.attrs[k] for k in VIDEO_ATTRS if k in grid.attrs}
+            links = {"timestamps": (_relative(grid.path, store), "/timestamps")}
+            for stage, shards in stages.items():
+                shard = shards.get(video_id)
+                if (
+                    shard is not None
+                    and not shard.problem
+                    and shard.attrs.get("grid_hash") == grid.attrs.get("grid_hash")
+                    and configs[stage] in (None, shard.attrs.get("config_hash"))
+                ):
+                    links[stage] = (_relative(shard.path, store), "/")
+            videos[video_id] = (attrs, links)
+        digests = {vid: _digest(value) for vid, value in videos.items()}
+        record = {
+            "shards": {
+                info.path.relative_to(root).as_posix(): info.cache_entry()
+                for infos in (grids, *stages.values())
+                for info in infos.values()
+            },
+            "videos": digests,
+        }
+        old = previous.get("videos")
+        changed = [v for v in videos if old is None or old.get(v) != digests[v]]
+        removed = [v for v in (old or {}) if v not in videos]
+        fresh_size = previous.get("fresh_size", 0)
+        update = (
+            old is not None
+            and len(changed) + len(removed) <= REWRITE_SHARE * max(1, len(videos))
+            and store.stat().st_size <= REWRITE_GROWTH * fresh_size
+        )
+        with atomic_file(store, root) as tmp:
+            if update:
+                shutil.copyfile(store, tmp)
+                with h5py.File(tmp, "r+") as index:
+                    for video_id in removed:
+                        _unlink_video(index["videos"], video_id)
+                    for video_id in changed:
+                        _unlink_video(index["videos"], video_id)
+                        _link_video(index["videos"], video_id, *videos[video_id])
+                    _write_record(index, {**record, "fresh_size": fresh_size})
+            else:
+                with h5py.File(tmp, "w", libver="latest") as index:
+                    set_attrs(index, {"layout": INDEX_LAYOUT, "shards": root.name})
+                    group = index.create_group("videos")
+                    for video_id, (attrs, links) in videos.items():
+                        _link_video(group, video_id, attrs, links)
+                    _write_record(index, {**record, "fresh_size": 0})
+                size = tmp.stat().st_size  # the record's own size is close enough to not matter
+                with h5py.File(tmp, "r+") as index:
+                    _write_record(index, {**record, "fresh_size": size})
+    return len(videos)
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_index_record(store: Path) -> dict[str, Any]:
+    """The previous index's record, when it is a sound rcma index of this layout; else {}."""
+    try:
+        with h5py.File(store, "r") as f:
+            if _text(f.attrs.get("layout", "")) != INDEX_LAYOUT or "videos" not in f:
+                return {}
+            return json.loads(_text(f[SCAN_CACHE][()]))
+    except (OSError, KeyError, ValueError, TypeError):
+        return {}
+
+
+def _write_record(index: h5py.File, record: dict[str, Any]) -> None:
+    if SCAN_CACHE in index:
+        del index[SCAN_CACHE]
+    index.create_dataset(SCAN_CACHE, data=json.dumps(record, sort_keys=True), dtype=h5py.string_dtype())
+
+
+def _link_video(
+    videos: h5py.Group, video_id: str, attrs: dict[str, Any], links: dict[str, tuple[str, str]]
+) -> None:
+    """A video's group: its attrs and one external link per shard."""
+    group = videos.require_group(video_id)
+    set_attrs(group, attrs)
+    for name, (filename, target) in links.items():
+        group.id.links.create_external(name.encode(), filename.encode(), target.encode())
+
+
+def _unlink_video(videos: h5py.Group, video_id: str) -> None:
+    """Removes a video's attrs and links, and its group (and emptied parents) when nothing else
+    (a nested id's group) is left in it."""
+    if video_id not in videos:
+        return
+    group = videos[video_id]
+    for name in list(group.attrs):
+        del group.attrs[name]
+    for name in list(group):
+        if not isinstance(group.get(name, getlink=True), h5py.HardLink):
+            del group[name]
+    parts = video_id.split("/")
+    while parts:
+        name = "/".join(parts)
+        if name in videos and len(videos[name]) == 0 and len(videos[name].attrs) == 0:
+            del videos[name]
+        else:
+            break
+        parts.pop()
 
 
 def clean_store_temps(store: Path) -> int | None:
@@ -551,35 +811,50 @@ class StageCount:
     failed: dict[str, str]
     missing: list[str]
     damaged: dict[str, str]  # video id -> "<shard file>: <problem>"
+    other_config: list[str]  # sound shards of another config than the stage's (not indexed)
+    config: dict[str, Any] | None  # the stage's recorded {"config_hash", "config"}
 
 
 def stage_counts(store: Path, verify: bool = False) -> dict[str, StageCount]:
-    """Per stage: sound finished videos, damaged shards, failed videos with their errors, and
-    known videos with none of these. A video whose frame-grid shard is damaged is damaged in
-    every stage. `verify` reads every array to check its checksums (see `shard_problem`)."""
+    """Per stage: sound finished videos, damaged shards, failed videos with their errors, shards of
+    another config, and known videos with none of these. A video whose frame-grid shard is
+    damaged is damaged in every stage. Shards unchanged since the index last read them are not
+    opened again; `verify` reads every array of every shard to check its checksums (see
+    `shard_problem`)."""
     root = shard_root(store)
     failed = failures(store)
-    grids = dict(_ids_under(root / GRID, ".h5"))
+    cache = {} if verify else read_scan_cache(store)
+    grids = scan_shards(store, GRID, cache)
     known = set(grids)
     for records in failed.values():
         known |= set(records)
     bad_grids = {
-        vid: f"{path}: {problem}" for vid, path in grids.items() if (problem := shard_problem(path, verify))
+        vid: f"{info.path}: {problem}" for vid, info in grids.items() if (problem := _problem(info, verify))
     }
     out = {}
     for stage in sorted(set(stage_names(store)) | set(failed)):
-        shards = dict(_ids_under(root / stage, ".h5"))
+        shards = scan_shards(store, stage, cache) if (root / stage).is_dir() else {}
         damaged = {
-            vid: f"{path}: {problem}"
-            for vid, path in shards.items()
-            if (problem := shard_problem(path, verify))
+            vid: f"{info.path}: {problem}"
+            for vid, info in shards.items()
+            if (problem := _problem(info, verify))
         }
         damaged.update({vid: bad_grids[vid] for vid in shards.keys() & bad_grids.keys()})
-        done = set(shards) - set(damaged)
+        config = stage_config(store, stage)
+        other = sorted(
+            vid
+            for vid, info in shards.items()
+            if vid not in damaged and config and info.attrs.get("config_hash") != config["config_hash"]
+        )
+        done = set(shards) - set(damaged) - set(other)
         errors = {vid: r["error"] for vid, r in failed.get(stage, {}).items() if vid not in shards}
         missing = sorted(known - set(shards) - set(errors))
-        out[stage] = StageCount(sorted(done), errors, missing, dict(sorted(damaged.items())))
+        out[stage] = StageCount(sorted(done), errors, missing, dict(sorted(damaged.items())), other, config)
     return out
+
+
+def _problem(info: ShardInfo, verify: bool) -> str:
+    return shard_problem(info.path, full=True) if verify else info.problem
 
 
 def pack_store(store: Path, out: Path) -> None:
