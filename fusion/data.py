@@ -8,6 +8,7 @@ the tensors live on, so the training loop never touches HDF5.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,38 @@ def read_splits(store: Path) -> dict[str, str]:
                 split = group["labels"].attrs.get("split", "")
                 out[vid] = split.decode() if isinstance(split, bytes) else str(split)
         return out
+
+
+def stage_configs(store: Path, videos: list[str], modalities: list[str]) -> dict[str, dict]:
+    """{stage: {"config_hash", "config"}} of the stages behind `modalities`, read from the shards of
+    `videos`; a stage whose shards differ among them is a DataError naming two of its videos."""
+    out: dict[str, dict] = {}
+    with _open(store) as f:
+        for stage in dict.fromkeys(STAGE_OF[m] for m in modalities if m in STAGE_OF):
+            seen: dict[str, str] = {}
+            for vid in videos:
+                group = f[f"videos/{vid}"]
+                if stage not in group:
+                    continue
+                attrs = group[stage].attrs
+                chash = _text(attrs.get("config_hash", ""))
+                if chash not in seen and seen:
+                    other = next(iter(seen.values()))
+                    raise DataError(
+                        f"{store}: the {stage} features of {other} and {vid} were made with different "
+                        "settings; extract them again with one config (`rcma status` shows it)"
+                    )
+                if chash not in seen:
+                    seen[chash] = vid
+                    out[stage] = {
+                        "config_hash": chash,
+                        "config": json.loads(_text(attrs.get("config", "{}")) or "{}"),
+                    }
+    return out
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def select_videos(store: Path, splits: list[str] | None, need_labels: bool) -> list[str]:

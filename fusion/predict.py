@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.store import id_file
+from pipeline.store import config_difference, id_file
 
 from . import data as fd
 from .metrics import scores
@@ -45,6 +45,19 @@ def _prepare(
             if info["dims"][m] != data.dims.get(m)
         )
         raise PredictError(f"{model_path}: feature widths differ from {store}: {changed}")
+    trained = info.get("stage_configs")  # absent in checkpoints of older runs
+    if trained:
+        try:
+            found = fd.stage_configs(store, data.video_ids, list(info["modalities"]))
+        except fd.DataError as e:
+            raise PredictError(str(e)) from None
+        for stage, record in trained.items():
+            if stage in found and found[stage]["config_hash"] != record["config_hash"]:
+                difference = config_difference(record["config"], found[stage]["config"], "trained on", "here")
+                raise PredictError(
+                    f"{store}: its {stage} features were made with other settings than {model_path} was "
+                    f"trained on ({difference}); extract them with the model's settings"
+                )
     return build_model(ckpt, dev), ckpt, data
 
 

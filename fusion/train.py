@@ -328,7 +328,13 @@ def fit(
     device = data.labels.device
     ckpt = _start_checkpoint(out, resume)
     data_info = {"modalities": list(cfg.modalities), "dims": data.dims, "visual_input": data.visual_input}
-    if ckpt is not None and ckpt["data"] != data_info:
+    try:
+        data_info["stage_configs"] = fd.stage_configs(
+            Path(cfg.features), data.video_ids, list(cfg.modalities)
+        )
+    except fd.DataError as e:
+        raise TrainError(str(e)) from None
+    if ckpt is not None and ckpt["data"] != {k: data_info.get(k) for k in ckpt["data"]}:  # older: no configs
         raise TrainError(f"{cfg.features}: features {data_info} differ from the checkpoint's {ckpt['data']}")
 
     torch.manual_seed(cfg.seed)
