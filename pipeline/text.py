@@ -20,7 +20,7 @@ import numpy as np
 from pipeline import asr
 from pipeline.audio import ROWS_PER_BLOCK, resolve_device
 from pipeline.media import SAMPLE_RATE, Media
-from pipeline.models import ModelUnavailable, packaged_model, sha256_file
+from pipeline.models import ModelUnavailable, packaged_model, sha256_file, weights_checksum
 from pipeline.stages import Extra, Rows, Stage, library_versions
 
 TEXT_MODEL_ENV = "RCMA_TEXT_MODEL"
@@ -116,7 +116,16 @@ class TextStage(Stage):
             "asr_weights_sha256": self.source.sha256,
             "text_model": self.text_source[0],
             "text_unit": self.text_unit,
+            **self._given_text_weights(),
         }
+
+    def _given_text_weights(self) -> dict[str, str]:
+        """A text-model folder given by path (option or $RCMA_TEXT_MODEL) is recorded by content,
+        so other weights in the same folder are another config; the packaged default is not."""
+        path = self.text_source[1]
+        if path is None or path == packaged_text_model():
+            return {}
+        return {"text_weights_sha256": weights_checksum(path)}
 
     def load(self) -> None:
         if self.asr_backend == "openai-whisper":
