@@ -32,6 +32,7 @@ import re
 import shutil
 import time
 import uuid
+import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -432,7 +433,7 @@ def config_summary(config: dict[str, Any]) -> str:
 
 
 INDEX_LAYOUT = "rcma-sharded-v1"
-SCAN_CACHE = "shard_scan"  # a dataset of the index: what each shard held when it was last read
+INDEX_RECORD = ".index-record.json"  # in the shard folder: what the index links, what each shard held
 REWRITE_SHARE = 0.2  # an index update touching more videos than this share is written afresh
 REWRITE_GROWTH = 2.0  # ...as is one grown this many times its fresh size by updates
 
@@ -443,11 +444,21 @@ class ShardInfo:
     and `rcma status` need (grid and config hashes; a grid shard's video attrs)."""
 
     video_id: str
-    path: Path
+    root: Path  # the store's shard folder
+    key: str  # the shard's path under it, "<stage>/<id>.h5"
     problem: str
     attrs: dict[str, Any]
     size: int
     mtime_ns: int
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.key
+
+    @property
+    def link(self) -> str:
+        """The shard as the index links it (relative to the index's folder)."""
+        return f"{self.root.name}/{self.key}"
 
     def cache_entry(self) -> list:
         return [self.size, self.mtime_ns, self.video_id, self.problem, self.attrs]
@@ -464,22 +475,36 @@ def scan_shards(store: Path, folder: str, cache: dict[str, list] | None = None) 
     out: dict[str, ShardInfo] = {}
     for rel, size, mtime in _walk_files(root / folder, ".h5"):
         key = f"{folder}/{rel}"
-        path = root / key
         entry = (cache or {}).get(key)
         if entry is not None and entry[0] == size and entry[1] == mtime:
             video_id, problem, attrs = entry[2], entry[3], entry[4]
         else:
             video_id = rel[: -len(".h5")]
-            problem = shard_problem(path)
-            attrs = {}
-            if not problem:
-                every = read_shard_attrs(path) or {}
-                keep = ("grid_hash", "config_hash", "video_id", *(VIDEO_ATTRS if folder == GRID else ()))
-                attrs = {k: every[k] for k in keep if k in every}
-                if any(_HASHED.search(part) for part in rel.split("/")):
-                    video_id = str(attrs.get("video_id", video_id))
-        out[video_id] = ShardInfo(video_id, path, problem, attrs, size, mtime)
+            names = (*SCANNED_ATTRS, *(VIDEO_ATTRS if folder == GRID else ()))
+            problem, attrs = _scan_one(root / key, names)
+            if any(_HASHED.search(part) for part in rel.split("/")):
+                video_id = str(attrs.get("video_id", video_id))
+        out[video_id] = ShardInfo(video_id, root, key, problem, attrs, size, mtime)
     return out
+
+
+SCANNED_ATTRS = ("grid_hash", "config_hash", "video_id")
+
+
+def _scan_one(path: Path, names: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+    """(problem, the attrs `names`) of a shard, in one open: the quick check of `shard_problem`
+    (the file opens, its attrs and its list of arrays read), plus the share of frames present."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _plain(f.attrs[k]) for k in names if k in f.attrs}
+            members: list[str] = []
+            f.visit(members.append)
+            if "present" in members and isinstance(f["present"], h5py.Dataset):
+                present = f["present"][()]
+                attrs["present_share"] = float(present.mean()) if present.size else 0.0
+    except (OSError, KeyError, RuntimeError, ValueError) as e:
+        return ("damaged (checksum mismatch)" if "filter returned failure" in str(e) else "damaged"), {}
+    return "", attrs
 
 
 def _walk_files(folder: Path, suffix: str) -> Iterator[tuple[str, int, int]]:
@@ -506,12 +531,8 @@ def _walk_files(folder: Path, suffix: str) -> Iterator[tuple[str, int, int]]:
 
 
 def read_scan_cache(store: Path) -> dict[str, list]:
-    """The index's record of the last scan ({} when the index is missing, damaged or older)."""
-    try:
-        with h5py.File(store, "r") as f:
-            return json.loads(_text(f[SCAN_CACHE][()]))["shards"]
-    except (OSError, KeyError, ValueError, TypeError):
-        return {}
+    """What each shard held when the index last read it ({} when there is no sound record)."""
+    return _read_index_record(store).get("shards", {})
 
 
 def rebuild_index(store: Path, fresh: bool = False) -> int:
@@ -520,15 +541,16 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
     Only shards made on a video's current frame grid, and of their stage's recorded config, are
     linked, so a shard left from before the file changed is never read against the new grid and
     a stage never mixes configs. The index records what it linked and what each shard held
-    (`SCAN_CACHE`): a rebuild opens only shards that changed since, and rewrites only the videos
+    (`INDEX_RECORD`): a rebuild opens only shards that changed since, and rewrites only the videos
     whose links changed, in a copy of the index that replaces it atomically. `fresh` (or many
-    changes) writes it anew from the shards.
+    changes) writes it anew. Without a sound record (no index, a damaged one), every shard is
+    opened.
     """
     check_store_path(store)
     root = shard_root(store)
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / ".index.lock"):  # two writers must not interleave scan and rename
-        previous = {} if fresh else _read_index_record(store)
+        previous = _read_index_record(store)
         cache = previous.get("shards", {})
         grids = scan_shards(store, GRID, cache)
         stages = {stage: scan_shards(store, stage, cache) for stage in stage_names(store)}
@@ -538,7 +560,7 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
             if grid.problem:
                 continue
             attrs = {k: grid.attrs[k] for k in VIDEO_ATTRS if k in grid.attrs}
-            links = {"timestamps": (_relative(grid.path, store), "/timestamps")}
+            links = {"timestamps": (grid.link, "/timestamps")}
             for stage, shards in stages.items():
                 shard = shards.get(video_id)
                 if (
@@ -547,12 +569,12 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
                     and shard.attrs.get("grid_hash") == grid.attrs.get("grid_hash")
                     and configs[stage] in (None, shard.attrs.get("config_hash"))
                 ):
-                    links[stage] = (_relative(shard.path, store), "/")
+                    links[stage] = (shard.link, "/")
             videos[video_id] = (attrs, links)
         digests = {vid: _digest(value) for vid, value in videos.items()}
         record = {
             "shards": {
-                info.path.relative_to(root).as_posix(): info.cache_entry()
+                info.key: info.cache_entry()
                 for infos in (grids, *stages.values())
                 for info in infos.values()
             },
@@ -563,7 +585,8 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
         removed = [v for v in (old or {}) if v not in videos]
         fresh_size = previous.get("fresh_size", 0)
         update = (
-            old is not None
+            not fresh
+            and old is not None
             and len(changed) + len(removed) <= REWRITE_SHARE * max(1, len(videos))
             and store.stat().st_size <= REWRITE_GROWTH * fresh_size
         )
@@ -576,39 +599,39 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
                     for video_id in changed:
                         _unlink_video(index["videos"], video_id)
                         _link_video(index["videos"], video_id, *videos[video_id])
-                    _write_record(index, {**record, "fresh_size": fresh_size})
             else:
                 with h5py.File(tmp, "w", libver="latest") as index:
                     set_attrs(index, {"layout": INDEX_LAYOUT, "shards": root.name})
                     group = index.create_group("videos")
                     for video_id, (attrs, links) in videos.items():
                         _link_video(group, video_id, attrs, links)
-                    _write_record(index, {**record, "fresh_size": 0})
-                size = tmp.stat().st_size  # the record's own size is close enough to not matter
-                with h5py.File(tmp, "r+") as index:
-                    _write_record(index, {**record, "fresh_size": size})
+                fresh_size = tmp.stat().st_size
+        record.update({"fresh_size": fresh_size, "index": list(_stat(store))})
+        with atomic_file(root / INDEX_RECORD, root) as tmp:
+            tmp.write_text(json.dumps(record))
     return len(videos)
 
 
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _stat(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _digest(value: tuple[dict[str, Any], dict[str, tuple[str, str]]]) -> str:
+    """Names what a video's group holds (its attrs and links), to find the groups to rewrite."""
+    attrs, links = value
+    text = repr((sorted(attrs.items()), sorted(links.items())))
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def _read_index_record(store: Path) -> dict[str, Any]:
-    """The previous index's record, when it is a sound rcma index of this layout; else {}."""
+    """The record the index was written with; {} when the index is missing or is not the file the
+    record describes (replaced, damaged, or written by an older rcma)."""
     try:
-        with h5py.File(store, "r") as f:
-            if _text(f.attrs.get("layout", "")) != INDEX_LAYOUT or "videos" not in f:
-                return {}
-            return json.loads(_text(f[SCAN_CACHE][()]))
-    except (OSError, KeyError, ValueError, TypeError):
+        record = json.loads((shard_root(store) / INDEX_RECORD).read_text())
+        return record if record.get("index") == list(_stat(store)) else {}
+    except (OSError, ValueError, AttributeError):
         return {}
-
-
-def _write_record(index: h5py.File, record: dict[str, Any]) -> None:
-    if SCAN_CACHE in index:
-        del index[SCAN_CACHE]
-    index.create_dataset(SCAN_CACHE, data=json.dumps(record, sort_keys=True), dtype=h5py.string_dtype())
 
 
 def _link_video(
@@ -743,66 +766,88 @@ def open_store(store: Path) -> h5py.File:
                 f"{store}: its links lead into {shards}/, not {shard_root(store).name}/ (renamed or "
                 f"moved?); run `rcma index --store {store}` to relink it"
             )
-        _walk_videos(f, store)
+        _opened_ids[f] = _walk_videos(f, store)
     except StoreError:
         f.close()
         raise
     return f
 
 
+_opened_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # open_store's walk, by file
+
+
 def video_ids(f: h5py.File) -> list[str]:
-    """Ids of the videos in a store opened with `open_store`. Ids may contain '/', so nested
-    groups are walked."""
+    """Ids of the videos in a store opened with `open_store` (the walk it did, not another).
+    Ids may contain '/', so nested groups are walked."""
+    known = _opened_ids.get(f) if f.id.valid else None
+    if known is not None and f.mode == "r":
+        return list(known)
     return _walk_videos(f, Path(f.filename))
 
 
 def _walk_videos(f: h5py.File, store: Path) -> list[str]:
+    """Every video id under /videos, checking each link on the way (HDF5's low-level calls: a
+    store of 100,000 videos is walked in seconds)."""
     found: list[str] = []
-    seen: set[tuple[int, int]] = set()
-    root = os.path.realpath(shard_root(store))
+    seen: set[tuple[Any, int]] = set()
+    links = _LinkCheck(store)
 
-    def walk(group: h5py.Group, prefix: str) -> None:
-        for key in group:
-            link = group.get(key, getlink=True)
-            if isinstance(link, h5py.ExternalLink):
-                _check_link(store, root, prefix.rstrip("/"), key, link.filename)
+    def walk(gid: h5py.h5g.GroupID, prefix: str) -> None:
+        names: list[bytes] = []
+        gid.links.iterate(names.append)
+        for raw in names:
+            key = raw.decode()
+            kind = gid.links.get_info(raw).type
+            if kind == h5py.h5l.TYPE_EXTERNAL:
+                filename, _ = gid.links.get_val(raw)
+                links.check(prefix.rstrip("/"), key, filename.decode())
                 continue
-            if not isinstance(link, h5py.HardLink):
+            if kind != h5py.h5l.TYPE_HARD:
                 continue
-            child = group[key]
-            if isinstance(child, h5py.Group):
-                where = (child.id.fileno, h5py.h5o.get_info(child.id).addr)
+            child = h5py.h5o.open(gid, raw)
+            if isinstance(child, h5py.h5g.GroupID):
+                where = (child.fileno, h5py.h5o.get_info(child).addr)
                 if where in seen:
-                    raise StoreError(
-                        f"{store}: group {child.name} is reached twice (a hard-link cycle), refused"
-                    )
+                    name = h5py.h5i.get_name(child).decode()
+                    raise StoreError(f"{store}: group {name} is reached twice (a hard-link cycle), refused")
                 seen.add(where)
-                if "n_frames" in child.attrs:
+                if h5py.h5a.exists(child, b"n_frames"):
                     try:
                         found.append(check_id(prefix + key))
                     except ValueError as e:
                         raise StoreError(f"{store}: {e}; refusing it") from None
                 walk(child, f"{prefix}{key}/")  # ids "a" and "a/b" can both exist
 
-    walk(f["videos"], "")
+    walk(f["videos"].id, "")
     return sorted(found)
 
 
-def _check_link(store: Path, root: str, video_id: str, name: str, target: str) -> None:
-    """An external link is followed only into the store's own shard folder."""
-    parts = Path(target).parts
-    inside = (
-        not os.path.isabs(target)
-        and ".." not in parts
-        and len(parts) > 1
-        and parts[0] == shard_root(store).name
-        and os.path.realpath(store.parent / target).startswith(root + os.sep)
-    )
-    if not inside:
-        raise StoreError(
-            f"{store}: video {video_id}: link {name} leads outside {shard_root(store).name}/ "
-            f"({target}); a damaged or crafted index, refusing it (`rcma index` rebuilds it)"
-        )
+class _LinkCheck:
+    """An external link is followed only into the store's own shard folder (symlinks resolved;
+    each folder is resolved once, each file only when it is itself a link)."""
+
+    def __init__(self, store: Path):
+        self.store = store
+        self.name = shard_root(store).name
+        self.root = os.path.realpath(shard_root(store)) + os.sep
+        self.folders: dict[str, str] = {}
+
+    def check(self, video_id: str, name: str, target: str) -> None:
+        parts = target.split("/")
+        inside = not os.path.isabs(target) and ".." not in parts and len(parts) > 1 and parts[0] == self.name
+        if inside:
+            folder, base = os.path.split(target)
+            if folder not in self.folders:
+                self.folders[folder] = os.path.realpath(self.store.parent / folder) + os.sep
+            path = self.folders[folder] + base
+            if os.path.islink(path):
+                path = os.path.realpath(path)
+            inside = path.startswith(self.root)
+        if not inside:
+            raise StoreError(
+                f"{self.store}: video {video_id}: link {name} leads outside {self.name}/ "
+                f"({target}); a damaged or crafted index, refusing it (`rcma index` rebuilds it)"
+            )
 
 
 @dataclass(frozen=True)
