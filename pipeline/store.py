@@ -574,9 +574,7 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
         digests = {vid: _digest(value) for vid, value in videos.items()}
         record = {
             "shards": {
-                info.key: info.cache_entry()
-                for infos in (grids, *stages.values())
-                for info in infos.values()
+                info.key: info.cache_entry() for infos in (grids, *stages.values()) for info in infos.values()
             },
             "videos": digests,
         }
