@@ -577,6 +577,9 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
                 info.key: info.cache_entry() for infos in (grids, *stages.values()) for info in infos.values()
             },
             "videos": digests,
+            "links": {
+                vid: {member: link for member, (link, _) in value[1].items()} for vid, value in videos.items()
+            },
         }
         old = previous.get("videos")
         changed = [v for v in videos if old is None or old.get(v) != digests[v]]
@@ -604,7 +607,7 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
                     for video_id, (attrs, links) in videos.items():
                         _link_video(group, video_id, attrs, links)
                 fresh_size = tmp.stat().st_size
-        record.update({"fresh_size": fresh_size, "index": list(_stat(store))})
+        record.update({"fresh_size": fresh_size, "index": list(_stat(store)), "folder": root.name})
         with atomic_file(root / INDEX_RECORD, root) as tmp:
             tmp.write_text(json.dumps(record))
     return len(videos)
@@ -624,10 +627,11 @@ def _digest(value: tuple[dict[str, Any], dict[str, tuple[str, str]]]) -> str:
 
 def _read_index_record(store: Path) -> dict[str, Any]:
     """The record the index was written with; {} when the index is missing or is not the file the
-    record describes (replaced, damaged, or written by an older rcma)."""
+    record describes (replaced, damaged, renamed with its folder, or written by an older rcma)."""
     try:
         record = json.loads((shard_root(store) / INDEX_RECORD).read_text())
-        return record if record.get("index") == list(_stat(store)) else {}
+        same = record.get("index") == list(_stat(store)) and record.get("folder") == shard_root(store).name
+        return record if same else {}
     except (OSError, ValueError, AttributeError):
         return {}
 
@@ -948,7 +952,14 @@ class VideoSummary:
 
 def summarize(store: Path) -> list[VideoSummary]:
     """Per video in the index: length, for each stage the share of frames with data, and the
-    stages whose shard is missing or damaged."""
+    stages whose shard is missing or damaged.
+
+    With the index's record (see `rebuild_index`), a shard unchanged since it was indexed is not
+    opened again (its share of frames present is in the record); otherwise every shard is read.
+    """
+    record = _read_index_record(store)
+    if "links" in record and store.exists():
+        return _summarize_from_record(store, record)
     out = []
     with open_store(store) as f:
         for video_id in video_ids(f):
@@ -967,6 +978,41 @@ def summarize(store: Path) -> list[VideoSummary]:
                     damaged[stage] = f"{_linked_file(store, group, stage)}: damaged (checksum mismatch)"
             n, fps = int(group.attrs["n_frames"]), float(group.attrs["fps"])
             out.append(VideoSummary(video_id, n, fps, n / fps, present, damaged))
+    return out
+
+
+def _summarize_from_record(store: Path, record: dict[str, Any]) -> list[VideoSummary]:
+    shards = record["shards"]
+    out = []
+    for video_id, links in sorted(record["links"].items()):
+        present: dict[str, float] = {}
+        damaged: dict[str, str] = {}
+        video: dict[str, Any] = {}
+        for member, link in links.items():
+            key = link.split("/", 1)[1]
+            path = store.parent / link
+            entry = shards.get(key)
+            try:
+                stat = path.stat()
+                same = entry is not None and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns
+            except OSError:
+                same = False
+            if same:
+                problem, attrs = entry[3], entry[4]
+            else:
+                names = (*SCANNED_ATTRS, *(VIDEO_ATTRS if member == "timestamps" else ()))
+                problem, attrs = _scan_one(path, names) if path.exists() else ("missing", {})
+            if problem:
+                damaged[member] = f"{path}: {problem}"
+            elif member == "timestamps":
+                video = attrs
+            elif "present_share" in attrs:
+                present[member] = attrs["present_share"]
+        if not video:  # the grid shard changed or is damaged: the length the index was made with
+            grid = shards.get(links["timestamps"].split("/", 1)[1])
+            video = grid[4] if grid else {"n_frames": 0, "fps": 1.0}
+        n, fps = int(video.get("n_frames", 0)), float(video.get("fps", 1.0))
+        out.append(VideoSummary(video_id, n, fps, n / fps, present, damaged))
     return out
 
 
