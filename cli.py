@@ -22,6 +22,9 @@ QuietOption = Annotated[
 ]
 
 
+SHOW_TABLE_MAX = 500  # rows `rcma show` lays out as a table; more are printed as plain columns
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     console.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
     return typer.Exit(code)
@@ -229,14 +232,33 @@ def show(store: StoreOption = Path("store.h5")) -> None:
     except StoreError as e:
         raise fail(str(e)) from None
     stages = sorted({stage for v in videos for stage in [*v.present, *v.damaged] if stage != "timestamps"})
-    table = Table("video", "frames", "fps", "s", *stages, caption="stage columns: share of frames with data")
-    table.columns[0].no_wrap = True
-    for v in videos:
-        shares = (
-            f"{v.present[s]:.0%}" if s in v.present else "damaged" if s in v.damaged else "-" for s in stages
-        )
-        table.add_row(v.video_id, str(v.n_frames), f"{v.fps:.3f}", f"{v.duration:.1f}", *shares)
-    Console().print(table)
+    header = ["video", "frames", "fps", "s", *stages]
+    rows = [
+        [
+            v.video_id,
+            str(v.n_frames),
+            f"{v.fps:.3f}",
+            f"{v.duration:.1f}",
+            *(
+                f"{v.present[s]:.0%}" if s in v.present else "damaged" if s in v.damaged else "-"
+                for s in stages
+            ),
+        ]
+        for v in videos
+    ]
+    if len(rows) <= SHOW_TABLE_MAX:
+        table = Table(*header, caption="stage columns: share of frames with data")
+        table.columns[0].no_wrap = True
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+    else:  # a table of 100,000 rows takes rich minutes to lay out: aligned plain columns instead
+        width = max(len(header[0]), *(len(row[0]) for row in rows))
+        lines = [
+            f"{row[0]:<{width}}" + "".join(f"  {cell:>8}" for cell in row[1:]) for row in [header, *rows]
+        ]
+        print("\n".join(lines))
+        print("stage columns: share of frames with data")
     for v in videos:
         for stage, problem in v.damaged.items():
             console.print(
