@@ -173,9 +173,11 @@ def main() -> None:
         f"  one worker: {hours:.1f} h; --workers auto here ({speedup:.2f}x measured): {hours / speedup:.1f} h"
     )
     per_added = (speedup - 1) / max(1, min(cores, n_files) - 1)  # what each worker beyond one added here
+    if per_added <= 0:
+        print("  per added worker: no gain measured in this run (were the cores busy with other work?)")
     print(
-        f"  per added worker (each on its own core; each added {per_added:.2f}x of one worker here): "
-        + ", ".join(f"{n} workers {hours / (1 + (n - 1) * per_added):.1f} h" for n in (4, 8, 16, 32, 64))
+        "  per added worker, each on a free core of its own (ideal; the ratio above is what this run saw): "
+        + ", ".join(f"{n} workers {hours / n:.1f} h" for n in (2, 4, 8, 16, 32, 64))
     )
 
 
