@@ -591,6 +591,13 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
             and len(changed) + len(removed) <= REWRITE_SHARE * max(1, len(videos))
             and store.stat().st_size <= REWRITE_GROWTH * fresh_size
         )
+        if update and not changed and not removed:  # the index already links all it should
+            if record["shards"] == previous.get("shards") and record["links"] == previous.get("links"):
+                return len(videos)
+            record.update({"fresh_size": fresh_size, "index": previous["index"], "folder": root.name})
+            with atomic_file(root / INDEX_RECORD, root) as tmp:
+                tmp.write_text(json.dumps(record))
+            return len(videos)
         with atomic_file(store, root) as tmp:
             if update:
                 shutil.copyfile(store, tmp)
