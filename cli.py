@@ -22,6 +22,9 @@ QuietOption = Annotated[
 ]
 
 
+SHOW_TABLE_MAX = 500  # rows `rcma show` lays out as a table; more are printed as plain columns
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     console.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
     return typer.Exit(code)
@@ -80,14 +83,28 @@ def extract(
     fps: Annotated[float, typer.Option(help="Frame rate of the grid given to audio-only files.")] = 30.0,
     device: Annotated[str, typer.Option(help="cpu, cuda, or auto.")] = "auto",
     force: Annotated[bool, typer.Option(help="Recompute even what is already done.")] = False,
+    workers: Annotated[
+        str,
+        typer.Option(
+            help="Worker processes on this machine: auto (one per core; with CUDA, 2 per GPU) or a "
+            "number (1: everything in this process)."
+        ),
+    ] = "auto",
     scheduler: Annotated[
-        str | None, typer.Option(help="Dask scheduler address (tcp://host:8786) or scheduler file.")
+        str | None,
+        typer.Option(
+            help="Dask scheduler address (tcp:// or tls://host:8786) or scheduler file; TLS settings "
+            "come from Dask's config."
+        ),
+    ] = None,
+    shard: Annotated[
+        str | None, typer.Option(help="i/N: only the i-th of N shares of the files (array jobs).")
     ] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Extract features from media files into a store; re-running finishes only what is missing."""
     from pipeline import runner
-    from pipeline.stages import build_stage, expand
+    from pipeline.stages import expand
     from pipeline.store import StoreError, check_store_path
 
     try:
@@ -117,6 +134,11 @@ def extract(
         console.print(f"[yellow]skipped:[/yellow] {path}: {problem}", highlight=False, soft_wrap=True)
     if not jobs:
         raise fail("no media files found in " + ", ".join(map(str, paths)))
+    if shard:
+        try:
+            jobs = runner.shard_of(jobs, shard)
+        except ValueError as e:
+            raise fail(str(e)) from None
 
     def show_failures(job: runner.Job, outcomes: list[runner.Outcome]) -> None:
         for o in outcomes:
@@ -130,24 +152,21 @@ def extract(
                 )
 
     try:
-        if scheduler:
+        with _progress(quiet) as bars:
+            files = bars.add_task("files", total=len(jobs))
+            frames = bars.add_task("frames", total=None)
+
+            def on_frames(label: str, done: int, total: int) -> None:
+                bars.update(frames, description=label, completed=done, total=total)
+
+            def on_job(job: runner.Job, outcomes: list[runner.Outcome]) -> None:
+                show_failures(job, outcomes)
+                bars.advance(files)
+
             specs = [(name, options) for name in names]
-            report.outcomes = runner.run_dask(jobs, scheduler, store, specs, fps, force, show_failures)
-        else:
-            stages = [build_stage(name, options) for name in names]
-            extractor = runner.Extractor(store, stages, fps, force)
-            with _progress(quiet) as bars:
-                files = bars.add_task("files", total=len(jobs))
-                frames = bars.add_task("frames", total=None)
-
-                def on_frames(label: str, done: int, total: int) -> None:
-                    bars.update(frames, description=label, completed=done, total=total)
-
-                def on_job(job: runner.Job, outcomes: list[runner.Outcome]) -> None:
-                    show_failures(job, outcomes)
-                    bars.advance(files)
-
-                report.outcomes = runner.run_local(jobs, extractor, on_frames, on_job)
+            report.outcomes = runner.extract(
+                jobs, store, specs, fps, force, workers, scheduler, on_frames, on_job
+            )
     except (runner.FatalError, ValueError) as e:  # ValueError: a stage option out of range
         raise fail(str(e)) from None
     counts = report.counts()
@@ -183,20 +202,33 @@ def status(
 
     Each shard is opened (finding missing, truncated or header-damaged files); --verify also reads
     all data, finding silent corruption through the shards' checksums."""
-    from pipeline.store import stage_counts
+    from pipeline.store import config_summary, stage_counts
 
     counts = stage_counts(store, verify)
     if not counts:
         raise fail(f"{store}: nothing extracted yet (no {store.name}.d/ folder)")
-    table = Table("stage", "done", "damaged", "failed", "missing")
+    table = Table("stage", "done", "damaged", "failed", "missing", "other config")
     for name, c in counts.items():
-        table.add_row(name, str(len(c.done)), str(len(c.damaged)), str(len(c.failed)), str(len(c.missing)))
+        table.add_row(
+            name,
+            *(str(len(x)) for x in (c.done, c.damaged, c.failed, c.missing, c.other_config)),
+        )
     Console().print(table)
+    for name, c in counts.items():
+        if c.config:
+            line = f"{name} config {c.config['config_hash']}: {config_summary(c.config.get('config', {}))}"
+            Console().print(line, highlight=False, soft_wrap=True)
     for name, c in counts.items():
         for video_id, error in c.failed.items():
             Console().print(f"{name} {video_id}: {error}", highlight=False, soft_wrap=True)
         for video_id, problem in c.damaged.items():
             line = f"{name} {video_id}: {problem} (the next extract recomputes it)"
+            Console().print(line, highlight=False, soft_wrap=True)
+        if c.other_config:
+            line = (
+                f"{name}: {len(c.other_config)} shards of another config (not indexed; recomputed when "
+                f"their videos are extracted again), e.g. {c.other_config[0]}"
+            )
             Console().print(line, highlight=False, soft_wrap=True)
 
 
@@ -210,14 +242,33 @@ def show(store: StoreOption = Path("store.h5")) -> None:
     except StoreError as e:
         raise fail(str(e)) from None
     stages = sorted({stage for v in videos for stage in [*v.present, *v.damaged] if stage != "timestamps"})
-    table = Table("video", "frames", "fps", "s", *stages, caption="stage columns: share of frames with data")
-    table.columns[0].no_wrap = True
-    for v in videos:
-        shares = (
-            f"{v.present[s]:.0%}" if s in v.present else "damaged" if s in v.damaged else "-" for s in stages
-        )
-        table.add_row(v.video_id, str(v.n_frames), f"{v.fps:.3f}", f"{v.duration:.1f}", *shares)
-    Console().print(table)
+    header = ["video", "frames", "fps", "s", *stages]
+    rows = [
+        [
+            v.video_id,
+            str(v.n_frames),
+            f"{v.fps:.3f}",
+            f"{v.duration:.1f}",
+            *(
+                f"{v.present[s]:.0%}" if s in v.present else "damaged" if s in v.damaged else "-"
+                for s in stages
+            ),
+        ]
+        for v in videos
+    ]
+    if len(rows) <= SHOW_TABLE_MAX:
+        table = Table(*header, caption="stage columns: share of frames with data")
+        table.columns[0].no_wrap = True
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+    else:  # a table of 100,000 rows takes rich minutes to lay out: aligned plain columns instead
+        width = max(len(header[0]), *(len(row[0]) for row in rows))
+        lines = [
+            f"{row[0]:<{width}}" + "".join(f"  {cell:>8}" for cell in row[1:]) for row in [header, *rows]
+        ]
+        print("\n".join(lines))
+        print("stage columns: share of frames with data")
     for v in videos:
         for stage, problem in v.damaged.items():
             console.print(

@@ -8,6 +8,7 @@ the tensors live on, so the training loop never touches HDF5.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,10 @@ def read_splits(store: Path) -> dict[str, str]:
                 split = group["labels"].attrs.get("split", "")
                 out[vid] = split.decode() if isinstance(split, bytes) else str(split)
         return out
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def select_videos(store: Path, splits: list[str] | None, need_labels: bool) -> list[str]:
@@ -284,7 +289,6 @@ def stage_configs(store: Path, videos: list[str], modalities: list[str]) -> dict
     stages to extract new videos exactly as the training videos were. Videos whose shards disagree
     are an error: the model would have been trained on a mix of two feature sets.
     """
-    import json
 
     from pipeline.stages import hash_config
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.store import atomic_file, id_file
+from pipeline.store import atomic_file, config_difference, id_file
 
 from . import data as fd
 from .metrics import scores
@@ -59,6 +59,15 @@ def _prepare(
             if info["dims"][m] != data.dims.get(m)
         )
         raise PredictError(f"{model_path}: feature widths differ from {store}: {changed}")
+    trained = info.get("stages")  # absent in checkpoints of older runs
+    for stage, record in (trained or {}).items():
+        found = data.stages.get(stage)
+        if stage != "grid" and found and found["config_hash"] != record["config_hash"]:
+            difference = config_difference(record["config"], found["config"], "trained on", "here")
+            raise PredictError(
+                f"{store}: its {stage} features were made with other settings than {model_path} was "
+                f"trained on ({difference}); extract them with the model's settings"
+            )
     try:
         return build_model(ckpt, dev), ckpt, data
     except TrainError as e:

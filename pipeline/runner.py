@@ -4,13 +4,22 @@ A job is one input file; it runs every requested stage of that file in turn, so 
 (and decoded audio) is shared by its stages. A (video, stage) is done when its shard exists,
 opens, passes its checksums (every array is read), and carries the current config hash and
 frame-grid hash.
+
+Where jobs run (`extract`): in this process (`workers=1`), on a Dask `LocalCluster` of worker
+processes started here, or on an existing Dask cluster (`scheduler`); the last two are one code
+path (`_run_on_client`). A worker process loads each stage's models once. Whatever the number of
+threads a worker has, one stage computes at a time in a process (`MODEL_LOCK`), so no model is
+used by two threads at once, none is loaded twice at once, and no thread changes torch's thread
+count under another: a worker with several threads gives the same arrays as one thread.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -33,6 +42,12 @@ from pipeline.models import ModelUnavailable
 from pipeline.stages import Extra, Rows, Stage, build_stage, config_hash, library_versions
 
 INDEX_EVERY_S = 2.0
+# Held while a stage loads its models or computes, so that in one process (a Dask worker with
+# several threads) no model is used by two threads at once or loaded twice at once. Reentrant:
+# a stage may call another's model (the audio stage's Whisper encoder) under it.
+MODEL_LOCK = threading.RLock()
+GPU_RESOURCE = "GPU"
+WORKERS_PER_GPU = 2  # one decodes while the other computes on the GPU
 RUNNER_LIBRARIES = library_versions("rcma", "torch", "numpy", "av", "h5py")
 Progress = Callable[[str, int, int], None]  # (label, frames done, frames total)
 
@@ -184,12 +199,15 @@ class Extractor:
                 continue
             started = time.perf_counter()
             try:
-                self._load(stage)
-                warning = self._write(stage, media, chash, ghash, progress)
+                with MODEL_LOCK:
+                    self._load(stage)
+                    warning = self._write(stage, media, chash, ghash, progress)
             except FatalError:
                 raise
             except Exception as e:  # one bad video must never stop the others
-                shard.unlink(missing_ok=True)  # a shard of another config or grid must not stay linked
+                # The shard already there is kept: a good one of this config and grid stays
+                # linked (a failed --force recompute loses nothing); one of another config or
+                # grid is never linked by the index.
                 outcomes.append(self._fail(job, stage.name, _one_line(e)))
                 continue
             st.clear_failure(self.store, stage.name, job.video_id)
@@ -199,14 +217,18 @@ class Extractor:
             )
         return outcomes
 
-    def prepare(self) -> None:
+    def prepare(self) -> dict[str, tuple[str, dict[str, Any]]]:
         """Resolves every stage's models and settings (its config) before the first job, so a bad
-        option or a missing model is one run error, not one failure per video."""
+        option or a missing model is one run error, not one failure per video. Returns each
+        stage's (config hash, config)."""
+        configs = {}
         for stage in self.stages:
             try:
-                config_hash(stage)
+                with MODEL_LOCK:
+                    configs[stage.name] = (config_hash(stage), stage.config())
             except (ModelUnavailable, ValueError) as e:
                 raise FatalError(f"{stage.name}: {_one_line(e)}") from None
+        return configs
 
     def _fail(self, job: Job, stage: str, error: str) -> Outcome:
         st.record_failure(self.store, stage, job.video_id, str(job.path), error)
@@ -322,6 +344,64 @@ def _one_line(error: BaseException) -> str:
     return " ".join(text.split())
 
 
+def extract(
+    jobs: list[Job],
+    store: Path,
+    stage_specs: list[tuple[str, dict]],
+    fps: float = DEFAULT_FPS,
+    force: bool = False,
+    workers: int | str = "auto",
+    scheduler: str | None = None,
+    progress: Progress | None = None,
+    on_job_done: Callable[[Job, list[Outcome]], None] | None = None,
+) -> list[Outcome]:
+    """Runs `jobs`: on the Dask cluster at `scheduler`, else here with `workers` processes
+    ("auto": see `auto_workers`); one worker runs in this process, as rcma always did."""
+    if scheduler:
+        return run_dask(jobs, scheduler, store, stage_specs, fps, force, on_job_done, progress)
+    count = resolve_workers(workers, len(jobs), stage_specs)
+    if count == 1:
+        stages = [build_stage(name, options) for name, options in stage_specs]
+        return run_local(jobs, Extractor(store, stages, fps, force), progress, on_job_done)
+    return run_local_cluster(jobs, count, store, stage_specs, fps, force, on_job_done, progress)
+
+
+def cpu_count() -> int:
+    """The cores this process may run on (a container's or a batch job's share, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def gpu_count(stage_specs: list[tuple[str, dict]]) -> int:
+    """CUDA devices the stages will use: none when every stage is told --device cpu."""
+    if all(options.get("device", "auto") == "cpu" for _, options in stage_specs):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def auto_workers(n_jobs: int, cores: int, gpus: int) -> int:
+    """One worker per core; with GPUs, WORKERS_PER_GPU per GPU (at most one per core), so that
+    each GPU has one worker decoding while another computes. Never more workers than jobs."""
+    wanted = min(cores, WORKERS_PER_GPU * gpus) if gpus else cores
+    return max(1, min(wanted, n_jobs))
+
+
+def resolve_workers(workers: int | str, n_jobs: int, stage_specs: list[tuple[str, dict]]) -> int:
+    if workers == "auto":
+        return auto_workers(n_jobs, cpu_count(), gpu_count(stage_specs))
+    try:
+        count = int(workers)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"--workers {workers}: give a number of worker processes (1 or more) or auto")
+    return min(count, max(1, n_jobs))
+
+
 def run_local(
     jobs: list[Job],
     extractor: Extractor,
@@ -329,7 +409,7 @@ def run_local(
     on_job_done: Callable[[Job, list[Outcome]], None] | None = None,
 ) -> list[Outcome]:
     outcomes: list[Outcome] = []
-    extractor.prepare()
+    claim_configs(extractor.store, extractor.prepare(), extractor.force)
     index = IndexRefresher(extractor.store)
     try:
         for job in jobs:
@@ -341,6 +421,15 @@ def run_local(
     finally:
         index.refresh(now=True)
     return outcomes
+
+
+def claim_configs(store: Path, configs: dict[str, tuple[str, dict[str, Any]]], force: bool) -> None:
+    """The store's check that each stage keeps one configuration (see `store.claim_stage_configs`),
+    as a run error."""
+    try:
+        st.claim_stage_configs(store, configs, force)
+    except st.StoreError as e:
+        raise FatalError(str(e)) from None
 
 
 class IndexRefresher:
@@ -359,7 +448,10 @@ class IndexRefresher:
 
 
 _worker_extractors: dict[str, Extractor] = {}
+_worker_extractors_lock = threading.Lock()
 CONNECT_TIMEOUT_S = 20.0
+PROGRESS_TOPIC = "rcma-frames"
+PROGRESS_EVERY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -369,38 +461,113 @@ class RunErrorOnWorker:
     error: str
 
 
-def _worker_extractor(store: str, stage_specs: list[tuple[str, dict]], fps: float, force: bool) -> Extractor:
-    """Models are loaded once per worker process and reused across jobs."""
+@dataclass(frozen=True)
+class WorkerSetup:
+    """How a worker process runs jobs: its share of CPU threads (None: leave torch's default, as on
+    a cluster whose workers were started with their own settings) and its GPU (None: the default)."""
+
+    threads: int | None = None
+    gpus: int = 0
+
+
+def _worker_extractor(
+    store: str, stage_specs: list[tuple[str, dict]], fps: float, force: bool, setup: WorkerSetup
+) -> Extractor:
+    """Models are loaded once per worker process and reused across jobs (and across its threads)."""
     key = json.dumps([store, stage_specs, fps, force], sort_keys=True, default=str)
-    if key not in _worker_extractors:
-        stages = [build_stage(name, options) for name, options in stage_specs]
-        _worker_extractors[key] = Extractor(Path(store), stages, fps, force)
-    return _worker_extractors[key]
+    with _worker_extractors_lock:
+        if key not in _worker_extractors:
+            _set_up_worker(setup)
+            stages = [build_stage(name, options) for name, options in stage_specs]
+            _worker_extractors[key] = Extractor(Path(store), stages, fps, force)
+        return _worker_extractors[key]
+
+
+def _set_up_worker(setup: WorkerSetup) -> None:
+    """Gives this worker process its share of CPU threads and, with several GPUs, its GPU (workers
+    of a LocalCluster are named 0, 1, ...: worker i uses GPU i mod the number of GPUs)."""
+    import torch
+
+    if setup.threads:
+        torch.set_num_threads(setup.threads)
+    if setup.gpus > 1:
+        from distributed import get_worker
+
+        try:
+            index = int(get_worker().name)
+        except (ValueError, TypeError):
+            index = 0
+        torch.cuda.set_device(index % setup.gpus)  # "cuda" then means this GPU, for every model
 
 
 def _prepare_on_worker(
-    store: str, stage_specs: list[tuple[str, dict]], fps: float, force: bool
-) -> RunErrorOnWorker | None:
-    """Resolves the stages' models once, where they will run, before any job is sent."""
+    store: str, stage_specs: list[tuple[str, dict]], fps: float, force: bool, setup: WorkerSetup
+) -> dict[str, tuple[str, dict[str, Any]]] | RunErrorOnWorker:
+    """Resolves the stages' models once, where they will run, before any job is sent; returns
+    each stage's (config hash, config) for the store's one-config check."""
     try:
-        _worker_extractor(store, stage_specs, fps, force).prepare()
+        return _worker_extractor(store, stage_specs, fps, force, setup).prepare()
     except (FatalError, ModelUnavailable, ValueError) as e:
         return RunErrorOnWorker(_one_line(e))
-    return None
+
+
+def _check_writable_on_worker(store: str) -> str:
+    """ "" when this worker can write into the store's shard folder, else one line saying why."""
+    import socket
+
+    root = st.shard_root(Path(store))
+    where = f"worker on {socket.gethostname()} (pid {os.getpid()})"
+    shared = "the store folder must be on a filesystem every worker shares"
+    if not root.is_dir():
+        return f"{where}: cannot see the store's folder {root}; {shared}"
+    check = root / f".write-check-{uuid.uuid4().hex}"
+    try:
+        with st.atomic_file(check, root) as tmp:
+            tmp.write_bytes(b"")
+        check.unlink()
+    except OSError as e:
+        return f"{where}: cannot write into {root} ({_one_line(e)}); {shared}"
+    return ""
 
 
 def _extract_on_worker(
-    job: Job, store: str, stage_specs: list[tuple[str, dict]], fps: float, force: bool
+    job: Job, store: str, stage_specs: list[tuple[str, dict]], fps: float, force: bool, setup: WorkerSetup
 ) -> list[Outcome] | RunErrorOnWorker:
-    """The Dask task for one job."""
+    """The Dask task for one job; frame progress goes to the client as events."""
     try:
-        return _worker_extractor(store, stage_specs, fps, force).run_job(job)
+        extractor = _worker_extractor(store, stage_specs, fps, force, setup)
+        return extractor.run_job(job, _progress_events())
     except FatalError as e:
         return RunErrorOnWorker(str(e))
 
 
+def _progress_events() -> Progress:
+    """Sends (label, done, total) to the client's progress bar, at most every PROGRESS_EVERY_S."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    last = [0.0]
+
+    def send(label: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done in (0, total) or now - last[0] >= PROGRESS_EVERY_S:
+            last[0] = now
+            worker.log_event(PROGRESS_TOPIC, (label, done, total))
+
+    return send
+
+
+def security():
+    """Dask's own TLS settings (`distributed.comm.tls.*` in its config or environment), for a
+    `tls://` scheduler."""
+    from distributed.security import Security
+
+    return Security()
+
+
 def connect(scheduler: str, timeout: float = CONNECT_TIMEOUT_S):
-    """A Dask client for `tcp://host:port` or a scheduler file, or one line naming the address.
+    """A Dask client for `tcp://host:port`, `tls://host:port` or a scheduler file, or one line
+    naming the address.
 
     Dask's own connect waits for the scheduler's handshake without a time limit, so an address
     that accepts connections but never speaks Dask (a silent listener, a web server) is first
@@ -417,15 +584,17 @@ def connect(scheduler: str, timeout: float = CONNECT_TIMEOUT_S):
             address = json.loads(Path(scheduler).read_text())["address"]
         except (OSError, ValueError, KeyError, TypeError):
             raise FatalError(f"{scheduler}: not a Dask scheduler file (no address in it)") from None
+    tls = security()
 
     async def handshake() -> None:
-        comm = await asyncio.wait_for(dask_connect(address, timeout=timeout), timeout)
+        args = tls.get_connection_args("client")
+        comm = await asyncio.wait_for(dask_connect(address, timeout=timeout, **args), timeout)
         await comm.close()
 
     not_dask = "(is that address a Dask scheduler?)"
     try:
         asyncio.run(handshake())
-        return Client(address, timeout=timeout)
+        return Client(address, timeout=timeout, security=tls)
     except TimeoutError:
         raise FatalError(
             f"the Dask scheduler at {address} did not answer within {timeout:g} s {not_dask}"
@@ -444,30 +613,103 @@ def run_dask(
     fps: float,
     force: bool,
     on_job_done: Callable[[Job, list[Outcome]], None] | None = None,
+    progress: Progress | None = None,
 ) -> list[Outcome]:
-    """Runs jobs on an existing cluster (`tcp://host:port` or a scheduler file).
+    """Runs jobs on an existing cluster (`tcp://host:port`, `tls://...` or a scheduler file).
 
     Workers write their own shards (the store's folder must be on a filesystem they share);
     this process only rebuilds the index. A task lost with its worker is retried by Dask, and a
     retried job rewrites only its own shards. A lost scheduler is a run error: the videos it
     did not finish are not recorded as failed, and the next run does them.
     """
-    from distributed import as_completed
-
     check_fps(fps)
     client = connect(scheduler)
+    try:
+        return _run_on_client(
+            client, scheduler, jobs, store, stage_specs, fps, force, WorkerSetup(), on_job_done, progress
+        )
+    finally:
+        _quietly(client.close)
+
+
+def run_local_cluster(
+    jobs: list[Job],
+    workers: int,
+    store: Path,
+    stage_specs: list[tuple[str, dict]],
+    fps: float,
+    force: bool,
+    on_job_done: Callable[[Job, list[Outcome]], None] | None = None,
+    progress: Progress | None = None,
+) -> list[Outcome]:
+    """Runs jobs on a Dask LocalCluster of `workers` processes with one thread each; every worker
+    gets its share of the CPU threads for torch, and with GPUs, a GPU (declared as a resource)."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    check_fps(fps)
+    gpus = gpu_count(stage_specs)
+    setup = WorkerSetup(threads=max(1, cpu_count() // workers), gpus=gpus)
+    threads = str(setup.threads)
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        memory_limit=0,  # models are large and shared by all jobs: no spilling or pausing
+        silence_logs=logging.ERROR,
+        resources={GPU_RESOURCE: 1} if gpus else None,
+        env=env,
+    )
+    try:
+        with Client(cluster) as client:
+            return _run_on_client(
+                client, "this machine", jobs, store, stage_specs, fps, force, setup, on_job_done, progress
+            )
+    finally:
+        _quietly(cluster.close)
+
+
+def _run_on_client(
+    client,
+    scheduler: str,
+    jobs: list[Job],
+    store: Path,
+    stage_specs: list[tuple[str, dict]],
+    fps: float,
+    force: bool,
+    setup: WorkerSetup,
+    on_job_done: Callable[[Job, list[Outcome]], None] | None,
+    progress: Progress | None,
+) -> list[Outcome]:
+    from distributed import as_completed
+
     # Workers may run in other folders: give them absolute paths, for media and for model files.
     specs = [(name, {k: _absolute_if_path(v) for k, v in options.items()}) for name, options in stage_specs]
     where = str(store.resolve())
+    st.shard_root(store).mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
     index = IndexRefresher(store)
+    resources = _gpu_resources(client, specs)
+    if progress:
+        client.subscribe_topic(PROGRESS_TOPIC, lambda event: progress(*event[1]))
     try:
+        check = lambda: client.run(_check_writable_on_worker, where)  # noqa: E731 (every worker)
+        problems = _lost_cluster_is_a_run_error(scheduler, check)
+        problem = next((p for p in problems.values() if p), "")
+        if problem:
+            raise FatalError(problem)
         prepared = _lost_cluster_is_a_run_error(
             scheduler,
-            lambda: client.submit(_prepare_on_worker, where, specs, fps, force, pure=False).result(),
+            lambda: client.submit(
+                _prepare_on_worker, where, specs, fps, force, setup, pure=False, resources=resources
+            ).result(),
         )
         if isinstance(prepared, RunErrorOnWorker):
             raise FatalError(prepared.error)
+        claim_configs(store, prepared, force)
         futures = {
             client.submit(
                 _extract_on_worker,
@@ -476,8 +718,10 @@ def run_dask(
                 specs,
                 fps,
                 force,
+                setup,
                 pure=False,
                 retries=2,
+                resources=resources,
             ): job
             for job in jobs
         }
@@ -505,9 +749,22 @@ def run_dask(
                 on_job_done(job, result)
             index.refresh()
     finally:
-        _quietly(client.close)
+        if progress:
+            _quietly(lambda: client.unsubscribe_topic(PROGRESS_TOPIC))
         index.refresh(now=True)
     return outcomes
+
+
+def _gpu_resources(client, specs: list[tuple[str, dict]]) -> dict[str, int] | None:
+    """{"GPU": 1} when the cluster's workers declare GPUs (`dask worker --resources GPU=1`) and the
+    stages may use one: a job then runs only where a GPU is free. None otherwise, so that a
+    cluster without GPUs (or `--device cpu`) runs every job on any worker."""
+    if all(options.get("device", "auto") == "cpu" for _, options in specs):
+        return None
+    workers = client.scheduler_info(n_workers=-1).get("workers", {}).values()
+    if any(worker.get("resources", {}).get(GPU_RESOURCE) for worker in workers):
+        return {GPU_RESOURCE: 1}
+    return None
 
 
 def _lost_cluster_is_a_run_error(scheduler: str, wait: Callable[[], Any]) -> Any:
@@ -545,3 +802,16 @@ def _absolute_if_path(value: Any) -> Any:
     if isinstance(value, str) and os.path.exists(value):
         return os.path.abspath(value)
     return value
+
+
+def shard_of(jobs: list[Job], shard: str) -> list[Job]:
+    """The jobs of `--shard i/N` (i from 1 to N): every N-th job by video id, starting at the i-th,
+    so N array jobs given the same files split them without overlap and without Dask."""
+    try:
+        i, n = (int(part) for part in shard.split("/"))
+    except ValueError:
+        i = n = 0
+    if not 1 <= i <= n:
+        raise ValueError(f"--shard {shard}: give i/N with 1 <= i <= N (e.g. 3/10 for the 3rd of 10 jobs)")
+    ordered = sorted(jobs, key=lambda job: job.video_id)
+    return ordered[i - 1 :: n]

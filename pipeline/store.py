@@ -5,10 +5,13 @@ Layout (see README "Store layout"):
     store.h5.d/grid/<id>.h5        frame grid: timestamps and the video's attrs
     store.h5.d/<stage>/<id>.h5     one stage's arrays for one video, with provenance attrs
     store.h5.d/failed/<stage>/<id>.json   the last error of a failed (video, stage)
+    store.h5.d/<stage>/config.json the one configuration of that stage's shards in this store
 
 Every file is written by `atomic_file` (a temporary name, then a rename), so a killed process
 leaves either a whole file or none. The index holds only relative external links and attrs, and
-is rebuilt from the shards, so it can always be recreated. A name longer than MAX_NAME_BYTES is
+is rebuilt from the shards, so it can always be recreated. A stage's shards in one store all come
+from one configuration: `claim_stage_configs` refuses a run with another (unless forced), and the
+index links only shards of the stage's recorded configuration. A name longer than MAX_NAME_BYTES is
 cut and hashed; the whole id stays in the shard's attrs.
 
 Damage and hostility (docs/reliability.md): every array of a shard carries a fletcher32 checksum
@@ -26,8 +29,11 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 import uuid
+import weakref
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +44,7 @@ import numpy as np
 
 GRID = "grid"
 FAILED = "failed"
+CONFIG_FILE = "config.json"
 CHUNK_BYTES = 1 << 20
 VIDEO_ATTRS = (
     "source",
@@ -350,36 +357,321 @@ def failures(store: Path) -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
-def rebuild_index(store: Path) -> int:
-    """Writes store.h5 afresh from the finished shards; returns the number of videos in it.
+def stage_config_path(store: Path, stage: str) -> Path:
+    return shard_root(store) / stage / CONFIG_FILE
 
-    Only shards made on a video's current frame grid are linked, so a stage or labels shard left
-    from before the file changed is never read against the new grid.
+
+def stage_config(store: Path, stage: str) -> dict[str, Any] | None:
+    """{"config_hash", "config"} of the stage's shards in this store, or None before its first run
+    (and in stores made before configs were recorded)."""
+    try:
+        record = json.loads(stage_config_path(store, stage).read_text())
+        return record if isinstance(record, dict) and "config_hash" in record else None
+    except (OSError, ValueError):
+        return None
+
+
+def claim_stage_configs(store: Path, configs: dict[str, tuple[str, dict[str, Any]]], force: bool) -> None:
+    """Records each stage's (config hash, config) as the store's, refusing, unless `force`, a stage
+    the store holds with another config: one line naming the differing settings and the ways out.
+
+    A store made before configs were recorded is read once: its shards' most common config is
+    taken as the store's. With `force`, the new config replaces the old, and the old config's
+    shards are no longer indexed (each is recomputed when its video is extracted again).
+    """
+    root = shard_root(store)
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / ".index.lock"):
+        for stage, (chash, config) in configs.items():
+            held = stage_config(store, stage) or _config_of_shards(store, stage, chash)
+            if held and held["config_hash"] != chash and not force:
+                raise StoreError(
+                    f"{store}: its {stage} features were made with other settings "
+                    f"({config_difference(held.get('config', {}), config)}); use --force to recompute "
+                    f"them with these settings, or another --store"
+                )
+        for stage, (chash, config) in configs.items():
+            if (stage_config(store, stage) or {}).get("config_hash") == chash:
+                continue
+            path = stage_config_path(store, stage)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            record = {"stage": stage, "config_hash": chash, "config": config}
+            with atomic_file(path, root) as tmp:
+                tmp.write_text(json.dumps(record, sort_keys=True, indent=1) + "\n")
+
+
+def _config_of_shards(store: Path, stage: str, wanted: str) -> dict[str, Any] | None:
+    """The config record of a store made before records: `wanted` if any shard has it, else the
+    most common one; None when the stage has no shards."""
+    found: dict[str, dict[str, Any]] = {}
+    counts: Counter = Counter()
+    for _, path in _ids_under(shard_root(store) / stage, ".h5"):
+        attrs = read_shard_attrs(path)
+        if attrs and attrs.get("config_hash"):
+            counts[attrs["config_hash"]] += 1
+            found.setdefault(attrs["config_hash"], json.loads(attrs.get("config") or "{}"))
+    if not counts:
+        return None
+    chosen = wanted if wanted in counts else counts.most_common(1)[0][0]
+    return {"config_hash": chosen, "config": found[chosen]}
+
+
+def config_difference(
+    held: dict[str, Any], wanted: dict[str, Any], held_name: str = "in the store", wanted_name: str = "now"
+) -> str:
+    """`name: <held value> <held_name>, <wanted value> <wanted_name>` for each differing setting."""
+    changed = [
+        f"{key}: {held.get(key, '(unset)')} {held_name}, {wanted.get(key, '(unset)')} {wanted_name}"
+        for key in sorted(held.keys() | wanted.keys())
+        if held.get(key) != wanted.get(key)
+    ]
+    return "; ".join(changed) or "a setting not recorded in the config"
+
+
+def config_summary(config: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in sorted(config.items()))
+
+
+INDEX_LAYOUT = "rcma-sharded-v1"
+INDEX_RECORD = ".index-record.json"  # in the shard folder: what the index links, what each shard held
+REWRITE_SHARE = 0.2  # an index update touching more videos than this share is written afresh
+REWRITE_GROWTH = 2.0  # ...as is one grown this many times its fresh size by updates
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One finished shard as a scan found it: its id, whether it opens, and the attrs the index
+    and `rcma status` need (grid and config hashes; a grid shard's video attrs)."""
+
+    video_id: str
+    root: Path  # the store's shard folder
+    key: str  # the shard's path under it, "<stage>/<id>.h5"
+    problem: str
+    attrs: dict[str, Any]
+    size: int
+    mtime_ns: int
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.key
+
+    @property
+    def link(self) -> str:
+        """The shard as the index links it (relative to the index's folder)."""
+        return f"{self.root.name}/{self.key}"
+
+    def cache_entry(self) -> list:
+        return [self.size, self.mtime_ns, self.video_id, self.problem, self.attrs]
+
+
+def scan_shards(store: Path, folder: str, cache: dict[str, list] | None = None) -> dict[str, ShardInfo]:
+    """{video id: ShardInfo} of every finished shard under `store.h5.d/<folder>/`.
+
+    A shard whose size and modification time match its entry in `cache` (the index's record of
+    the last scan) is not opened again: this is what keeps the index and `rcma status` fast on a
+    store of 100,000 videos. Any other shard is opened and checked (`shard_problem`'s quick check).
+    """
+    root = shard_root(store)
+    out: dict[str, ShardInfo] = {}
+    for rel, size, mtime in _walk_files(root / folder, ".h5"):
+        key = f"{folder}/{rel}"
+        entry = (cache or {}).get(key)
+        if entry is not None and entry[0] == size and entry[1] == mtime:
+            video_id, problem, attrs = entry[2], entry[3], entry[4]
+        else:
+            video_id = rel[: -len(".h5")]
+            names = (*SCANNED_ATTRS, *(VIDEO_ATTRS if folder == GRID else ()))
+            problem, attrs = _scan_one(root / key, names)
+            if any(_HASHED.search(part) for part in rel.split("/")):
+                video_id = str(attrs.get("video_id", video_id))
+        out[video_id] = ShardInfo(video_id, root, key, problem, attrs, size, mtime)
+    return out
+
+
+SCANNED_ATTRS = ("grid_hash", "config_hash", "video_id")
+
+
+def _scan_one(path: Path, names: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+    """(problem, the attrs `names`) of a shard, in one open: the quick check of `shard_problem`
+    (the file opens, its attrs and its list of arrays read), plus the share of frames present."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _plain(f.attrs[k]) for k in names if k in f.attrs}
+            members: list[str] = []
+            f.visit(members.append)
+            if "present" in members and isinstance(f["present"], h5py.Dataset):
+                present = f["present"][()]
+                attrs["present_share"] = float(present.mean()) if present.size else 0.0
+    except (OSError, KeyError, RuntimeError, ValueError) as e:
+        return ("damaged (checksum mismatch)" if "filter returned failure" in str(e) else "damaged"), {}
+    return "", attrs
+
+
+def _walk_files(folder: Path, suffix: str) -> Iterator[tuple[str, int, int]]:
+    """(path relative to `folder`, size, mtime_ns) of its files ending in `suffix`, recursively,
+    in sorted order; hidden files (temporary ones, `.index.lock`) are left out."""
+    stack = [("", str(folder))]
+    found = []
+    while stack:
+        prefix, where = stack.pop()
+        try:
+            entries = list(os.scandir(where))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((f"{prefix}{entry.name}/", entry.path))
+            elif entry.name.endswith(suffix):
+                try:
+                    stat = entry.stat()
+                except OSError:
+                    continue
+                found.append((f"{prefix}{entry.name}", stat.st_size, stat.st_mtime_ns))
+    return iter(sorted(found))
+
+
+def read_scan_cache(store: Path) -> dict[str, list]:
+    """What each shard held when the index last read it ({} when there is no sound record)."""
+    return _read_index_record(store).get("shards", {})
+
+
+def rebuild_index(store: Path, fresh: bool = False) -> int:
+    """Writes store.h5 from the finished shards; returns the number of videos in it.
+
+    Only shards made on a video's current frame grid, and of their stage's recorded config, are
+    linked, so a shard left from before the file changed is never read against the new grid and
+    a stage never mixes configs. The index records what it linked and what each shard held
+    (`INDEX_RECORD`): a rebuild opens only shards that changed since, and rewrites only the videos
+    whose links changed, in a copy of the index that replaces it atomically. `fresh` (or many
+    changes) writes it anew. Without a sound record (no index, a damaged one), every shard is
+    opened.
     """
     check_store_path(store)
     root = shard_root(store)
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / ".index.lock"):  # two writers must not interleave scan and rename
-        grids = dict(_ids_under(root / GRID, ".h5"))
-        stages = {stage: dict(_ids_under(root / stage, ".h5")) for stage in stage_names(store)}
-        count = 0
-        with atomic_file(store, root) as tmp, h5py.File(tmp, "w") as index:
-            set_attrs(index, {"layout": "rcma-sharded-v1", "shards": root.name})
-            videos = index.create_group("videos")
-            for video_id, grid in grids.items():
-                attrs = read_shard_attrs(grid)
-                if attrs is None:
-                    continue
-                group = videos.require_group(video_id)
-                set_attrs(group, {k: attrs[k] for k in VIDEO_ATTRS if k in attrs})
-                group["timestamps"] = h5py.ExternalLink(_relative(grid, store), "/timestamps")
-                for stage, shards in stages.items():
-                    shard = shards.get(video_id)
-                    shard_attrs = read_shard_attrs(shard) if shard else None
-                    if shard_attrs is not None and shard_attrs.get("grid_hash") == attrs.get("grid_hash"):
-                        group[stage] = h5py.ExternalLink(_relative(shard, store), "/")
-                count += 1
-    return count
+        previous = _read_index_record(store)
+        cache = previous.get("shards", {})
+        grids = scan_shards(store, GRID, cache)
+        stages = {stage: scan_shards(store, stage, cache) for stage in stage_names(store)}
+        configs = {stage: (stage_config(store, stage) or {}).get("config_hash") for stage in stages}
+        videos: dict[str, tuple[dict[str, Any], dict[str, tuple[str, str]]]] = {}
+        for video_id, grid in grids.items():
+            if grid.problem:
+                continue
+            attrs = {k: grid.attrs[k] for k in VIDEO_ATTRS if k in grid.attrs}
+            links = {"timestamps": (grid.link, "/timestamps")}
+            for stage, shards in stages.items():
+                shard = shards.get(video_id)
+                if (
+                    shard is not None
+                    and not shard.problem
+                    and shard.attrs.get("grid_hash") == grid.attrs.get("grid_hash")
+                    and configs[stage] in (None, shard.attrs.get("config_hash"))
+                ):
+                    links[stage] = (shard.link, "/")
+            videos[video_id] = (attrs, links)
+        digests = {vid: _digest(value) for vid, value in videos.items()}
+        record = {
+            "shards": {
+                info.key: info.cache_entry() for infos in (grids, *stages.values()) for info in infos.values()
+            },
+            "videos": digests,
+            "links": {
+                vid: {member: link for member, (link, _) in value[1].items()} for vid, value in videos.items()
+            },
+        }
+        old = previous.get("videos")
+        changed = [v for v in videos if old is None or old.get(v) != digests[v]]
+        removed = [v for v in (old or {}) if v not in videos]
+        fresh_size = previous.get("fresh_size", 0)
+        update = (
+            not fresh
+            and old is not None
+            and len(changed) + len(removed) <= REWRITE_SHARE * max(1, len(videos))
+            and store.stat().st_size <= REWRITE_GROWTH * fresh_size
+        )
+        if update and not changed and not removed:  # the index already links all it should
+            if record["shards"] == previous.get("shards") and record["links"] == previous.get("links"):
+                return len(videos)
+            record.update({"fresh_size": fresh_size, "index": previous["index"], "folder": root.name})
+            with atomic_file(root / INDEX_RECORD, root) as tmp:
+                tmp.write_text(json.dumps(record))
+            return len(videos)
+        with atomic_file(store, root) as tmp:
+            if update:
+                shutil.copyfile(store, tmp)
+                with h5py.File(tmp, "r+") as index:
+                    for video_id in removed:
+                        _unlink_video(index["videos"], video_id)
+                    for video_id in changed:
+                        _unlink_video(index["videos"], video_id)
+                        _link_video(index["videos"], video_id, *videos[video_id])
+            else:
+                with h5py.File(tmp, "w", libver="latest") as index:
+                    set_attrs(index, {"layout": INDEX_LAYOUT, "shards": root.name})
+                    group = index.create_group("videos")
+                    for video_id, (attrs, links) in videos.items():
+                        _link_video(group, video_id, attrs, links)
+                fresh_size = tmp.stat().st_size
+        record.update({"fresh_size": fresh_size, "index": list(_stat(store)), "folder": root.name})
+        with atomic_file(root / INDEX_RECORD, root) as tmp:
+            tmp.write_text(json.dumps(record))
+    return len(videos)
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _digest(value: tuple[dict[str, Any], dict[str, tuple[str, str]]]) -> str:
+    """Names what a video's group holds (its attrs and links), to find the groups to rewrite."""
+    attrs, links = value
+    text = repr((sorted(attrs.items()), sorted(links.items())))
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def _read_index_record(store: Path) -> dict[str, Any]:
+    """The record the index was written with; {} when the index is missing or is not the file the
+    record describes (replaced, damaged, renamed with its folder, or written by an older rcma)."""
+    try:
+        record = json.loads((shard_root(store) / INDEX_RECORD).read_text())
+        same = record.get("index") == list(_stat(store)) and record.get("folder") == shard_root(store).name
+        return record if same else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _link_video(
+    videos: h5py.Group, video_id: str, attrs: dict[str, Any], links: dict[str, tuple[str, str]]
+) -> None:
+    """A video's group: its attrs and one external link per shard."""
+    group = videos.require_group(video_id)
+    set_attrs(group, attrs)
+    for name, (filename, target) in links.items():
+        group.id.links.create_external(name.encode(), filename.encode(), target.encode())
+
+
+def _unlink_video(videos: h5py.Group, video_id: str) -> None:
+    """Removes a video's attrs and links, and its group (and emptied parents) when nothing else
+    (a nested id's group) is left in it."""
+    if video_id not in videos:
+        return
+    group = videos[video_id]
+    for name in list(group.attrs):
+        del group.attrs[name]
+    for name in list(group):
+        if not isinstance(group.get(name, getlink=True), h5py.HardLink):
+            del group[name]
+    parts = video_id.split("/")
+    while parts:
+        name = "/".join(parts)
+        if name in videos and len(videos[name]) == 0 and len(videos[name].attrs) == 0:
+            del videos[name]
+        else:
+            break
+        parts.pop()
 
 
 def clean_store_temps(store: Path) -> int | None:
@@ -483,66 +775,88 @@ def open_store(store: Path) -> h5py.File:
                 f"{store}: its links lead into {shards}/, not {shard_root(store).name}/ (renamed or "
                 f"moved?); run `rcma index --store {store}` to relink it"
             )
-        _walk_videos(f, store)
+        _opened_ids[f] = _walk_videos(f, store)
     except StoreError:
         f.close()
         raise
     return f
 
 
+_opened_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # open_store's walk, by file
+
+
 def video_ids(f: h5py.File) -> list[str]:
-    """Ids of the videos in a store opened with `open_store`. Ids may contain '/', so nested
-    groups are walked."""
+    """Ids of the videos in a store opened with `open_store` (the walk it did, not another).
+    Ids may contain '/', so nested groups are walked."""
+    known = _opened_ids.get(f) if f.id.valid else None
+    if known is not None and f.mode == "r":
+        return list(known)
     return _walk_videos(f, Path(f.filename))
 
 
 def _walk_videos(f: h5py.File, store: Path) -> list[str]:
+    """Every video id under /videos, checking each link on the way (HDF5's low-level calls: a
+    store of 100,000 videos is walked in seconds)."""
     found: list[str] = []
-    seen: set[tuple[int, int]] = set()
-    root = os.path.realpath(shard_root(store))
+    seen: set[tuple[Any, int]] = set()
+    links = _LinkCheck(store)
 
-    def walk(group: h5py.Group, prefix: str) -> None:
-        for key in group:
-            link = group.get(key, getlink=True)
-            if isinstance(link, h5py.ExternalLink):
-                _check_link(store, root, prefix.rstrip("/"), key, link.filename)
+    def walk(gid: h5py.h5g.GroupID, prefix: str) -> None:
+        names: list[bytes] = []
+        gid.links.iterate(names.append)
+        for raw in names:
+            key = raw.decode()
+            kind = gid.links.get_info(raw).type
+            if kind == h5py.h5l.TYPE_EXTERNAL:
+                filename, _ = gid.links.get_val(raw)
+                links.check(prefix.rstrip("/"), key, filename.decode())
                 continue
-            if not isinstance(link, h5py.HardLink):
+            if kind != h5py.h5l.TYPE_HARD:
                 continue
-            child = group[key]
-            if isinstance(child, h5py.Group):
-                where = (child.id.fileno, h5py.h5o.get_info(child.id).addr)
+            child = h5py.h5o.open(gid, raw)
+            if isinstance(child, h5py.h5g.GroupID):
+                where = (child.fileno, h5py.h5o.get_info(child).addr)
                 if where in seen:
-                    raise StoreError(
-                        f"{store}: group {child.name} is reached twice (a hard-link cycle), refused"
-                    )
+                    name = h5py.h5i.get_name(child).decode()
+                    raise StoreError(f"{store}: group {name} is reached twice (a hard-link cycle), refused")
                 seen.add(where)
-                if "n_frames" in child.attrs:
+                if h5py.h5a.exists(child, b"n_frames"):
                     try:
                         found.append(check_id(prefix + key))
                     except ValueError as e:
                         raise StoreError(f"{store}: {e}; refusing it") from None
                 walk(child, f"{prefix}{key}/")  # ids "a" and "a/b" can both exist
 
-    walk(f["videos"], "")
+    walk(f["videos"].id, "")
     return sorted(found)
 
 
-def _check_link(store: Path, root: str, video_id: str, name: str, target: str) -> None:
-    """An external link is followed only into the store's own shard folder."""
-    parts = Path(target).parts
-    inside = (
-        not os.path.isabs(target)
-        and ".." not in parts
-        and len(parts) > 1
-        and parts[0] == shard_root(store).name
-        and os.path.realpath(store.parent / target).startswith(root + os.sep)
-    )
-    if not inside:
-        raise StoreError(
-            f"{store}: video {video_id}: link {name} leads outside {shard_root(store).name}/ "
-            f"({target}); a damaged or crafted index, refusing it (`rcma index` rebuilds it)"
-        )
+class _LinkCheck:
+    """An external link is followed only into the store's own shard folder (symlinks resolved;
+    each folder is resolved once, each file only when it is itself a link)."""
+
+    def __init__(self, store: Path):
+        self.store = store
+        self.name = shard_root(store).name
+        self.root = os.path.realpath(shard_root(store)) + os.sep
+        self.folders: dict[str, str] = {}
+
+    def check(self, video_id: str, name: str, target: str) -> None:
+        parts = target.split("/")
+        inside = not os.path.isabs(target) and ".." not in parts and len(parts) > 1 and parts[0] == self.name
+        if inside:
+            folder, base = os.path.split(target)
+            if folder not in self.folders:
+                self.folders[folder] = os.path.realpath(self.store.parent / folder) + os.sep
+            path = self.folders[folder] + base
+            if os.path.islink(path):
+                path = os.path.realpath(path)
+            inside = path.startswith(self.root)
+        if not inside:
+            raise StoreError(
+                f"{self.store}: video {video_id}: link {name} leads outside {self.name}/ "
+                f"({target}); a damaged or crafted index, refusing it (`rcma index` rebuilds it)"
+            )
 
 
 @dataclass(frozen=True)
@@ -551,35 +865,50 @@ class StageCount:
     failed: dict[str, str]
     missing: list[str]
     damaged: dict[str, str]  # video id -> "<shard file>: <problem>"
+    other_config: list[str]  # sound shards of another config than the stage's (not indexed)
+    config: dict[str, Any] | None  # the stage's recorded {"config_hash", "config"}
 
 
 def stage_counts(store: Path, verify: bool = False) -> dict[str, StageCount]:
-    """Per stage: sound finished videos, damaged shards, failed videos with their errors, and
-    known videos with none of these. A video whose frame-grid shard is damaged is damaged in
-    every stage. `verify` reads every array to check its checksums (see `shard_problem`)."""
+    """Per stage: sound finished videos, damaged shards, failed videos with their errors, shards of
+    another config, and known videos with none of these. A video whose frame-grid shard is
+    damaged is damaged in every stage. Shards unchanged since the index last read them are not
+    opened again; `verify` reads every array of every shard to check its checksums (see
+    `shard_problem`)."""
     root = shard_root(store)
     failed = failures(store)
-    grids = dict(_ids_under(root / GRID, ".h5"))
+    cache = {} if verify else read_scan_cache(store)
+    grids = scan_shards(store, GRID, cache)
     known = set(grids)
     for records in failed.values():
         known |= set(records)
     bad_grids = {
-        vid: f"{path}: {problem}" for vid, path in grids.items() if (problem := shard_problem(path, verify))
+        vid: f"{info.path}: {problem}" for vid, info in grids.items() if (problem := _problem(info, verify))
     }
     out = {}
     for stage in sorted(set(stage_names(store)) | set(failed)):
-        shards = dict(_ids_under(root / stage, ".h5"))
+        shards = scan_shards(store, stage, cache) if (root / stage).is_dir() else {}
         damaged = {
-            vid: f"{path}: {problem}"
-            for vid, path in shards.items()
-            if (problem := shard_problem(path, verify))
+            vid: f"{info.path}: {problem}"
+            for vid, info in shards.items()
+            if (problem := _problem(info, verify))
         }
         damaged.update({vid: bad_grids[vid] for vid in shards.keys() & bad_grids.keys()})
-        done = set(shards) - set(damaged)
+        config = stage_config(store, stage)
+        other = sorted(
+            vid
+            for vid, info in shards.items()
+            if vid not in damaged and config and info.attrs.get("config_hash") != config["config_hash"]
+        )
+        done = set(shards) - set(damaged) - set(other)
         errors = {vid: r["error"] for vid, r in failed.get(stage, {}).items() if vid not in shards}
         missing = sorted(known - set(shards) - set(errors))
-        out[stage] = StageCount(sorted(done), errors, missing, dict(sorted(damaged.items())))
+        out[stage] = StageCount(sorted(done), errors, missing, dict(sorted(damaged.items())), other, config)
     return out
+
+
+def _problem(info: ShardInfo, verify: bool) -> str:
+    return shard_problem(info.path, full=True) if verify else info.problem
 
 
 def pack_store(store: Path, out: Path) -> None:
@@ -630,7 +959,14 @@ class VideoSummary:
 
 def summarize(store: Path) -> list[VideoSummary]:
     """Per video in the index: length, for each stage the share of frames with data, and the
-    stages whose shard is missing or damaged."""
+    stages whose shard is missing or damaged.
+
+    With the index's record (see `rebuild_index`), a shard unchanged since it was indexed is not
+    opened again (its share of frames present is in the record); otherwise every shard is read.
+    """
+    record = _read_index_record(store)
+    if "links" in record and store.exists():
+        return _summarize_from_record(store, record)
     out = []
     with open_store(store) as f:
         for video_id in video_ids(f):
@@ -649,6 +985,41 @@ def summarize(store: Path) -> list[VideoSummary]:
                     damaged[stage] = f"{_linked_file(store, group, stage)}: damaged (checksum mismatch)"
             n, fps = int(group.attrs["n_frames"]), float(group.attrs["fps"])
             out.append(VideoSummary(video_id, n, fps, n / fps, present, damaged))
+    return out
+
+
+def _summarize_from_record(store: Path, record: dict[str, Any]) -> list[VideoSummary]:
+    shards = record["shards"]
+    out = []
+    for video_id, links in sorted(record["links"].items()):
+        present: dict[str, float] = {}
+        damaged: dict[str, str] = {}
+        video: dict[str, Any] = {}
+        for member, link in links.items():
+            key = link.split("/", 1)[1]
+            path = store.parent / link
+            entry = shards.get(key)
+            try:
+                stat = path.stat()
+                same = entry is not None and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns
+            except OSError:
+                same = False
+            if same:
+                problem, attrs = entry[3], entry[4]
+            else:
+                names = (*SCANNED_ATTRS, *(VIDEO_ATTRS if member == "timestamps" else ()))
+                problem, attrs = _scan_one(path, names) if path.exists() else ("missing", {})
+            if problem:
+                damaged[member] = f"{path}: {problem}"
+            elif member == "timestamps":
+                video = attrs
+            elif "present_share" in attrs:
+                present[member] = attrs["present_share"]
+        if not video:  # the grid shard changed or is damaged: the length the index was made with
+            grid = shards.get(links["timestamps"].split("/", 1)[1])
+            video = grid[4] if grid else {"n_frames": 0, "fps": 1.0}
+        n, fps = int(video.get("n_frames", 0)), float(video.get("fps", 1.0))
+        out.append(VideoSummary(video_id, n, fps, n / fps, present, damaged))
     return out
 
 

@@ -24,8 +24,9 @@ import numpy as np
 
 from pipeline import asr
 from pipeline.audio import ROWS_PER_BLOCK, resolve_device
+from pipeline.faces import torch_threads
 from pipeline.media import SAMPLE_RATE, Media
-from pipeline.models import ModelUnavailable, packaged_model, sha256_file
+from pipeline.models import ModelUnavailable, packaged_model, sha256_file, weights_checksum
 from pipeline.stages import Extra, Rows, Stage, library_versions
 
 TEXT_MODEL_ENV = "RCMA_TEXT_MODEL"
@@ -34,6 +35,10 @@ DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
 PACKAGED_TEXT_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 TEXT_UNITS = ("word", "word-context", "segment")
 ENCODE_BATCH = 64
+# The sentence encoder runs on one CPU thread, as the faces detector does, so its vectors do not
+# depend on how many threads a worker process was given (a reduction split differently changes
+# the last bits). Its inputs are a file's few dozen words: the thread costs nothing measurable.
+ENCODE_THREADS = 1
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -132,7 +137,16 @@ class TextStage(Stage):
             "hallucination_filters": self.filters.config(),
             "text_model": self.text_source[0],
             "text_unit": self.text_unit,
+            **self._given_text_weights(),
         }
+
+    def _given_text_weights(self) -> dict[str, str]:
+        """A text-model folder given by path (option or $RCMA_TEXT_MODEL) is recorded by content,
+        so other weights in the same folder are another config; the packaged default is not."""
+        path = self.text_source[1]
+        if path is None or path == packaged_text_model():
+            return {}
+        return {"text_weights_sha256": weights_checksum(path)}
 
     def load(self) -> None:
         if self.asr_backend == "openai-whisper":
@@ -239,7 +253,8 @@ class TextStage(Stage):
         if not texts:
             return np.zeros((0, self.dim), np.float16)
         unique, inverse = np.unique(np.asarray(texts, dtype=str), return_inverse=True)
-        vectors = self.embedder.encode(list(unique), batch_size=ENCODE_BATCH, convert_to_numpy=True)
+        with torch_threads(ENCODE_THREADS if self.device == "cpu" else None):
+            vectors = self.embedder.encode(list(unique), batch_size=ENCODE_BATCH, convert_to_numpy=True)
         return vectors.astype(np.float16)[inverse]
 
     def _encode_in_context(self, transcript: asr.Transcript) -> np.ndarray:
@@ -258,7 +273,8 @@ class TextStage(Stage):
             spans.append((words, bounds))
         if not texts:
             return vectors.astype(np.float16)
-        states = self.embedder.encode(texts, batch_size=ENCODE_BATCH, output_value="token_embeddings")
+        with torch_threads(ENCODE_THREADS if self.device == "cpu" else None):
+            states = self.embedder.encode(texts, batch_size=ENCODE_BATCH, output_value="token_embeddings")
         tokenizer, limit = self.embedder.tokenizer, self.embedder.max_seq_length
         for text, token_states, (words, bounds) in zip(texts, states, spans, strict=True):
             encoded = tokenizer(text, return_offsets_mapping=True, truncation=True, max_length=limit)
@@ -272,7 +288,8 @@ class TextStage(Stage):
                 if inside.any():
                     vectors[w] = token_states[inside].mean(0)
                 else:  # past the model's input length: the word alone
-                    vectors[w] = self.embedder.encode([transcript.words[w]])[0]
+                    with torch_threads(ENCODE_THREADS if self.device == "cpu" else None):
+                        vectors[w] = self.embedder.encode([transcript.words[w]])[0]
         vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return vectors.astype(np.float16)
 

@@ -16,6 +16,7 @@ import pytest
 from conftest import CREMA_MP4, SINGLE_FACE
 from typer.testing import CliRunner
 
+import cli
 from cli import app
 from pipeline import runner
 from pipeline import store as st
@@ -151,7 +152,7 @@ def test_index_command_repairs_a_damaged_index(store):
         assert st.video_ids(f) == ["single_face"]
 
 
-def test_show_summarises_each_video(store):
+def test_show_summarises_each_video(store, monkeypatch):
     jobs, _ = runner.discover([SINGLE_FACE, CREMA_MP4[0]])
     options = {"visual_model": "none", "crops": False, "device": "cpu"}
     runner.run_local(jobs, runner.Extractor(store, [build_stage("faces", options)]))
@@ -160,6 +161,12 @@ def test_show_summarises_each_video(store):
     rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 3}
     assert "72" in rows["single_face"] and "30.000" in rows["single_face"]
     assert "100%" in rows["1001_DFA_ANG_XX"]  # a face on every CREMA-D frame
+
+    monkeypatch.setattr(cli, "SHOW_TABLE_MAX", 1)  # a big store: plain columns, the same cells
+    plain = CliRunner().invoke(app, ["show", "--store", str(store)])
+    assert plain.exit_code == 0
+    lines = {line.split()[0]: line.split() for line in plain.output.splitlines() if line.strip()}
+    assert lines["single_face"][1:3] == ["72", "30.000"] and lines["1001_DFA_ANG_XX"][-1] == "100%"
 
 
 def test_a_file_without_video_or_face_is_a_warning_not_a_failure(store, tmp_path):

@@ -99,12 +99,46 @@ def test_rerun_skips_done_work_and_gives_identical_arrays(store):
     assert np.array_equal(st.read_rows(st.shard_path(store, "meancolour", "single_face"), "mean"), first)
 
 
-def test_changed_config_is_recomputed_not_mixed(store):
-    extract(store, [SINGLE_FACE])
-    report = extract(store, [SINGLE_FACE], stage=FrameMean(scale=2.0))
+def test_another_config_is_refused_unless_forced_and_never_mixed(store):
+    extract(store, [SINGLE_FACE, CREMA_MP4[0]])
+    shard = st.shard_path(store, "meancolour", "single_face")
+    before = shard.read_bytes()
+    with pytest.raises(runner.FatalError) as refused:
+        extract(store, [SINGLE_FACE], stage=FrameMean(scale=2.0))
+    message = str(refused.value)
+    assert "\n" not in message and "meancolour" in message and "scale: 1.0 in the store, 2.0 now" in message
+    assert "--force" in message and "another --store" in message
+    assert shard.read_bytes() == before  # nothing was written
+
+    report = extract(store, [SINGLE_FACE], stage=FrameMean(scale=2.0), force=True)
     assert report.counts() == {"done": 1}
-    with st.open_store(store) as f:
+    assert st.stage_config(store, "meancolour")["config"] == {"scale": 2.0}
+    with st.open_store(store) as f:  # the video not recomputed keeps no link to its old-config shard
         assert f["videos/single_face/meancolour"].attrs["config"] == '{"scale": 2.0}'
+        assert "meancolour" not in f[f"videos/{CREMA_MP4[0].stem}"]
+    counts = st.stage_counts(store)["meancolour"]
+    assert counts.done == ["single_face"] and counts.other_config == [CREMA_MP4[0].stem]
+    again = extract(store, [CREMA_MP4[0]], stage=FrameMean(scale=2.0))  # recomputed, not skipped
+    assert again.counts() == {"done": 1}
+
+
+def test_a_failed_forced_recompute_keeps_the_previous_good_shard(store, tmp_path):
+    video = tmp_path / "clip.mp4"
+    shutil.copy(CREMA_MP4[0], video)
+    extract(store, [video])
+    shard = st.shard_path(store, "meancolour", "clip")
+    before = shard.read_bytes()
+
+    class Failing(FrameMean):
+        def run(self, media: Media):
+            yield from super().run(media)
+            raise RuntimeError("out of memory")
+
+    report = extract(store, [video], stage=Failing(), force=True)
+    assert [o.error for o in report.failed] == ["RuntimeError: out of memory"]
+    assert shard.read_bytes() == before
+    with st.open_store(store) as f:
+        assert "meancolour" in f["videos/clip"] and not st.damaged_members(store, f["videos/clip"], full=True)
 
 
 def test_changed_source_file_is_recomputed(store, tmp_path):
@@ -319,3 +353,29 @@ def test_text_files_are_not_taken_for_video(tmp_path):
     jobs, report = runner.discover([tmp_path])
     assert jobs == []
     assert sorted(p.name for p, _ in report.not_media) == ["README.nfo", "frame_0001.jpg", "notes"]
+
+
+def test_weights_swapped_behind_a_path_or_variable_are_a_config_change(tmp_path, monkeypatch):
+    from pipeline.audio import AUDIO_WEIGHTS_ENV, AudioStage
+    from pipeline.stages import config_hash
+    from pipeline.text import TEXT_MODEL_ENV, TextStage
+
+    weights = tmp_path / "wav2vec2.pt"
+    weights.write_bytes(b"first weights")
+    monkeypatch.setenv(AUDIO_WEIGHTS_ENV, str(weights))
+    first = config_hash(AudioStage(audio_model="wav2vec2", device="cpu"))
+    assert config_hash(AudioStage(audio_model="wav2vec2", device="cpu")) == first
+    weights.write_bytes(b"other weights, same path")
+    assert config_hash(AudioStage(audio_model="wav2vec2", device="cpu")) != first
+    given = config_hash(AudioStage(audio_model="wav2vec2", audio_weights=str(weights), device="cpu"))
+    assert given != first
+
+    folder = tmp_path / "my-text-model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"a")
+    monkeypatch.setenv(TEXT_MODEL_ENV, str(folder))
+    before = TextStage(device="cpu").config()
+    (folder / "model.safetensors").write_bytes(b"b")
+    after = TextStage(device="cpu").config()
+    assert before["text_model"] == after["text_model"] == "my-text-model"
+    assert before["text_weights_sha256"] != after["text_weights_sha256"]

@@ -5,6 +5,8 @@ into the cache for openai-whisper), Silero VAD (packaged with faster-whisper) an
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +120,26 @@ def test_a_transcript_decoded_by_sampling_is_the_same_every_time(openai_stage: T
     (rows_a, extra_a), (rows_b, extra_b) = run(openai_stage, media), run(openai_stage, media)
     assert extra_a.attrs["transcript"] == extra_b.attrs["transcript"]
     np.testing.assert_array_equal(rows_a["embedding"], rows_b["embedding"])
+
+
+def test_two_transcriptions_at_once_give_each_its_own_transcript(text_stage: TextStage):
+    """A Dask worker with several threads transcribes two files at once with one model: each must
+    get the transcript (words and timings) it gets alone. Clip 00 needs Whisper's temperature
+    sampling, which draws from torch's global generator."""
+    clips = [JFK, SPEECH_VA[0]]
+    audios = [read_audio(clip) for clip in clips]
+    alone = [text_stage.transcribe(audio) for audio in audios]
+    start = threading.Barrier(len(audios))
+
+    def transcribe(audio: np.ndarray) -> asr.Transcript:
+        start.wait()
+        return text_stage.transcribe(audio)
+
+    with ThreadPoolExecutor(len(audios)) as pool:
+        together = list(pool.map(transcribe, audios))
+    for clip, one, both in zip(clips, alone, together, strict=True):
+        assert both.words == one.words, clip
+        assert both.word_start == one.word_start and both.word_end == one.word_end, clip
 
 
 def test_leading_silence_has_no_words(text_stage: TextStage, tmp_path: Path):

@@ -275,3 +275,36 @@ def test_best_checkpoint_is_saved_before_last(tmp_path, monkeypatch):
     monkeypatch.setattr(ft, "save_checkpoint", lambda obj, path: (saved.append(path.name), save(obj, path)))
     train(config(store, tmp_path / "run", modalities=["audio"], epochs=1), quiet=True)
     assert saved == ["best.pt", "last.pt"]
+
+
+def test_a_model_refuses_features_made_with_other_settings(tmp_path):
+    """A checkpoint records each stage's config; evaluate/predict name the setting that differs.
+    A checkpoint from before configs were recorded still loads."""
+
+    def make(store: Path, audio_model: str) -> Path:
+        rng = np.random.default_rng(0)
+        config = {"audio_model": audio_model, "sample_rate": 16000}
+        for i in range(4):
+            n = 64
+            signal = rng.standard_normal(n)
+            add_video(store, f"v{i}", n, {}, labels=(signal, signal), split="train" if i < 3 else "val")
+            rows = {"present": np.ones(n, bool), "embedding": rng.standard_normal((n, 8)).astype(np.float16)}
+            st.write_shard(store, "audio", f"v{i}", rows, {"config": config, "config_hash": audio_model})
+        st.rebuild_index(store)
+        return store
+
+    trained_on = make(tmp_path / "a" / "store.h5", "logmel")
+    other = make(tmp_path / "b" / "store.h5", "wav2vec2")
+    run = tmp_path / "run"
+    train(config(trained_on, run, modalities=["audio"], epochs=1, window=16, hop=8, eval_hop=8), quiet=True)
+    ckpt = load_checkpoint(run / "best.pt", torch.device("cpu"))
+    assert ckpt["data"]["stages"]["audio"]["config"]["audio_model"] == "logmel"
+    assert evaluate(run / "best.pt", trained_on, "val", device="cpu")["overall"]["frames"] == 64
+    with pytest.raises(PredictError) as refused:
+        predict(run / "best.pt", other, tmp_path / "pred", device="cpu")
+    assert "audio_model: logmel trained on, wav2vec2 here" in str(refused.value)
+    assert not (tmp_path / "pred").exists() or not any((tmp_path / "pred").iterdir())
+
+    del ckpt["data"]["stages"]  # as written before configs were recorded
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert evaluate(tmp_path / "old.pt", other, "val", device="cpu")["overall"]["frames"] == 64

@@ -1,0 +1,173 @@
+"""The store at 100,000 videos: index rebuild, `rcma status`, opening the index and listing videos.
+
+Builds synthetic stores of 1,000, 10,000 and 100,000 small videos (a frame-grid shard and three
+stage shards each, copied from one real shard written by the store's own writer), then times:
+
+- the first `rebuild_index` (no earlier index: every shard is opened once),
+- `rebuild_index(fresh=True)`: the whole index written anew from the record of the shards,
+- `rebuild_index` again with nothing changed, and with 1% of the videos' shards rewritten
+  (what `rcma index` and every index refresh of a running extract do),
+- `rcma status` (the command itself, in a new process),
+- `rcma show` (the command itself),
+- `open_store` + `video_ids` (what training does first).
+
+The first index of a store opens every shard once, so it grows linearly with the shards; it is
+timed up to --open-all-up-to videos (default 10,000). Above that, the shards' record is seeded
+by reading the one template each store is copied from (what the index refreshes of the extract
+runs that build a real store leave behind), and everything after it is timed as above.
+
+The baseline of each ratio is the same operation at 1,000 videos, measured in the same run: the
+growth per 10x videos. Usage: python bench/store_scale.py [--sizes 1000,10000,100000] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline import store as st  # noqa: E402
+
+STAGES = ("faces", "audio", "text")
+FRAMES = 8
+TARGET_S = 10.0
+
+
+def build(store: Path, n: int) -> None:
+    """n videos: one real shard per kind, copied under each id (ids come from the file names)."""
+    template = store.parent / "template.h5"
+    timestamps = np.arange(FRAMES) / 30.0
+    ghash = st.grid_hash(timestamps)
+    st.write_shard(
+        template,
+        st.GRID,
+        "v",
+        {"timestamps": timestamps},
+        {"source": "v.mp4", "n_frames": FRAMES, "fps": 30.0, "duration": FRAMES / 30, "grid_hash": ghash},
+    )
+    configs = {}
+    for stage in STAGES:
+        rows = {"present": np.ones(FRAMES, bool), "embedding": np.zeros((FRAMES, 16), np.float16)}
+        config = {"model": f"{stage}-model"}
+        chash = f"{stage}-config"
+        st.write_shard(
+            template, stage, "v", rows, {"config": config, "config_hash": chash, "grid_hash": ghash}
+        )
+        configs[stage] = (chash, config)
+    root = st.shard_root(store)
+    for kind in (st.GRID, *STAGES):
+        folder = root / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        source = st.shard_path(template, kind, "v")
+        for i in range(n):
+            shutil.copyfile(source, folder / f"video{i:06d}.h5")
+    st.claim_stage_configs(store, configs, force=False)
+
+
+def timed(action) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def rcma(*args: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"rcma {' '.join(args)} failed: {result.stderr.strip()}")
+
+
+def list_videos(store: Path) -> int:
+    with st.open_store(store) as f:
+        return len(st.video_ids(f))
+
+
+def touch_share(store: Path, n: int, share: float) -> None:
+    """Rewrites the faces shard of `share` of the videos (a recompute), as a new file."""
+    folder = st.shard_root(store) / "faces"
+    for i in range(0, n, max(1, round(1 / share))):
+        path = folder / f"video{i:06d}.h5"
+        copy = path.with_name(".copy.tmp")
+        shutil.copyfile(path, copy)
+        os.replace(copy, path)
+
+
+def measure(folder: Path, n: int, open_all_up_to: int) -> dict[str, float]:
+    store = folder / f"n{n}" / "store.h5"
+    store.parent.mkdir(parents=True)
+    build(store, n)
+    out = {}
+    if n <= open_all_up_to:
+        out["index, first (opens all)"] = timed(lambda: st.rebuild_index(store))
+    else:  # every shard is a copy of one: read it once (what extract runs leave in the record)
+        scan_one = st._scan_one
+        seen: dict[tuple[str, tuple[str, ...]], tuple[str, dict]] = {}
+        st._scan_one = lambda path, names: seen.setdefault((path.parent.name, names), scan_one(path, names))
+        try:
+            out["index, first (opens all)"] = float("nan")
+            st.rebuild_index(store)
+        finally:
+            st._scan_one = scan_one
+    out["index, written anew"] = timed(lambda: st.rebuild_index(store, fresh=True))
+    out["index, nothing changed"] = timed(lambda: st.rebuild_index(store))
+    touch_share(store, n, 0.01)
+    out["index, 1% changed"] = timed(lambda: st.rebuild_index(store))
+    out["rcma status"] = timed(lambda: rcma("status", "--store", str(store)))
+    out["rcma show"] = timed(lambda: rcma("show", "--store", str(store)))
+    out["open + list videos"] = timed(lambda: list_videos(store))
+    assert list_videos(store) == n
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,10000,100000")
+    parser.add_argument("--keep", type=Path, help="Build the stores here and keep them.")
+    parser.add_argument(
+        "--open-all-up-to",
+        type=int,
+        default=10000,
+        help="Time the first index (every shard opened) up to this size; above it, the shards' "
+        "record is seeded from the one template (the first index grows linearly: see the smaller sizes).",
+    )
+    args = parser.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",")]
+    folder = args.keep or Path(tempfile.mkdtemp(prefix="rcma-store-scale-"))
+    print(f"machine: {os.cpu_count()} cores; load average at start: {os.getloadavg()}", flush=True)
+    results = {}
+    try:
+        for n in sizes:
+            results[n] = measure(folder, n, args.open_all_up_to)
+            print(f"{n} videos: " + ", ".join(f"{k} {v:.2f} s" for k, v in results[n].items()), flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    base = sizes[0]
+    print(f"\nload average at end: {os.getloadavg()}")
+    print(f"{'operation':<26}" + "".join(f"{n:>12,}" for n in sizes) + "   growth per 10x   target")
+    for name in results[base]:
+        times = [results[n][name] for n in sizes]
+        measured = [(n, t) for n, t in zip(sizes, times, strict=True) if t == t]  # not NaN
+        decades = np.log10(measured[-1][0] / base) or 1
+        growth = (measured[-1][1] / times[0]) ** (1 / decades)
+        verdict = "ok" if measured[-1][1] < TARGET_S else f"over {TARGET_S:g} s"
+        if len(measured) < len(sizes):
+            verdict += f" at {measured[-1][0]:,}; {times[0] / base * 1000:.1f} ms per video"
+        print(
+            f"{name:<26}"
+            + "".join(f"{t:>11.2f}s" for t in times)
+            + f"   x{growth:.1f} (vs {base:,})   {verdict}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Extraction at scale: a real `dask scheduler` and `dask worker` processes with several threads
+each, a worker killed mid-run, and `--workers 2` on this machine, each compared array by array
+with a one-worker run of the same real clips."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import CREMA_MP4, JFK, SINGLE_FACE
+
+from pipeline import store as st
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}  # workers import this checkout's code
+ALL = ["--stage", "all", "--visual-model", "none", "--device", "cpu", "--quiet"]
+
+
+def rcma(*args: str, env: dict[str, str] = ENV) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+def arrays(store: Path) -> dict[str, np.ndarray]:
+    """Every array of every stage of every video, read through the index, by `video/stage/name`."""
+    out: dict[str, np.ndarray] = {}
+    with st.open_store(store) as f:
+        for video_id in st.video_ids(f):
+            group = f[f"videos/{video_id}"]
+            for stage in group:
+                member = group[stage]
+                if isinstance(member, h5py.Dataset):
+                    out[f"{video_id}/{stage}"] = member[()]
+                    continue
+                member.visititems(
+                    lambda name, obj, where=f"{video_id}/{stage}": (
+                        out.__setitem__(f"{where}/{name}", obj[()]) if isinstance(obj, h5py.Dataset) else None
+                    )
+                )
+    return out
+
+
+# Whisper's token probabilities come out of a softmax over CPU matrix products whose last bits
+# depend on the process's memory layout (the BLAS kernel chosen for an alignment): two processes
+# agree to about 1e-6. Every other array, the words and their times included, must be identical.
+CLOSE_ONLY = {"text/word_prob": 1e-5}
+
+
+def assert_same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        tolerance = next((t for suffix, t in CLOSE_ONLY.items() if key.endswith(suffix)), None)
+        if tolerance is None:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        else:
+            np.testing.assert_allclose(a[key], b[key], rtol=tolerance, atol=0, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("clips")
+    for path in [*CREMA_MP4, SINGLE_FACE, JFK]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_worker(clips: Path, tmp_path_factory) -> dict[str, np.ndarray]:
+    """The reference: every stage of every clip in one process, one file after another.
+
+    With one intra-op thread, as each `dask worker` process has (Dask's nanny sets
+    OMP_NUM_THREADS=1) and as `--workers 2` gives each of its processes on this 2-core machine:
+    Whisper's word probabilities differ in the 7th digit between thread counts (a float sum split
+    differently), whatever the layout."""
+    store = tmp_path_factory.mktemp("one") / "store.h5"
+    one_thread = {**ENV, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    result = rcma("extract", str(clips), "--store", str(store), *ALL, "--workers", "1", env=one_thread)
+    assert result.returncode == 0, result.stderr
+    return arrays(store)
+
+
+class Cluster:
+    """A `dask scheduler` and two `dask worker` processes (two threads each) on 127.0.0.1."""
+
+    def __init__(self, folder: Path):
+        self.scheduler_file = folder / "scheduler.json"
+        self.processes: list[subprocess.Popen] = []
+        self._start(
+            "distributed.cli.dask_scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--scheduler-file",
+            str(self.scheduler_file),
+        )
+        deadline = time.monotonic() + 120
+        while not self.scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for _ in range(2):
+            self._start(
+                "distributed.cli.dask_worker",
+                "--scheduler-file",
+                str(self.scheduler_file),
+                "--nthreads",
+                "2",
+                "--no-dashboard",
+            )
+        from distributed import Client
+
+        self.client = Client(scheduler_file=str(self.scheduler_file), timeout=60)
+        self.client.wait_for_workers(2, timeout=180)
+
+    def _start(self, module: str, *args: str) -> None:
+        self.processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", module, *args],
+                cwd=REPO,
+                env=ENV,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+
+    def worker_pids(self) -> dict[str, int]:
+        """The worker processes themselves (each started under a nanny), by address."""
+        return self.client.run(os.getpid)
+
+    def close(self) -> None:
+        self.client.close()
+        for process in reversed(self.processes):
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    running = Cluster(tmp_path)
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def test_a_dask_cluster_with_two_threads_per_worker_gives_the_arrays_of_one_worker(
+    clips, one_worker, cluster, tmp_path
+):
+    store = tmp_path / "dask" / "store.h5"
+    store.parent.mkdir()
+    result = rcma(
+        "extract", str(clips), "--store", str(store), *ALL, "--scheduler", str(cluster.scheduler_file)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "24 done, 0 already done, 0 failed" in result.stderr
+    assert_same_arrays(one_worker, arrays(store))
+
+
+def test_a_worker_killed_mid_run_loses_nothing(clips, one_worker, cluster, tmp_path):
+    store = tmp_path / "killed" / "store.h5"
+    store.parent.mkdir()
+    command = [sys.executable, "-m", "cli", "extract", str(clips), "--store", str(store), *ALL]
+    run = subprocess.Popen(
+        [*command, "--scheduler", str(cluster.scheduler_file)],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    shards = st.shard_root(store) / "faces"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and len(list(shards.glob("*.h5"))) < 1:
+        time.sleep(0.05)
+    finished_at_kill = len(list(shards.glob("*.h5")))
+    busy = {w for w, tasks in cluster.client.processing().items() if tasks}
+    assert busy, "no task running when the worker was to be killed; the test proves nothing"
+    victim = cluster.worker_pids()[sorted(busy)[0]]
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = run.communicate(timeout=900)
+    assert run.returncode == 0, stderr
+    assert finished_at_kill < 8
+    status = rcma("status", "--store", str(store), "--verify")
+    assert status.returncode == 0 and "damaged" in status.stdout
+    for line in status.stdout.splitlines():
+        if line.startswith("│ ") and line.split("│")[1].strip() in ("faces", "audio", "text"):
+            cells = [c.strip() for c in line.split("│")[2:-1]]
+            assert cells == ["8", "0", "0", "0", "0"], line
+    assert_same_arrays(one_worker, arrays(store))
+    assert [p.name for p in st.shard_root(store).rglob(".*.tmp")] == []
+
+
+def test_two_local_workers_give_the_arrays_of_one(clips, one_worker, tmp_path):
+    store = tmp_path / "two" / "store.h5"
+    store.parent.mkdir()
+    result = rcma("extract", str(clips), "--store", str(store), *ALL, "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert "24 done, 0 already done, 0 failed" in result.stderr
+    assert_same_arrays(one_worker, arrays(store))
+    status = rcma("status", "--store", str(store))
+    assert "text config" in status.stdout and "faces config" in status.stdout
+
+
+def test_shards_of_an_array_job_split_the_files_without_overlap(clips, tmp_path):
+    from pipeline import runner
+
+    jobs, _ = runner.discover([clips])
+    parts = [runner.shard_of(jobs, f"{i}/3") for i in (1, 2, 3)]
+    ids = [job.video_id for part in parts for job in part]
+    assert sorted(ids) == sorted(job.video_id for job in jobs) and len(set(ids)) == len(ids)
+    for bad in ("0/3", "4/3", "x", "1/0"):
+        with pytest.raises(ValueError, match="--shard"):
+            runner.shard_of(jobs, bad)
+
+
+def test_a_worker_that_cannot_write_the_store_folder_is_one_line(tmp_path):
+    from pipeline import runner
+
+    missing = tmp_path / "elsewhere" / "store.h5"
+    assert "cannot see the store's folder" in runner._check_writable_on_worker(str(missing))
+    (tmp_path / "store.h5.d").mkdir()
+    assert runner._check_writable_on_worker(str(tmp_path / "store.h5")) == ""
+    assert [p.name for p in (tmp_path / "store.h5.d").iterdir()] == []
+    if os.geteuid() != 0:  # root writes anywhere
+        (tmp_path / "store.h5.d").chmod(0o500)
+        problem = runner._check_writable_on_worker(str(tmp_path / "store.h5"))
+        assert "cannot write into" in problem and "filesystem every worker shares" in problem
+
+
+def test_auto_workers_follow_cores_and_gpus():
+    from pipeline.runner import auto_workers
+
+    assert auto_workers(n_jobs=100, cores=16, gpus=0) == 16
+    assert auto_workers(n_jobs=3, cores=16, gpus=0) == 3
+    assert auto_workers(n_jobs=100, cores=16, gpus=2) == 4  # two per GPU
+    assert auto_workers(n_jobs=100, cores=1, gpus=2) == 1
+    assert auto_workers(n_jobs=0, cores=2, gpus=0) == 1
