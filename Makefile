@@ -56,6 +56,9 @@ bench: setup
 	$(BIN)/python bench/faces.py
 	$(BIN)/python bench/audio_text.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/fusion.py
+	$(BIN)/python bench/scaling.py
+	$(BIN)/python bench/store_scale.py
 
 lock:
 	$(PYTHON) -m venv /tmp/rcma-lock && /tmp/rcma-lock/bin/pip install --quiet -e '.[dev]' \

@@ -358,12 +358,17 @@ def extract(
     """Runs `jobs`: on the Dask cluster at `scheduler`, else here with `workers` processes
     ("auto": see `auto_workers`); one worker runs in this process, as rcma always did."""
     if scheduler:
-        return run_dask(jobs, scheduler, store, stage_specs, fps, force, on_job_done, progress)
-    count = resolve_workers(workers, len(jobs), stage_specs)
-    if count == 1:
-        stages = [build_stage(name, options) for name, options in stage_specs]
-        return run_local(jobs, Extractor(store, stages, fps, force), progress, on_job_done)
-    return run_local_cluster(jobs, count, store, stage_specs, fps, force, on_job_done, progress)
+        outcomes = run_dask(jobs, scheduler, store, stage_specs, fps, force, on_job_done, progress)
+    else:
+        count = resolve_workers(workers, len(jobs), stage_specs)
+        if count == 1:
+            stages = [build_stage(name, options) for name, options in stage_specs]
+            outcomes = run_local(jobs, Extractor(store, stages, fps, force), progress, on_job_done)
+        else:
+            outcomes = run_local_cluster(jobs, count, store, stage_specs, fps, force, on_job_done, progress)
+    if st.shard_root(store).is_dir():  # temp files of writers killed in this run or before, never a live one
+        st.clean_store_temps(store)
+    return outcomes
 
 
 def cpu_count() -> int:

@@ -302,5 +302,5 @@ def _warning(audio: np.ndarray | None, transcript: asr.Transcript) -> dict[str, 
     if audio is None:
         return {"warning": "no audio track: no transcript, every frame marked absent"}
     if not transcript.words:
-        return {"warning": "no speech found: every frame marked absent"}
+        return {"warning": "no speech found, or only words Whisper doubts: every frame marked absent"}
     return {}
