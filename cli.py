@@ -10,7 +10,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -152,7 +151,7 @@ def extract(
                 )
 
     try:
-        with _progress(quiet) as bars:
+        with runner.progress_bars(console, quiet) as bars:
             files = bars.add_task("files", total=len(jobs))
             frames = bars.add_task("frames", total=None)
 
@@ -177,18 +176,6 @@ def extract(
     )
     if not report.ok:
         raise typer.Exit(1)
-
-
-def _progress(quiet: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description:<32.32}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=quiet,
-        transient=False,
-    )
 
 
 @app.command()

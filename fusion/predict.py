@@ -319,7 +319,6 @@ def predict_media(
     A file that cannot be read is a line in `failed`; the other files are still predicted.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from pipeline import runner
     from pipeline.media import DEFAULT_FPS
@@ -350,14 +349,7 @@ def predict_media(
         raise PredictError("no media files found in " + ", ".join(map(str, inputs)))
     extractor = runner.Extractor(store, stages, fps or DEFAULT_FPS)
     bad: set[str] = set()
-    with Progress(
-        TextColumn("{task.description:<32.32}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=quiet,
-    ) as bars:
+    with runner.progress_bars(console, quiet) as bars:
         files = bars.add_task("files", total=len(jobs))
         frames = bars.add_task("frames", total=None, visible=False)  # shown once a stage runs
 

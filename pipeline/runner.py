@@ -371,6 +371,20 @@ def extract(
     return outcomes
 
 
+def progress_bars(console: Any, quiet: bool) -> Any:
+    """The rich bars an extraction shows: one for files, one for the frames of the current stage."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bars
+
+    columns = (
+        TextColumn("{task.description:<32.32}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    return Bars(*columns, console=console, disable=quiet)
+
+
 def cpu_count() -> int:
     """The cores this process may run on (a container's or a batch job's share, not the machine's)."""
     try:
