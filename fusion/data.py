@@ -68,11 +68,12 @@ def read_splits(store: Path) -> dict[str, str]:
             _check_shards(store, vid, group, full=False, only="labels")
             if "labels" in group:
                 split = group["labels"].attrs.get("split", "")
-                out[vid] = split.decode() if isinstance(split, bytes) else str(split)
+                out[vid] = _text(split)
         return out
 
 
-def _text(value) -> str:
+def _text(value: bytes | str) -> str:
+    """An HDF5 string attribute as str (h5py returns bytes or str depending on how it was written)."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -304,7 +305,7 @@ def stage_configs(store: Path, videos: list[str], modalities: list[str]) -> dict
                 if "config_hash" not in attrs:
                     continue
                 config = attrs["config"]
-                config = json.loads(config.decode() if isinstance(config, bytes) else str(config))
+                config = json.loads(_text(config))
                 shared = {k: v for k, v in config.items() if k not in PER_VIDEO.get(stage, ())}
                 shared_hash = hash_config(stage, shared)
                 if stage in out and out[stage]["config_hash"] != shared_hash:
