@@ -43,7 +43,7 @@ from pipeline.runner import cpu_count  # noqa: E402
 AFFWILD2_FRAMES = 2.9e6
 AFFWILD2_AUDIO_S = 30 * 3600
 OPTIONS = ["--stage", "all", "--visual-model", "none", "--device", "cpu", "--quiet"]
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 def children_cpu() -> float:
