@@ -721,13 +721,8 @@ def _run_on_client(
         if problem:
             raise FatalError(problem)
         prepared = _lost_cluster_is_a_run_error(
-            scheduler,
-            lambda: client.submit(
-                _prepare_on_worker, where, specs, fps, force, setup, pure=False, resources=resources
-            ).result(),
+            scheduler, lambda: _prepare_every_worker(client, where, specs, fps, force, setup, resources)
         )
-        if isinstance(prepared, RunErrorOnWorker):
-            raise FatalError(prepared.error)
         claim_configs(store, prepared, force)
         futures = {
             client.submit(
@@ -741,6 +736,7 @@ def _run_on_client(
                 pure=False,
                 retries=2,
                 resources=resources,
+                priority=_size(job.path),  # the largest files first, so none is left to run alone at the end
             ): job
             for job in jobs
         }
@@ -772,6 +768,59 @@ def _run_on_client(
             _quietly(lambda: client.unsubscribe_topic(PROGRESS_TOPIC))
         index.refresh(now=True)
     return outcomes
+
+
+def _prepare_every_worker(
+    client,
+    store: str,
+    specs: list[tuple[str, dict]],
+    fps: float,
+    force: bool,
+    setup: WorkerSetup,
+    resources: dict[str, int] | None,
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Loads the models on every worker at once (not one after another as first jobs arrive) and
+    checks that all resolve the same stage configs: a worker with other weights on its disk would
+    otherwise write a store of mixed features. Workers that join later prepare on their first job."""
+    workers = list(client.scheduler_info(n_workers=-1).get("workers", {}))
+    futures = [
+        client.submit(
+            _prepare_on_worker,
+            store,
+            specs,
+            fps,
+            force,
+            setup,
+            pure=False,
+            resources=resources,
+            workers=[address],
+            allow_other_workers=False,
+        )
+        for address in workers
+    ] or [client.submit(_prepare_on_worker, store, specs, fps, force, setup, pure=False, resources=resources)]
+    results = client.gather(futures)
+    for result in results:
+        if isinstance(result, RunErrorOnWorker):
+            raise FatalError(result.error)
+    first = results[0]
+    for address, result in zip(workers[1:], results[1:], strict=True):
+        for stage, (digest, config) in result.items():
+            if digest != first[stage][0]:
+                difference = st.config_difference(
+                    first[stage][1], config, f"on {workers[0]}", f"on {address}"
+                )
+                raise FatalError(
+                    f"the workers resolve stage {stage} differently ({difference}): give every worker "
+                    "the same models and library versions"
+                )
+    return first
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _gpu_resources(client, specs: list[tuple[str, dict]]) -> dict[str, int] | None:

@@ -250,3 +250,35 @@ def test_auto_workers_follow_cores_and_gpus():
     assert auto_workers(n_jobs=100, cores=16, gpus=2) == 4  # two per GPU
     assert auto_workers(n_jobs=100, cores=1, gpus=2) == 1
     assert auto_workers(n_jobs=0, cores=2, gpus=0) == 1
+
+
+class Resolved:
+    """What a Dask client needs to give `_prepare_every_worker`: each worker's resolved configs."""
+
+    def __init__(self, per_worker: dict[str, dict]):
+        self.per_worker = per_worker
+
+    def scheduler_info(self, n_workers: int = -1) -> dict:
+        return {"workers": {address: {} for address in self.per_worker}}
+
+    def submit(self, fn, *args, workers=None, **kwargs):
+        return self.per_worker[workers[0]]
+
+    def gather(self, futures):
+        return list(futures)
+
+
+def test_workers_that_resolve_other_models_are_refused_before_any_job():
+    from pipeline import runner
+
+    text = {"model": "all-MiniLM-L6-v2", "weights_sha256": "aa"}
+    other = {**text, "weights_sha256": "bb"}
+    same = Resolved({"tcp://a:1": {"text": ("h1", text)}, "tcp://b:1": {"text": ("h1", text)}})
+    args = ("store.h5", [], 30.0, False, runner.WorkerSetup(), None)
+    assert runner._prepare_every_worker(same, *args) == {"text": ("h1", text)}
+    mixed = Resolved({"tcp://a:1": {"text": ("h1", text)}, "tcp://b:1": {"text": ("h2", other)}})
+    with pytest.raises(runner.FatalError) as error:
+        runner._prepare_every_worker(mixed, *args)
+    line = str(error.value)
+    assert "\n" not in line and "stage text" in line
+    assert "weights_sha256: aa on tcp://a:1, bb on tcp://b:1" in line
