@@ -93,11 +93,14 @@ def one_worker(clips: Path, tmp_path_factory) -> dict[str, np.ndarray]:
 class Cluster:
     """A `dask scheduler` and two `dask worker` processes (two threads each) on 127.0.0.1."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, env: dict[str, str] = ENV, protocol: str = "tcp"):
         self.scheduler_file = folder / "scheduler.json"
+        self.env = env
         self.processes: list[subprocess.Popen] = []
         self._start(
             "distributed.cli.dask_scheduler",
+            "--protocol",
+            protocol,
             "--host",
             "127.0.0.1",
             "--port",
@@ -119,8 +122,16 @@ class Cluster:
                 "--no-dashboard",
             )
         from distributed import Client
+        from distributed.security import Security
 
-        self.client = Client(scheduler_file=str(self.scheduler_file), timeout=60)
+        tls = env.get("DASK_DISTRIBUTED__COMM__TLS__CA_FILE")
+        security = Security(
+            tls_ca_file=tls,
+            tls_client_cert=env.get("DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT"),
+            tls_client_key=env.get("DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY"),
+            require_encryption=bool(tls),
+        )
+        self.client = Client(scheduler_file=str(self.scheduler_file), timeout=60, security=security)
         self.client.wait_for_workers(2, timeout=180)
 
     def _start(self, module: str, *args: str) -> None:
@@ -128,7 +139,7 @@ class Cluster:
             subprocess.Popen(
                 [sys.executable, "-m", module, *args],
                 cwd=REPO,
-                env=ENV,
+                env=self.env,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
@@ -282,3 +293,62 @@ def test_workers_that_resolve_other_models_are_refused_before_any_job():
     line = str(error.value)
     assert "\n" not in line and "stage text" in line
     assert "weights_sha256: aa on tcp://a:1, bb on tcp://b:1" in line
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate and key for 127.0.0.1, which also serves as its own certificate authority."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command for a certificate")
+def test_a_tls_cluster_configured_through_dask_gives_the_arrays_of_one_worker(tmp_path):
+    audio = ["--stage", "audio", "--audio-model", "logmel", "--device", "cpu", "--quiet"]
+    local = rcma(
+        "extract",
+        str(JFK),
+        str(CREMA_MP4[0]),
+        "--store",
+        str(tmp_path / "local.h5"),
+        *audio,
+        "--workers",
+        "1",
+    )
+    assert local.returncode == 0, local.stderr
+    cert, key = self_signed(tmp_path)
+    tls = {
+        "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "True",
+        "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": str(cert),
+    }
+    for who in ("SCHEDULER", "WORKER", "CLIENT"):
+        tls[f"DASK_DISTRIBUTED__COMM__TLS__{who}__CERT"] = str(cert)
+        tls[f"DASK_DISTRIBUTED__COMM__TLS__{who}__KEY"] = str(key)
+    running = Cluster(tmp_path, env={**ENV, **tls}, protocol="tls")
+    try:
+        address = running.client.scheduler.address
+        assert address.startswith("tls://")
+        store = tmp_path / "tls.h5"
+        plain = rcma("extract", str(JFK), "--store", str(store), *audio, "--scheduler", address)
+        assert plain.returncode != 0 and not store.exists()
+        assert len(plain.stderr.strip().splitlines()) == 1 and address in plain.stderr, plain.stderr
+        result = rcma(
+            "extract",
+            str(JFK),
+            str(CREMA_MP4[0]),
+            "--store",
+            str(store),
+            *audio,
+            "--scheduler",
+            address,
+            env={**ENV, **tls},
+        )
+        assert result.returncode == 0, result.stderr
+    finally:
+        running.close()
+    assert_same_arrays(arrays(tmp_path / "local.h5"), arrays(store))
