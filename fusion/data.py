@@ -97,7 +97,7 @@ def select_videos(store: Path, splits: list[str] | None, need_labels: bool) -> l
     return chosen
 
 
-def load(
+def load_store(
     store: Path,
     modalities: list[str],
     videos: list[str],

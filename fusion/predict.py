@@ -22,7 +22,7 @@ import torch
 
 from pipeline.store import atomic_file, config_difference, id_file
 
-from . import data as fd
+from .data import STAGE_OF, DataError, StoreData, load_store, select_videos
 from .metrics import scores
 from .train import TrainError, build_model, load_checkpoint, pick_device, predict_frames
 
@@ -42,15 +42,15 @@ def _prepare(
     need_labels: bool,
     device: str,
     videos: list[str] | None = None,
-) -> tuple[torch.nn.Module, dict[str, Any], fd.StoreData]:
+) -> tuple[torch.nn.Module, dict[str, Any], StoreData]:
     try:
         dev = pick_device(device)
         ckpt = load_checkpoint(model_path, dev)
         info = ckpt["data"]
         if videos is None:
-            videos = fd.select_videos(store, splits, need_labels)
-        data = fd.load(store, list(info["modalities"]), videos, info["visual_input"] or "auto", dev)
-    except (TrainError, fd.DataError) as e:
+            videos = select_videos(store, splits, need_labels)
+        data = load_store(store, list(info["modalities"]), videos, info["visual_input"] or "auto", dev)
+    except (TrainError, DataError) as e:
         raise PredictError(str(e)) from None
     if data.dims != info["dims"]:
         changed = ", ".join(
@@ -183,7 +183,7 @@ def write_outputs(
     out: Path,
     model_path: Path,
     ckpt: dict[str, Any],
-    data: fd.StoreData,
+    data: StoreData,
     pred: np.ndarray,
     store: Path,
     plots: bool = True,
@@ -234,11 +234,11 @@ def write_outputs(
 def rebuild_stages(ckpt: dict[str, Any], model_path: Path, device: str) -> tuple[list[Any], float | None]:
     """The stages (and audio-only frame rate) the checkpoint's features came from, checked to give the
     same config hash here; a model file or setting that cannot be reproduced is a one-line error."""
-    from pipeline.models import ModelUnavailable
     from pipeline.stages import build_stage, config_hash
+    from pipeline.weights import ModelUnavailable
 
     recorded = ckpt["data"].get("stages")
-    wanted = [fd.STAGE_OF[m] for m in ckpt["data"]["modalities"]]
+    wanted = [STAGE_OF[m] for m in ckpt["data"]["modalities"]]
     if not recorded or any(stage not in recorded for stage in wanted):
         raise PredictError(
             f"{model_path}: the checkpoint does not record how its features were extracted (trained by an "

@@ -29,8 +29,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline.store import atomic_file
 
-from . import data as fd
 from .config import FIXED_ON_RESUME, LEGACY, ModelConfig, TrainConfig, TrainError
+from .data import DataError, StoreData, cut, load_store, select_videos, window_index, windows
 from .metrics import ccc_loss, scores
 from .model import RCMA, Ensemble, build_model, upgrade_state
 
@@ -53,13 +53,13 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast("cuda", dtype=dtype)
 
 
-def model_config(cfg: TrainConfig, data: fd.StoreData) -> ModelConfig:
+def model_config(cfg: TrainConfig, data: StoreData) -> ModelConfig:
     return ModelConfig(
         inputs=dict(data.dims), visual_crops=data.visual_input == "crops", **cfg.model_settings()
     )
 
 
-def normalisation(data: fd.StoreData, chosen: list[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def normalisation(data: StoreData, chosen: list[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel mean and std of each embedding modality over the chosen videos' present frames."""
     rows = torch.as_tensor(_rows(data, chosen), device=data.labels.device)
     stats = {}
@@ -85,7 +85,7 @@ def normalisation(data: fd.StoreData, chosen: list[int]) -> dict[str, tuple[torc
 @torch.no_grad()
 def predict_frames(
     model: RCMA | Ensemble,
-    data: fd.StoreData,
+    data: StoreData,
     chosen: list[int],
     window: int,
     hop: int,
@@ -96,14 +96,14 @@ def predict_frames(
     n = data.n_frames
     total = torch.zeros(n + 1, 2, device=device)
     count = torch.zeros(n + 1, device=device)
-    starts, lengths = fd.windows(data.offsets, window, hop, chosen)
+    starts, lengths = windows(data.offsets, window, hop, chosen)
     was_training = model.training
     model.eval()
     for lo in range(0, len(starts), batch_size):
         s = torch.as_tensor(starts[lo : lo + batch_size], device=device)
         k = torch.as_tensor(lengths[lo : lo + batch_size], device=device)
-        index, valid = fd.window_index(s, k, window, n)
-        batch = fd.cut(data, index, valid)
+        index, valid = window_index(s, k, window, n)
+        batch = cut(data, index, valid)
         with autocast(device):
             pred = model(batch["inputs"], batch["present"], valid)
         pred = pred.float() * valid.unsqueeze(-1)
@@ -115,7 +115,7 @@ def predict_frames(
 
 
 def validate(
-    model: RCMA | Ensemble, data: fd.StoreData, chosen: list[int], cfg: TrainConfig
+    model: RCMA | Ensemble, data: StoreData, chosen: list[int], cfg: TrainConfig
 ) -> dict[str, float]:
     """The challenge metric: CCC over all labelled frames of all chosen videos, concatenated."""
     pred = predict_frames(model, data, chosen, cfg.window, cfg.eval_hop, cfg.batch_size)
@@ -124,7 +124,7 @@ def validate(
     return scores(pred[rows][mask], data.labels[:-1].cpu().numpy()[rows][mask])
 
 
-def _rows(data: fd.StoreData, chosen: list[int]) -> np.ndarray:
+def _rows(data: StoreData, chosen: list[int]) -> np.ndarray:
     return np.concatenate([np.arange(data.offsets[i], data.offsets[i + 1]) for i in chosen])
 
 
@@ -151,13 +151,13 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
     if cfg.folds:
         return _cross_validate(cfg, store, device, resume, console)
     try:
-        train_ids = fd.select_videos(store, [cfg.train_split], need_labels=True)
-        val_ids = fd.select_videos(store, [cfg.val_split], need_labels=True)
+        train_ids = select_videos(store, [cfg.train_split], need_labels=True)
+        val_ids = select_videos(store, [cfg.val_split], need_labels=True)
         both = sorted(set(train_ids) & set(val_ids))
         if both:
             raise TrainError(f"{store}: video {both[0]} is in both the training and the validation split")
-        data = fd.load(store, cfg.modalities, train_ids + val_ids, cfg.visual, device)
-    except fd.DataError as e:
+        data = load_store(store, cfg.modalities, train_ids + val_ids, cfg.visual, device)
+    except DataError as e:
         raise TrainError(str(e)) from None
     train_idx = list(range(len(train_ids)))
     val_idx = list(range(len(train_ids), len(train_ids) + len(val_ids)))
@@ -165,7 +165,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
     return _train_seeds(cfg, data, train_idx, val_idx, out, resume, console)
 
 
-def _check_labelled(data: fd.StoreData, store: Path, parts: dict[str, list[int]]) -> None:
+def _check_labelled(data: StoreData, store: Path, parts: dict[str, list[int]]) -> None:
     labelled = data.labelled[:-1].cpu().numpy()
     for name, chosen in parts.items():
         if not chosen or not labelled[_rows(data, chosen)].any():
@@ -174,7 +174,7 @@ def _check_labelled(data: fd.StoreData, store: Path, parts: dict[str, list[int]]
 
 def _train_seeds(
     cfg: TrainConfig,
-    data: fd.StoreData,
+    data: StoreData,
     train_idx: list[int],
     val_idx: list[int],
     out: Path,
@@ -253,9 +253,9 @@ def _cross_validate(
     cfg: TrainConfig, store: Path, device: torch.device, resume: bool, console: Console
 ) -> dict[str, Any]:
     try:
-        videos = fd.select_videos(store, None, need_labels=True)
-        data = fd.load(store, cfg.modalities, videos, cfg.visual, device)
-    except fd.DataError as e:
+        videos = select_videos(store, None, need_labels=True)
+        data = load_store(store, cfg.modalities, videos, cfg.visual, device)
+    except DataError as e:
         raise TrainError(str(e)) from None
     groups = read_groups(Path(cfg.groups)) if cfg.groups else {}
     missing = [v for v in videos if cfg.groups and v not in groups]
@@ -322,7 +322,7 @@ def _cross_validate(
 
 def fit(
     cfg: TrainConfig,
-    data: fd.StoreData,
+    data: StoreData,
     train_idx: list[int],
     val_idx: list[int],
     out: Path,
@@ -370,7 +370,7 @@ def fit(
 
     tb = SummaryWriter(str(out / "tb"), purge_step=state["step"] + 1 if state["step"] else None)
 
-    starts, lengths = fd.windows(data.offsets, cfg.window, cfg.hop, train_idx)
+    starts, lengths = windows(data.offsets, cfg.window, cfg.hop, train_idx)
     starts_t = torch.as_tensor(starts, device=device)
     lengths_t = torch.as_tensor(lengths, device=device)
     steps_per_epoch = math.ceil(len(starts) / cfg.batch_size)
@@ -406,8 +406,8 @@ def fit(
                 t0 = time.perf_counter()
                 pick_cpu = order[lo : lo + cfg.batch_size]
                 pick = pick_cpu.to(device, non_blocking=True)
-                index, valid = fd.window_index(starts_t[pick], lengths_t[pick], cfg.window, data.n_frames)
-                batch = fd.cut(data, index, valid)
+                index, valid = window_index(starts_t[pick], lengths_t[pick], cfg.window, data.n_frames)
+                batch = cut(data, index, valid)
                 data_time += time.perf_counter() - t0
                 with autocast(device):
                     pred = model(batch["inputs"], batch["present"], valid)

@@ -27,8 +27,8 @@ import torch
 
 from pipeline import asr
 from pipeline.media import SAMPLE_RATE, Media
-from pipeline.models import fetch_weights, sha256_file, weights_checksum
 from pipeline.stages import Extra, Rows, Stage, library_versions
+from pipeline.weights import fetch_weights, sha256_file, weights_checksum
 
 AUDIO_MODELS = ("logmel", "wav2vec2", "hubert", "wavlm", "whisper-encoder")
 AUDIO_WEIGHTS_ENV = "RCMA_AUDIO_WEIGHTS"

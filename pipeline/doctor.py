@@ -85,7 +85,7 @@ def reachable(url: str) -> bool:
 def model_checks(probe: Callable[[str], bool]) -> list[Check]:
     from pipeline import asr, text, visual
     from pipeline.audio import AUDIO_WEIGHTS_ENV
-    from pipeline.models import CACHE_ENV, cache_dir
+    from pipeline.weights import CACHE_ENV, cache_dir
 
     checks = [_mtcnn()]
     env = os.environ.get(visual.VGGFACE2_ENV)

@@ -42,9 +42,9 @@ import torch
 
 from pipeline.align import CROP_SIZE, align_face
 from pipeline.media import VIDEO_EXTENSIONS, Media, iter_video_frames
-from pipeline.models import ModelUnavailable, sha256_file
 from pipeline.stages import Extra, Rows, Stage, library_versions
 from pipeline.visual import NONE, VGGFACE2, Embedder, build_embedder
+from pipeline.weights import ModelUnavailable, sha256_file
 
 MIN_FACE_PX = 20  # MTCNN's default smallest face, kept so small faces (Hamilton's ~40 px) are found
 THRESHOLDS = (0.6, 0.7, 0.7)  # P-Net, R-Net, O-Net; MTCNN's defaults

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import store as st
+from pipeline.store import StoreError, damaged_members, open_store, rebuild_index, video_ids, write_shard
 
 STAGE = "labels"
 UNANNOTATED = -5.0
@@ -112,8 +112,8 @@ def import_labels(
         }
         if item.video_id in grid_hashes:  # older stores have none
             attrs["grid_hash"] = grid_hashes[item.video_id]
-        st.write_shard(store, STAGE, item.video_id, rows, attrs)
-    st.rebuild_index(store)
+        write_shard(store, STAGE, item.video_id, rows, attrs)
+    rebuild_index(store)
     return parsed
 
 
@@ -156,19 +156,19 @@ def _store_grid(store: Path) -> tuple[dict[str, np.ndarray], dict[str, str], dic
     """Each video's timestamps, the grid_hash of those that have one, and the face each video's
     faces stage tracked (see pipeline.faces: largest, left or right)."""
     try:
-        f = st.open_store(store)
-    except st.StoreError as e:
+        f = open_store(store)
+    except StoreError as e:
         raise LabelError(str(e)) from None
     with f:
         grid: dict[str, np.ndarray] = {}
         hashes: dict[str, str] = {}
         subjects: dict[str, str] = {}
-        for vid in st.video_ids(f):
+        for vid in video_ids(f):
             group = f[f"videos/{vid}"]
             try:
                 grid[vid] = group["timestamps"][:]
             except (OSError, KeyError):  # a missing, cut or corrupted grid shard
-                problem = st.damaged_members(store, group, full=True).get("timestamps", "damaged")
+                problem = damaged_members(store, group, full=True).get("timestamps", "damaged")
                 raise LabelError(
                     f"{store}: video {vid}: its frame grid shard {problem}; `rcma extract` recomputes it"
                 ) from None
@@ -183,8 +183,8 @@ def _store_grid(store: Path) -> tuple[dict[str, np.ndarray], dict[str, str], dic
 def _existing_splits(store: Path) -> dict[str, str]:
     """Splits of already imported labels, kept when a re-import names none."""
     out = {}
-    with st.open_store(store) as f:
-        for vid in st.video_ids(f):
+    with open_store(store) as f:
+        for vid in video_ids(f):
             group = f[f"videos/{vid}"]
             if STAGE in group and group[STAGE].attrs.get("split"):
                 out[vid] = _text(group[STAGE].attrs["split"])

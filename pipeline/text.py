@@ -26,8 +26,8 @@ from pipeline import asr
 from pipeline.audio import ROWS_PER_BLOCK, resolve_device
 from pipeline.faces import torch_threads
 from pipeline.media import SAMPLE_RATE, Media
-from pipeline.models import ModelUnavailable, packaged_model, sha256_file, weights_checksum
 from pipeline.stages import Extra, Rows, Stage, library_versions
+from pipeline.weights import ModelUnavailable, packaged_model, sha256_file, weights_checksum
 
 TEXT_MODEL_ENV = "RCMA_TEXT_MODEL"
 TEXT_MODEL_OPTION = "--text-model"

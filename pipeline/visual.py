@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.models import ModelUnavailable, fetch_weights, sha256_file
+from pipeline.weights import ModelUnavailable, fetch_weights, sha256_file
 
 VGGFACE2 = "vggface2"
 NONE = "none"

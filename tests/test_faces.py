@@ -14,10 +14,10 @@ from pipeline import visual
 from pipeline.align import ARCFACE_TEMPLATE, CROP_SIZE, similarity_transform
 from pipeline.faces import FacesStage, Mtcnn, grid_rows
 from pipeline.media import Media, frame_grid, probe
-from pipeline.models import CACHE_ENV, ModelUnavailable
 from pipeline.runner import Extractor, FatalError, discover, run_local
 from pipeline.stages import Rows, build_stage
 from pipeline.store import open_store
+from pipeline.weights import CACHE_ENV, ModelUnavailable
 
 PEXELS_HAND_OVER_MOUTH = [*range(55, 100), *range(150, 216)]  # frames where a hand covers the mouth
 HAMILTON_FIRST_SHOT = range(0, 20)  # the performer (right, ~40 px) and a seated man (left, ~25 px)

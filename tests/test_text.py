@@ -15,12 +15,12 @@ from conftest import BEAT, CREMA_MP4, JFK, PEXELS, SINGLE_FACE, SPEECH_VA
 from speech_media import media_of, remux, similarity, wer, write_wav
 
 from pipeline import asr, runner
-from pipeline import store as st
 from pipeline.audio import AudioStage
 from pipeline.media import SAMPLE_RATE, Media, read_audio
-from pipeline.models import ModelUnavailable
 from pipeline.stages import Extra, config_hash
+from pipeline.store import open_store, video_ids
 from pipeline.text import TextStage, frame_units
+from pipeline.weights import ModelUnavailable
 
 pytestmark = pytest.mark.slow
 JFK_TEXT = (JFK.parent / "jfk.transcript.txt").read_text()
@@ -233,8 +233,8 @@ def test_runner_frame_rates_no_audio_and_crema(text_stage: TextStage, store: Pat
     outcomes = runner.run_local(jobs, runner.Extractor(store, [audio_stage, text_stage]))
     assert all(o.status == "done" for o in outcomes), [o.error for o in outcomes if o.error]
     expected_fps = {PEXELS.stem: 23.976, SINGLE_FACE.stem: 30.0, CREMA_MP4[0].stem: 29.97}
-    with st.open_store(store) as f:
-        for vid in st.video_ids(f):
+    with open_store(store) as f:
+        for vid in video_ids(f):
             group = f[f"videos/{vid}"]
             n = group.attrs["n_frames"]
             for stage in ("audio", "text"):

@@ -1,4 +1,4 @@
-"""Finding model weights: a local path, the cache, or a verified download.
+"""Model weights: finding them (a local path, the cache, or a verified download) and their checksums.
 
 Weights are downloaded once into the cache (`$RCMA_CACHE`, default ~/.cache/rcma), checked
 against a SHA-256, and renamed into place only when the checksum matches. Offline, a missing
