@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # so that bench/fusion.py is not `fusion`
 from fusion.data import STAGE_OF, cut, load_store, select_videos, window_index, windows  # noqa: E402
 from fusion.metrics import ccc_loss  # noqa: E402
-from fusion.model import RCMA, ModelConfig  # noqa: E402
-from fusion.train import autocast, pick_device  # noqa: E402
+from fusion.model import RCMA, ModelConfig, autocast  # noqa: E402
+from pipeline.errors import resolve_device  # noqa: E402
 from pipeline.store import GRID, rebuild_index, write_shard  # noqa: E402
 
 MODALITIES = ("audio", "visual", "text")
@@ -170,7 +170,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = torch.device(resolve_device(args.device))
     dims = {"audio": args.audio_dim, "visual": args.visual_dim, "text": args.text_dim}
     args.store.parent.mkdir(parents=True, exist_ok=True)
     store = build_store(args.store, args.frames, args.video_frames, dims)

@@ -13,7 +13,6 @@ load with torch.load(weights_only=True).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
@@ -27,30 +26,17 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from pipeline.errors import ModelUnavailable, resolve_device
 from pipeline.store import atomic_file
 
 from .config import FIXED_ON_RESUME, LEGACY, ModelConfig, TrainConfig, TrainError
 from .data import DataError, StoreData, cut, load_store, select_videos, window_index, windows
 from .metrics import ccc_loss, scores
-from .model import RCMA, Ensemble, build_model, upgrade_state
+from .model import RCMA, Ensemble, autocast, build_model, load_checkpoint, save_checkpoint, upgrade_state
+from .plots import curves_png
+from .predict import predict_frames
 
 LOG_EVERY = 10  # steps between training-loss logs
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainError(f"device {name} asked for, but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA (bfloat16 where supported, else float16), full precision on CPU."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 def model_config(cfg: TrainConfig, data: StoreData) -> ModelConfig:
@@ -82,38 +68,6 @@ def normalisation(data: StoreData, chosen: list[int]) -> dict[str, tuple[torch.T
     return stats
 
 
-@torch.no_grad()
-def predict_frames(
-    model: RCMA | Ensemble,
-    data: StoreData,
-    chosen: list[int],
-    window: int,
-    hop: int,
-    batch_size: int = 32,
-) -> np.ndarray:
-    """(N, 2) predictions for the chosen videos' frames, overlapping windows averaged; NaN elsewhere."""
-    device = data.labels.device
-    n = data.n_frames
-    total = torch.zeros(n + 1, 2, device=device)
-    count = torch.zeros(n + 1, device=device)
-    starts, lengths = windows(data.offsets, window, hop, chosen)
-    was_training = model.training
-    model.eval()
-    for lo in range(0, len(starts), batch_size):
-        s = torch.as_tensor(starts[lo : lo + batch_size], device=device)
-        k = torch.as_tensor(lengths[lo : lo + batch_size], device=device)
-        index, valid = window_index(s, k, window, n)
-        batch = cut(data, index, valid)
-        with autocast(device):
-            pred = model(batch["inputs"], batch["present"], valid)
-        pred = pred.float() * valid.unsqueeze(-1)
-        total.index_add_(0, index.flatten(), pred.flatten(0, 1))
-        count.index_add_(0, index.flatten(), valid.flatten().float())
-    model.train(was_training)
-    out = (total[:n] / count[:n].unsqueeze(-1)).cpu().numpy()
-    return out.astype(np.float32)
-
-
 def validate(
     model: RCMA | Ensemble, data: StoreData, chosen: list[int], cfg: TrainConfig
 ) -> dict[str, float]:
@@ -135,7 +89,10 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
     """
     console = Console(stderr=True, quiet=quiet)
     out = Path(cfg.out)
-    device = pick_device(cfg.device)
+    try:
+        device = torch.device(resolve_device(cfg.device))
+    except ModelUnavailable as e:
+        raise TrainError(str(e)) from None
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     if not resume and out.exists() and any(out.glob("**/last.pt")):
@@ -474,7 +431,8 @@ def fit(
             for key in ("train_loss", "val_ccc", "val_ccc_valence", "val_ccc_arousal", "lr"):
                 tb.add_scalar(key.replace("_", "/", 1), row[key], state["step"])
             tb.flush()
-            _plot_curves(out / "curves.png", history)
+            with atomic_file(out / "curves.png") as tmp:
+                tmp.write_bytes(curves_png(history))
             console.print(
                 f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  val CCC {val['ccc']:.4f} "
                 f"(V {val['ccc_valence']:.4f}, A {val['ccc_arousal']:.4f})  "
@@ -533,28 +491,6 @@ def resolve_config(given: dict[str, Any], typed: set[str], resume: bool) -> Trai
     return TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **{k: given[k] for k in typed}})
 
 
-def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise TrainError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise TrainError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if (
-        not isinstance(ckpt, dict)
-        or not {"model_config", "data"} <= ckpt.keys()
-        or not ({"model", "members"} & ckpt.keys())
-    ):
-        raise TrainError(f"{path}: not an rcma checkpoint")
-    return ckpt
-
-
-def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
-    with atomic_file(path) as tmp:
-        torch.save(checkpoint, tmp)
-
-
 def _history(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
     """Rows of a run whose checkpoints predate `history` in last.pt, cut back to its epoch."""
     if not path.exists() or upto_epoch == 0:
@@ -574,23 +510,3 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
 
     with atomic_file(path) as tmp:
         write(tmp)
-
-
-def _plot_curves(path: Path, rows: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax1.plot(epochs, [r["train_loss"] for r in rows], marker=".")
-    ax1.set(xlabel="epoch", ylabel="train loss (1 - CCC)")
-    for key, label in (("val_ccc", "mean"), ("val_ccc_valence", "valence"), ("val_ccc_arousal", "arousal")):
-        ax2.plot(epochs, [r[key] for r in rows], marker=".", label=label)
-    ax2.set(xlabel="epoch", ylabel="validation CCC")
-    ax2.legend()
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)

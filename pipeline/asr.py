@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from pipeline.ct2_whisper import convert_ct2_dir
-from pipeline.weights import ModelUnavailable, cache_dir, packaged_model, sha256_file
+from pipeline.errors import ModelUnavailable
+from pipeline.weights import cache_dir, packaged_model, sha256_file
 
 ASR_ENV = "RCMA_ASR_MODEL"
 # Whisper falls back to sampling at higher temperatures when greedy decoding looks wrong; a fixed

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import one_line
 from pipeline.stages import library_versions
 
 OK, DOWNLOAD, MISSING, INFO = "ok", "download", "missing", "info"
@@ -120,7 +121,7 @@ def model_checks(probe: Callable[[str], bool]) -> list[Check]:
     try:
         name, path = text.resolve_text_model(None)
     except Exception as e:  # a $RCMA_TEXT_MODEL that is not a model folder
-        checks.append(Check("models", "text: sentence embedder", MISSING, _line(e), True))
+        checks.append(Check("models", "text: sentence embedder", MISSING, one_line(e), True))
     else:
         if path is not None:
             where = "packaged" if "site-packages" in str(path) else _home(path)
@@ -217,7 +218,7 @@ def decode_checks() -> list[Check]:
                     f"{name} ({_round_trip(Path(folder) / f'probe{suffix}', video_codecs, audio_codec)})"
                 )
             except Exception as e:  # any failure means: this container does not work here
-                checks.append(Check("decoding", name, MISSING, _line(e), needed))
+                checks.append(Check("decoding", name, MISSING, one_line(e), needed))
     if working:
         checks.insert(1, Check("decoding", "written and decoded", OK, ", ".join(working)))
     return checks
@@ -277,7 +278,3 @@ def _has(codec: str, mode: str) -> bool:
         return True
     except Exception:
         return False
-
-
-def _line(error: BaseException) -> str:
-    return " ".join((str(error) or type(error).__name__).split())

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import one_line
+from pipeline.media import nearest_rows
 from pipeline.store import StoreError, damaged_members, open_store, rebuild_index, video_ids, write_shard
 
 STAGE = "labels"
@@ -86,7 +88,7 @@ def import_labels(
             else:
                 parsed += _read_csv(path, grid)
         except (UnicodeDecodeError, csv.Error) as e:
-            raise LabelError(f"{path}: not a text label file ({_first_line(e)})") from None
+            raise LabelError(f"{path}: not a text label file ({one_line(e)})") from None
     for item in parsed:
         if not item.present.any():
             note = f"{item.video_id}: every label in {item.source} is unannotated; it replaces the old labels"
@@ -115,10 +117,6 @@ def import_labels(
         write_shard(store, STAGE, item.video_id, rows, attrs)
     rebuild_index(store)
     return parsed
-
-
-def _first_line(error: Exception) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def read_split_file(path: Path) -> dict[str, str]:
@@ -414,10 +412,7 @@ def _nearest_frames(times: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
     """Index of the nearest timestamp; times before/after the grid extrapolate by its frame period."""
     n = len(timestamps)
     period = float(np.median(np.diff(timestamps))) if n > 1 else 1.0
-    i = np.clip(np.searchsorted(timestamps, times), 1, max(n - 1, 1))
-    left, right = timestamps[i - 1], timestamps[np.minimum(i, n - 1)]
-    nearest = np.where(np.abs(times - left) <= np.abs(right - times), i - 1, i)
-    nearest = np.minimum(nearest, n - 1)
+    nearest = nearest_rows(times, timestamps)
     before = times < timestamps[0] - period / 2
     after = times > timestamps[-1] + period / 2
     nearest = np.where(before, -np.ceil((timestamps[0] - times) / period).astype(np.int64), nearest)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import ModelUnavailable, one_line
 from pipeline.media import (
     DEFAULT_FPS,
     MEDIA_EXTENSIONS,
@@ -58,7 +59,6 @@ from pipeline.store import (
     shard_root,
     write_shard,
 )
-from pipeline.weights import ModelUnavailable
 
 INDEX_EVERY_S = 2.0
 # Held while a stage loads its models or computes, so that in one process (a Dask worker with
@@ -199,9 +199,11 @@ class Extractor:
         self.force = force
         self._loaded: set[str] = set()
         self._unloadable: dict[str, str] = {}
+        self._configs: dict[str, tuple[str, dict[str, Any]]] | None = None
 
     def run_job(self, job: Job, progress: Progress | None = None) -> list[Outcome]:
         source = str(job.path)
+        configs = self.prepare()
         try:
             media = self._media(job)
         except (MediaError, OSError) as e:
@@ -209,7 +211,7 @@ class Extractor:
         outcomes = []
         grid_digest = grid_hash(media.timestamps)
         for stage in self.stages:
-            config_digest = config_hash(stage)
+            config_digest, config = configs[stage.name]
             shard = shard_path(self.store, stage.name, job.video_id)
             attrs = read_shard_attrs(shard) if not self.force else None
             current = (
@@ -222,7 +224,7 @@ class Extractor:
             try:
                 with MODEL_LOCK:
                     self._load(stage)
-                    warning = self._write(stage, media, config_digest, grid_digest, progress)
+                    warning = self._write(stage, media, config, config_digest, grid_digest, progress)
             except FatalError:
                 raise
             except Exception as e:  # one bad video must never stop the others
@@ -239,17 +241,21 @@ class Extractor:
         return outcomes
 
     def prepare(self) -> dict[str, tuple[str, dict[str, Any]]]:
-        """Resolves every stage's models and settings (its config) before the first job, so a bad
-        option or a missing model is one run error, not one failure per video. Returns each
+        """Resolves every stage (models, device, weights' checksums) once, before the first job, so
+        a bad option or a missing model is one run error, not one failure per video. Returns each
         stage's (config hash, config)."""
-        configs = {}
-        for stage in self.stages:
-            try:
-                with MODEL_LOCK:
-                    configs[stage.name] = (config_hash(stage), stage.config())
-            except (ModelUnavailable, ValueError) as e:
-                raise FatalError(f"{stage.name}: {_one_line(e)}") from None
-        return configs
+        if self._configs is None:
+            configs = {}
+            for stage in self.stages:
+                try:
+                    with MODEL_LOCK:
+                        if not stage.resolved:  # predict resolves the stages it rebuilds
+                            stage.resolve()
+                except (ModelUnavailable, ValueError, OSError) as e:
+                    raise FatalError(f"{stage.name}: {_one_line(e)}") from None
+                configs[stage.name] = (config_hash(stage), stage.config())
+            self._configs = configs
+        return self._configs
 
     def _fail(self, job: Job, stage: str, error: str) -> Outcome:
         record_failure(self.store, stage, job.video_id, str(job.path), error)
@@ -313,7 +319,13 @@ class Extractor:
         return Media(job.path, job.video_id, info, timestamps, {} if audio is None else {"audio": audio})
 
     def _write(
-        self, stage: Stage, media: Media, config_digest: str, grid_digest: str, progress: Progress | None
+        self,
+        stage: Stage,
+        media: Media,
+        config: dict[str, Any],
+        config_digest: str,
+        grid_digest: str,
+        progress: Progress | None,
     ) -> str:
         """Runs the stage into its shard; returns the stage's warning, if it gave one."""
         provenance = dict(stage.provenance())
@@ -322,7 +334,7 @@ class Extractor:
             "stage": stage.name,
             "video_id": media.video_id,
             "source": str(media.path.absolute()),
-            "config": stage.config(),
+            "config": config,
             "config_hash": config_digest,
             "grid_hash": grid_digest,
             **provenance,
@@ -361,10 +373,8 @@ def check_fps(fps: float) -> None:
 
 
 def _one_line(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    if not isinstance(error, MediaError | OSError | ValueError):
-        text = f"{type(error).__name__}: {text}"
-    return " ".join(text.split())
+    """A job's error as one line; the type is named for an error no check raised (a library's)."""
+    return one_line(error, with_type=not isinstance(error, MediaError | OSError | ValueError))
 
 
 def extract(

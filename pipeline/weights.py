@@ -13,14 +13,11 @@ import os
 import urllib.request
 from pathlib import Path
 
+from pipeline.errors import ModelUnavailable
 from pipeline.store import atomic_file
 
 CACHE_ENV = "RCMA_CACHE"
 DOWNLOAD_TIMEOUT_S = 30
-
-
-class ModelUnavailable(Exception):
-    """Weights that are neither on disk nor downloadable; the message says how to provide them."""
 
 
 def cache_dir() -> Path:

@@ -21,10 +21,10 @@ from speech_media import media_of, remux
 
 from pipeline import runner
 from pipeline.audio import LOGMEL_BANDS, LOGMEL_PATCH, SSL_BUNDLES, AudioStage
+from pipeline.errors import ModelUnavailable
 from pipeline.media import SAMPLE_RATE, Media, read_audio
 from pipeline.stages import Extra, Rows
 from pipeline.store import open_store
-from pipeline.weights import ModelUnavailable
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 from cli import app
 from fusion.config import LEGACY, ModelConfig
 from fusion.data import cut, load_store, window_index
-from fusion.model import RCMA, Ensemble, build_model
+from fusion.model import RCMA, Ensemble, build_model, load_checkpoint
 from fusion.predict import PredictError, evaluate
-from fusion.train import TrainConfig, TrainError, fold_of_videos, load_checkpoint, normalisation, train
+from fusion.train import TrainConfig, TrainError, fold_of_videos, normalisation, train
 from pipeline.store import rebuild_index
 
 SMALL = dict(window=32, hop=16, width=16, batch_size=16, warmup_steps=5, lr=3e-3, patience=100)

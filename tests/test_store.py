@@ -370,25 +370,27 @@ def test_text_files_are_not_taken_for_video(tmp_path):
 
 def test_weights_swapped_behind_a_path_or_variable_are_a_config_change(tmp_path, monkeypatch):
     from pipeline.audio import AUDIO_WEIGHTS_ENV, AudioStage
-    from pipeline.stages import config_hash
+    from pipeline.stages import config_hash, resolved
     from pipeline.text import TEXT_MODEL_ENV, TextStage
 
     weights = tmp_path / "wav2vec2.pt"
     weights.write_bytes(b"first weights")
     monkeypatch.setenv(AUDIO_WEIGHTS_ENV, str(weights))
-    first = config_hash(AudioStage(audio_model="wav2vec2", device="cpu"))
-    assert config_hash(AudioStage(audio_model="wav2vec2", device="cpu")) == first
+    first = config_hash(resolved(AudioStage(audio_model="wav2vec2", device="cpu")))
+    assert config_hash(resolved(AudioStage(audio_model="wav2vec2", device="cpu"))) == first
     weights.write_bytes(b"other weights, same path")
-    assert config_hash(AudioStage(audio_model="wav2vec2", device="cpu")) != first
-    given = config_hash(AudioStage(audio_model="wav2vec2", audio_weights=str(weights), device="cpu"))
+    assert config_hash(resolved(AudioStage(audio_model="wav2vec2", device="cpu"))) != first
+    given = config_hash(
+        resolved(AudioStage(audio_model="wav2vec2", audio_weights=str(weights), device="cpu"))
+    )
     assert given != first
 
     folder = tmp_path / "my-text-model"
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"a")
     monkeypatch.setenv(TEXT_MODEL_ENV, str(folder))
-    before = TextStage(device="cpu").config()
+    before = resolved(TextStage(device="cpu")).config()
     (folder / "model.safetensors").write_bytes(b"b")
-    after = TextStage(device="cpu").config()
+    after = resolved(TextStage(device="cpu")).config()
     assert before["text_model"] == after["text_model"] == "my-text-model"
     assert before["text_weights_sha256"] != after["text_weights_sha256"]

@@ -16,11 +16,11 @@ from speech_media import media_of, remux, similarity, wer, write_wav
 
 from pipeline import asr, runner
 from pipeline.audio import AudioStage
+from pipeline.errors import ModelUnavailable
 from pipeline.media import SAMPLE_RATE, Media, read_audio
-from pipeline.stages import Extra, config_hash
+from pipeline.stages import Extra, config_hash, resolved
 from pipeline.store import open_store, video_ids
 from pipeline.text import TextStage, frame_units
-from pipeline.weights import ModelUnavailable
 
 pytestmark = pytest.mark.slow
 JFK_TEXT = (JFK.parent / "jfk.transcript.txt").read_text()
@@ -29,7 +29,7 @@ CREMA_TEXT = "Don't forget a jacket"
 
 @pytest.fixture(scope="module")
 def text_stage() -> TextStage:
-    stage = TextStage(text_unit="word")
+    stage = resolved(TextStage(text_unit="word"))
     stage.load()
     return stage
 
@@ -217,12 +217,12 @@ def test_loop_words():
 
 
 def test_thresholds_are_in_the_config(text_stage: TextStage):
-    stage = TextStage(text_unit="word")
+    stage = resolved(TextStage(text_unit="word"))
     before = config_hash(stage)
     assert stage.config()["hallucination_filters"]["min_avg_logprob"] == -1.0
     stage.filters = asr.Filters(min_avg_logprob=-0.8)
     assert config_hash(stage) != before
-    assert config_hash(TextStage(text_unit="word", asr_compute_type="float32")) != before
+    assert config_hash(resolved(TextStage(text_unit="word", asr_compute_type="float32"))) != before
 
 
 def test_runner_frame_rates_no_audio_and_crema(text_stage: TextStage, store: Path, tmp_path: Path):

@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from cli import app
 from fusion.data import DataError, load_store, window_index, windows
+from fusion.model import load_checkpoint
 from fusion.predict import PredictError, evaluate, predict
-from fusion.train import TrainConfig, TrainError, load_checkpoint, train
+from fusion.train import TrainConfig, TrainError, train
 from pipeline.store import read_rows, rebuild_index, shard_path, write_shard
 
 SMALL = dict(window=32, hop=16, eval_hop=16, width=32, batch_size=16, warmup_steps=20, lr=3e-3, patience=100)
