@@ -141,6 +141,33 @@ def evaluate(
     }
 
 
+def print_evaluation(
+    model_path: Path, store: Path, split: str | None, device: str, as_json: bool, console: Any
+) -> None:
+    """`evaluate` (split "all": every labelled video), printed on the rich `console`: a table per
+    video and over all frames, or JSON."""
+    import json
+
+    from rich.table import Table
+
+    result = evaluate(model_path, store, None if split == "all" else split, device)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table("video", "frames", "CCC V", "CCC A", "PCC V", "PCC A", "RMSE V", "RMSE A")
+    rows = [*result["videos"].items(), ("all frames", result["overall"])]
+    for name, s in rows:
+        table.add_row(
+            name,
+            str(s["frames"]),
+            *(f"{s[f'{k}_{d}']:.4f}" for k in ("ccc", "pcc", "rmse") for d in ("valence", "arousal")),
+        )
+    console.print(table)
+    console.print(
+        f"mean CCC ({result['split']}): {result['overall']['ccc']:.4f}", highlight=False, soft_wrap=True
+    )
+
+
 @dataclass
 class PredictRun:
     """What one prediction run produced, and the lines worth telling the user."""
@@ -433,3 +460,40 @@ def _write_csv(path: Path, header: list[str], rows: Any) -> None:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
+
+
+def predict_inputs(
+    model_path: Path,
+    inputs: list[Path] | None,
+    features: Path | None,
+    store: Path | None,
+    out: Path,
+    split: str | None,
+    split_file: Path | None,
+    video_list: Path | None,
+    plots: bool,
+    device: str,
+    quiet: bool,
+    console: Any,
+) -> bool:
+    """`rcma predict`: media files (`inputs`, extracted then predicted, see `predict_media`) or a
+    store's videos (`features`, chosen by split, split file or list); a summary line on the rich
+    `console`. True when every input was predicted; PredictError for a run that cannot start."""
+    if inputs:
+        if features is not None or split or split_file or video_list:
+            raise PredictError("give media files, or --features (with --split, --split-file, --list)")
+        say = lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
+        run = predict_media(model_path, inputs, out, store, plots, device, quiet, say=say)
+        videos, report, failed = run.videos, run.report, len(run.failed)
+    else:
+        features = features or Path("store.h5")
+        chosen = choose_videos(features, split, split_file, video_list)
+        videos = predict(model_path, features, out, split, plots, device, chosen)
+        report, failed = out / REPORT, 0
+    console.print(
+        f"{out}: predictions for {len(videos)} videos{f', {failed} failed' if failed else ''}; "
+        f"report: {report}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return not failed

@@ -491,6 +491,18 @@ def resolve_config(given: dict[str, Any], typed: set[str], resume: bool) -> Trai
     return TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **{k: given[k] for k in typed}})
 
 
+def run(given: dict[str, Any], typed: set[str], resume: bool = False, quiet: bool = False) -> str:
+    """`rcma train`: the options as given (modalities comma-separated; `typed`, those given on the
+    command line, override a resumed run's own), trained; returns the result as one line."""
+    modalities = [m.strip() for m in given["modalities"].split(",") if m.strip()]
+    result = train(
+        resolve_config({**given, "modalities": modalities}, typed, resume), resume=resume, quiet=quiet
+    )
+    if "folds" in result:
+        return f"mean test CCC over folds {result['best_ccc']:.4f} -> {result['best']}"
+    return f"best val CCC {result['best_ccc']:.4f} at epoch {result['best_epoch']} -> {result['best']}"
+
+
 def _history(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
     """Rows of a run whose checkpoints predate `history` in last.pt, cut back to its epoch."""
     if not path.exists() or upto_epoch == 0:

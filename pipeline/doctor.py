@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -73,6 +74,35 @@ def run_checks(probe: Callable[[str], bool] | None = None) -> list[Check]:
     """Every check, in display order. `probe(url)` says whether a download would succeed."""
     probe = probe or reachable
     return [*model_checks(probe), *device_checks(), *version_checks(), *decode_checks()]
+
+
+def print_checks(checks: list[Check], console: Any) -> list[Check]:
+    """The checks as a table on the rich `console`, by area; returns those the default pipeline
+    fails without."""
+    from rich.table import Table
+
+    colour = {OK: "green", MISSING: "red"}
+    table = Table("", "check", "status", "detail", box=None, pad_edge=False, show_header=False)
+    table.columns[3].overflow = "fold"
+    area = ""
+    for c in checks:
+        style = colour.get(c.status, "yellow" if c.needed else "dim")
+        table.add_row(c.area if c.area != area else "", c.name, f"[{style}]{c.status}[/{style}]", c.detail)
+        area = c.area
+    console.print(table)
+    return [c for c in checks if c.failed]
+
+
+def print_local_models(console: Any) -> None:
+    """Whisper and text models usable here without a download, one a line, best first."""
+    from pipeline import asr, text
+
+    lines = [f"whisper  {name:<12} {kind:<24} {path}" for name, kind, path in asr.local_models()]
+    lines += [
+        f"text     {name:<12} {'sentence-transformers':<24} {path}" for name, path in text.local_models()
+    ]
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def reachable(url: str) -> bool:

@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -117,6 +118,27 @@ def import_labels(
         write_shard(store, STAGE, item.video_id, rows, attrs)
     rebuild_index(store)
     return parsed
+
+
+def import_and_report(
+    store: Path, paths: list[Path], split: str | None, split_file: Path | None, console: Any
+) -> None:
+    """`import_labels`, telling the rich `console` each warning and what was imported; LabelError."""
+
+    def warn(message: str) -> None:
+        console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+    imported = import_labels(store, paths, split, split_file, skipped=warn)
+    for item in imported:
+        if item.warning:
+            warn(item.warning)
+    splits = sorted({item.split or "(no split)" for item in imported})
+    frames = sum(int(item.present.sum()) for item in imported)
+    console.print(
+        f"{store}: labels for {len(imported)} videos, {frames} labelled frames; splits: {', '.join(splits)}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def read_split_file(path: Path) -> dict[str, str]:

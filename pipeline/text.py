@@ -15,6 +15,7 @@ and probability; segments; language) is stored beside the rows.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,11 +242,14 @@ class TextStage(Stage):
             },
         )
 
+    def _encoder_threads(self) -> contextlib.AbstractContextManager:
+        return torch_threads(ENCODE_THREADS if self.embedder.device.type == "cpu" else None)
+
     def _encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), np.float16)
         unique, inverse = np.unique(np.asarray(texts, dtype=str), return_inverse=True)
-        with torch_threads(ENCODE_THREADS if self.torch_device == "cpu" else None):
+        with self._encoder_threads():
             vectors = self.embedder.encode(list(unique), batch_size=ENCODE_BATCH, convert_to_numpy=True)
         return vectors.astype(np.float16)[inverse]
 
@@ -265,7 +269,7 @@ class TextStage(Stage):
             spans.append((words, bounds))
         if not texts:
             return vectors.astype(np.float16)
-        with torch_threads(ENCODE_THREADS if self.torch_device == "cpu" else None):
+        with self._encoder_threads():
             states = self.embedder.encode(texts, batch_size=ENCODE_BATCH, output_value="token_embeddings")
         tokenizer, limit = self.embedder.tokenizer, self.embedder.max_seq_length
         for text, token_states, (words, bounds) in zip(texts, states, spans, strict=True):
@@ -280,7 +284,7 @@ class TextStage(Stage):
                 if inside.any():
                     vectors[w] = token_states[inside].mean(0)
                 else:  # past the model's input length: the word alone
-                    with torch_threads(ENCODE_THREADS if self.torch_device == "cpu" else None):
+                    with self._encoder_threads():
                         vectors[w] = self.embedder.encode([transcript.words[w]])[0]
         vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return vectors.astype(np.float16)

@@ -13,10 +13,9 @@ import av
 import h5py
 import numpy as np
 import pytest
-from conftest import CREMA_MP4, SINGLE_FACE
+from conftest import CREMA_MP4, JFK, SINGLE_FACE
 from typer.testing import CliRunner
 
-import cli
 from cli import app
 from pipeline import runner
 from pipeline.stages import build_stage
@@ -79,6 +78,22 @@ def test_store_in_a_missing_folder_and_missing_input_are_one_line_errors(tmp_pat
 def test_unknown_stage_is_a_clear_error(store):
     result = CliRunner().invoke(app, ["extract", str(SINGLE_FACE), "--store", str(store), "--stage", "pose"])
     assert result.exit_code == 2 and "unknown stage 'pose'" in result.output
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--asr-model", "no-such-whisper"), ("--text-model", "./no-such-text-model")],
+)
+def test_a_bad_asr_or_text_model_is_one_line_before_any_job(option, value, tmp_path, monkeypatch):
+    monkeypatch.delenv("RCMA_ASR_MODEL", raising=False)
+    monkeypatch.delenv("RCMA_TEXT_MODEL", raising=False)
+    store = tmp_path / "s.h5"
+    args = ["extract", str(JFK), "--store", str(store), "--stage", "text", "--device", "cpu", "--quiet"]
+    result = CliRunner().invoke(app, [*args, option, value])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: text: ") and len(result.output.strip().splitlines()) == 1
+    assert option in result.output and value in result.output
+    assert not store.exists() and not shard_root(store).exists()  # no job ran: no grid, no shard
 
 
 @pytest.mark.slow
@@ -162,7 +177,7 @@ def test_show_summarises_each_video(store, monkeypatch):
     assert "72" in rows["single_face"] and "30.000" in rows["single_face"]
     assert "100%" in rows["1001_DFA_ANG_XX"]  # a face on every CREMA-D frame
 
-    monkeypatch.setattr(cli, "SHOW_TABLE_MAX", 1)  # a big store: plain columns, the same cells
+    monkeypatch.setattr("pipeline.tables.SHOW_TABLE_MAX", 1)  # a big store: plain columns, the same cells
     plain = CliRunner().invoke(app, ["show", "--store", str(store)])
     assert plain.exit_code == 0
     lines = {line.split()[0]: line.split() for line in plain.output.splitlines() if line.strip()}
