@@ -351,27 +351,6 @@ def _transcribe_openai(model, audio: np.ndarray) -> Transcript:
     return out
 
 
-def transcribe_faster(model, audio: np.ndarray) -> Transcript:
-    """faster-whisper with the settings `transcribe_openai` uses (greedy, word timestamps)."""
-    with TRANSCRIBE_LOCK:
-        return _transcribe_faster(model, audio)
-
-
-def _transcribe_faster(model, audio: np.ndarray) -> Transcript:
-    import ctranslate2
-
-    english_only = not model.model.is_multilingual
-    ctranslate2.set_random_seed(SAMPLING_SEED)  # seeds each thread's generator once, at first use
-    segments, info = model.transcribe(
-        audio,
-        beam_size=1,
-        best_of=5,
-        word_timestamps=True,
-        language="en" if english_only else None,
-    )
-    return _from_faster(segments, info.language, english_only)
-
-
 def speech_windows(speech: np.ndarray, window_s: float = WHISPER_WINDOW_S) -> list[dict[str, float]]:
     """Stretches of detected speech grouped into Whisper windows of at most `window_s` seconds.
 
