@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from pipeline.errors import one_line
 from pipeline.store import atomic_file
 
 from .config import LEGACY, ModelConfig, TrainError
@@ -393,8 +394,9 @@ def build_model(ckpt: dict[str, Any], device: str | torch.device = "cpu") -> RCM
         try:
             model.load_state_dict(upgrade_state(state))
         except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise TrainError(f"the checkpoint's weights do not fit its model settings ({first})") from None
+            raise TrainError(
+                f"the checkpoint's weights do not fit its model settings ({one_line(e)})"
+            ) from None
         models.append(model)
     model = models[0] if len(models) == 1 else Ensemble(models)
     return model.to(device).eval()

@@ -210,7 +210,7 @@ def choose_videos(
             wanted = [vid for vid, name in mapping.items() if name == split]
             where = f"{split_file} (split {split})"
     except (StoreError, LabelError, UnicodeDecodeError) as e:
-        raise PredictError(str(e).splitlines()[0]) from None
+        raise PredictError(one_line(e)) from None
     missing = [vid for vid in wanted if vid not in known]
     if missing:
         raise PredictError(
