@@ -27,11 +27,12 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 @app.command()
 def extract(
+    ctx: typer.Context,
     paths: Annotated[
         list[Path], typer.Argument(help="Video or audio files, or folders searched recursively.")
     ],
     store: StoreOption = Path("store.h5"),
-    stage: Annotated[
+    stages: Annotated[
         list[str], typer.Option("--stage", "-s", help="faces, audio, text or all; repeatable.")
     ] = ["faces"],
     visual_model: Annotated[
@@ -102,30 +103,7 @@ def extract(
     from pipeline.extract import extract as run_extraction
     from pipeline.runner import FatalError
 
-    settings = ExtractSettings(
-        paths=paths,
-        store=store,
-        stages=stage,
-        visual_model=visual_model,
-        crops=crops,
-        subject=subject,
-        audio_model=audio_model,
-        audio_layer=audio_layer,
-        audio_weights=audio_weights,
-        logmel_pool=logmel_pool,
-        asr_model=asr_model,
-        asr_backend=asr_backend,
-        asr_compute_type=asr_compute_type,
-        text_model=text_model,
-        text_unit=text_unit,
-        fps=fps,
-        device=device,
-        force=force,
-        workers=workers,
-        scheduler=scheduler,
-        shard=shard,
-        quiet=quiet,
-    )
+    settings = ExtractSettings(**ctx.params)  # the options above, by name
     try:
         ok = run_extraction(settings, console)
     except FatalError as e:
