@@ -10,7 +10,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True, soft_wrap=True)  # one line per message, whatever the width
@@ -21,9 +20,6 @@ QuietOption = Annotated[
 ]
 
 
-SHOW_TABLE_MAX = 500  # rows `rcma show` lays out as a table; more are printed as plain columns
-
-
 def fail(message: str, code: int = 2) -> typer.Exit:
     console.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False)
     return typer.Exit(code)
@@ -31,11 +27,12 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 @app.command()
 def extract(
+    ctx: typer.Context,
     paths: Annotated[
         list[Path], typer.Argument(help="Video or audio files, or folders searched recursively.")
     ],
     store: StoreOption = Path("store.h5"),
-    stage: Annotated[
+    stages: Annotated[
         list[str], typer.Option("--stage", "-s", help="faces, audio, text or all; repeatable.")
     ] = ["faces"],
     visual_model: Annotated[
@@ -102,79 +99,16 @@ def extract(
     quiet: QuietOption = False,
 ) -> None:
     """Extract features from media files into a store; re-running finishes only what is missing."""
-    from pipeline import runner
-    from pipeline.stages import expand
-    from pipeline.store import StoreError, check_store_path
+    from pipeline.extract import ExtractSettings
+    from pipeline.extract import extract as run_extraction
+    from pipeline.runner import FatalError
 
+    settings = ExtractSettings(**ctx.params)  # the options above, by name
     try:
-        check_store_path(store)
-        names = expand([n.strip() for item in stage for n in item.split(",") if n.strip()])
-    except (StoreError, ValueError) as e:
+        ok = run_extraction(settings, console)
+    except FatalError as e:
         raise fail(str(e)) from None
-    options = {
-        "visual_model": visual_model,
-        "crops": crops,
-        "subject": subject,
-        "device": device,
-        "audio_model": audio_model,
-        "audio_layer": audio_layer,
-        "audio_weights": audio_weights,
-        "logmel_pool": logmel_pool,
-        "asr_model": asr_model,
-        "asr_backend": asr_backend,
-        "asr_compute_type": asr_compute_type,
-        "text_model": text_model,
-        "text_unit": text_unit,
-    }
-    jobs, report = runner.discover(paths)
-    for path, problem in report.bad_paths:
-        console.print(f"[red]error:[/red] {path}: {problem}", highlight=False, soft_wrap=True)
-    for path, problem in report.not_media:
-        console.print(f"[yellow]skipped:[/yellow] {path}: {problem}", highlight=False, soft_wrap=True)
-    if not jobs:
-        raise fail("no media files found in " + ", ".join(map(str, paths)))
-    if shard:
-        try:
-            jobs = runner.shard_of(jobs, shard)
-        except ValueError as e:
-            raise fail(str(e)) from None
-
-    def show_failures(job: runner.Job, outcomes: list[runner.Outcome]) -> None:
-        for o in outcomes:
-            if o.warning:
-                console.print(
-                    f"[yellow]warning:[/yellow] {o.source}: {o.stage}: {o.warning}", highlight=False
-                )
-            if o.status == "failed":
-                console.print(
-                    f"[red]failed:[/red] {o.source}: {o.stage}: {o.error}", highlight=False, soft_wrap=True
-                )
-
-    try:
-        with runner.progress_bars(console, quiet) as bars:
-            files = bars.add_task("files", total=len(jobs))
-            frames = bars.add_task("frames", total=None)
-
-            def on_frames(label: str, done: int, total: int) -> None:
-                bars.update(frames, description=label, completed=done, total=total)
-
-            def on_job(job: runner.Job, outcomes: list[runner.Outcome]) -> None:
-                show_failures(job, outcomes)
-                bars.advance(files)
-
-            specs = [(name, options) for name in names]
-            report.outcomes = runner.extract(
-                jobs, store, specs, fps, force, workers, scheduler, on_frames, on_job
-            )
-    except (runner.FatalError, ValueError) as e:  # ValueError: a stage option out of range
-        raise fail(str(e)) from None
-    counts = report.counts()
-    console.print(
-        f"{store}: {counts['done']} done, {counts['skipped']} already done, {counts['failed']} failed "
-        f"({len(jobs)} files, stages: {', '.join(names)})",
-        highlight=False,
-    )
-    if not report.ok:
+    if not ok:
         raise typer.Exit(1)
 
 
@@ -189,78 +123,25 @@ def status(
 
     Each shard is opened (finding missing, truncated or header-damaged files); --verify also reads
     all data, finding silent corruption through the shards' checksums."""
-    from pipeline.store import config_summary, stage_counts
+    from pipeline.store import StoreError
+    from pipeline.tables import status as print_status
 
-    counts = stage_counts(store, verify)
-    if not counts:
-        raise fail(f"{store}: nothing extracted yet (no {store.name}.d/ folder)")
-    table = Table("stage", "done", "damaged", "failed", "missing", "other config")
-    for name, c in counts.items():
-        table.add_row(
-            name,
-            *(str(len(x)) for x in (c.done, c.damaged, c.failed, c.missing, c.other_config)),
-        )
-    Console().print(table)
-    for name, c in counts.items():
-        if c.config:
-            line = f"{name} config {c.config['config_hash']}: {config_summary(c.config.get('config', {}))}"
-            Console().print(line, highlight=False, soft_wrap=True)
-    for name, c in counts.items():
-        for video_id, error in c.failed.items():
-            Console().print(f"{name} {video_id}: {error}", highlight=False, soft_wrap=True)
-        for video_id, problem in c.damaged.items():
-            line = f"{name} {video_id}: {problem} (the next extract recomputes it)"
-            Console().print(line, highlight=False, soft_wrap=True)
-        if c.other_config:
-            line = (
-                f"{name}: {len(c.other_config)} shards of another config (not indexed; recomputed when "
-                f"their videos are extracted again), e.g. {c.other_config[0]}"
-            )
-            Console().print(line, highlight=False, soft_wrap=True)
+    try:
+        print_status(store, verify, Console())
+    except StoreError as e:
+        raise fail(str(e)) from None
 
 
 @app.command()
 def show(store: StoreOption = Path("store.h5")) -> None:
     """Per video: frames, frame rate, and the share of frames each stage found data on."""
-    from pipeline.store import StoreError, summarize
+    from pipeline.store import StoreError
+    from pipeline.tables import show as print_videos
 
     try:
-        videos = summarize(store)
+        print_videos(store, Console(), console)
     except StoreError as e:
         raise fail(str(e)) from None
-    stages = sorted({stage for v in videos for stage in [*v.present, *v.damaged] if stage != "timestamps"})
-    header = ["video", "frames", "fps", "s", *stages]
-    rows = [
-        [
-            v.video_id,
-            str(v.n_frames),
-            f"{v.fps:.3f}",
-            f"{v.duration:.1f}",
-            *(
-                f"{v.present[s]:.0%}" if s in v.present else "damaged" if s in v.damaged else "-"
-                for s in stages
-            ),
-        ]
-        for v in videos
-    ]
-    if len(rows) <= SHOW_TABLE_MAX:
-        table = Table(*header, caption="stage columns: share of frames with data")
-        table.columns[0].no_wrap = True
-        for row in rows:
-            table.add_row(*row)
-        Console().print(table)
-    else:  # a table of 100,000 rows takes rich minutes to lay out: aligned plain columns instead
-        width = max(len(header[0]), *(len(row[0]) for row in rows))
-        lines = [
-            f"{row[0]:<{width}}" + "".join(f"  {cell:>8}" for cell in row[1:]) for row in [header, *rows]
-        ]
-        print("\n".join(lines))
-        print("stage columns: share of frames with data")
-    for v in videos:
-        for stage, problem in v.damaged.items():
-            console.print(
-                f"[yellow]damaged:[/yellow] {v.video_id} {stage}: {problem}", highlight=False, soft_wrap=True
-            )
 
 
 @app.command()
@@ -268,19 +149,13 @@ def index(store: StoreOption = Path("store.h5")) -> None:
     """Rebuild store.h5 from its shards (after a crash, or to repair a damaged index).
 
     Also removes temporary files left by killed writers (never those of a running extract)."""
-    from pipeline.store import StoreError, check_store_path, clean_store_temps, rebuild_index, shard_root
+    from pipeline.extract import reindex
+    from pipeline.store import StoreError
 
     try:
-        check_store_path(store)
-        if not shard_root(store).is_dir():
-            raise StoreError(f"{store}: no {shard_root(store).name}/ folder of shards to index")
-        removed = clean_store_temps(store)
-        count = rebuild_index(store)
+        reindex(store, console)
     except (StoreError, OSError) as e:
         raise fail(str(e)) from None
-    if removed is None:
-        console.print(f"{store}: an extract is writing; its temporary files were left alone", highlight=False)
-    console.print(f"{store}: {count} videos indexed")
 
 
 @app.command()
@@ -305,14 +180,9 @@ app.add_typer(models_app, name="models")
 @models_app.command("list")
 def models_list() -> None:
     """Whisper and text models usable here without a download, and the ones used by default."""
-    from pipeline import asr, text
+    from pipeline.doctor import print_local_models
 
-    for name, kind, path in asr.local_models():
-        Console().print(f"whisper  {name:<12} {kind:<24} {path}", highlight=False, soft_wrap=True)
-    for name, path in text.local_models():
-        Console().print(
-            f"text     {name:<12} {'sentence-transformers':<24} {path}", highlight=False, soft_wrap=True
-        )
+    print_local_models(Console())
 
 
 @models_app.command("convert-whisper")
@@ -353,25 +223,12 @@ def labels_import(
     ] = None,
 ) -> None:
     """Import per-frame or per-clip valence/arousal labels; an error writes nothing."""
-    from pipeline.labels import LabelError, import_labels
-
-    def warn(message: str) -> None:
-        console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+    from pipeline.labels import LabelError, import_and_report
 
     try:
-        imported = import_labels(store, paths, split, split_file, skipped=warn)
+        import_and_report(store, paths, split, split_file, console)
     except LabelError as e:
         raise fail(str(e)) from None
-    for item in imported:
-        if item.warning:
-            warn(item.warning)
-    splits = sorted({item.split or "(no split)" for item in imported})
-    frames = sum(int(item.present.sum()) for item in imported)
-    console.print(
-        f"{store}: labels for {len(imported)} videos, {frames} labelled frames; splits: {', '.join(splits)}",
-        highlight=False,
-        soft_wrap=True,
-    )
 
 
 def _typed(ctx: typer.Context, option: str) -> bool:
@@ -418,20 +275,13 @@ def train(ctx: typer.Context, resume: bool = False, quiet: bool = False, **setti
     With --resume the run's own settings are used; options given on the command line override
     them (those that shape the model must then match the run). --seeds N trains N seeds and
     keeps their mean prediction; --folds K cross-validates instead."""
-    from fusion.train import TrainError, resolve_config
-    from fusion.train import train as run_training
+    from fusion.train import TrainError, run
 
-    settings["modalities"] = [m.strip() for m in settings["modalities"].split(",") if m.strip()]
     typed = {name for name in settings if _typed(ctx, name)}
     try:
-        result = run_training(resolve_config(settings, typed, resume), resume=resume, quiet=quiet)
+        console.print(run(settings, typed, resume, quiet), highlight=False, soft_wrap=True)
     except TrainError as e:
         raise fail(str(e)) from None
-    if "folds" in result:
-        message = f"mean test CCC over folds {result['best_ccc']:.4f} -> {result['best']}"
-    else:
-        message = f"best val CCC {result['best_ccc']:.4f} at epoch {result['best_epoch']} -> {result['best']}"
-    console.print(message, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -443,30 +293,12 @@ def evaluate(
     device: Annotated[str, typer.Option(help="cpu, cuda, or auto.")] = "auto",
 ) -> None:
     """CCC, PCC and RMSE per dimension, over all frames of the split and per video."""
-    import json
-
-    from fusion.predict import PredictError
-    from fusion.predict import evaluate as run_evaluation
+    from fusion.predict import PredictError, print_evaluation
 
     try:
-        result = run_evaluation(model, features, None if split == "all" else split, device)
+        print_evaluation(model, features, split, device, as_json, Console())
     except PredictError as e:
         raise fail(str(e)) from None
-    if as_json:
-        print(json.dumps(result, indent=2))
-        return
-    table = Table("video", "frames", "CCC V", "CCC A", "PCC V", "PCC A", "RMSE V", "RMSE A")
-    rows = [*result["videos"].items(), ("all frames", result["overall"])]
-    for name, s in rows:
-        table.add_row(
-            name,
-            str(s["frames"]),
-            *(f"{s[f'{k}_{d}']:.4f}" for k in ("ccc", "pcc", "rmse") for d in ("valence", "arousal")),
-        )
-    Console().print(table)
-    Console().print(
-        f"mean CCC ({result['split']}): {result['overall']['ccc']:.4f}", highlight=False, soft_wrap=True
-    )
 
 
 @app.command()
@@ -503,53 +335,25 @@ def predict(
 
     Give media files (`rcma predict clip.mp4 --model best.pt`) to extract and predict in one go,
     or --features STORE to predict videos already extracted."""
-    from fusion.predict import PredictError, choose_videos, predict_media
-    from fusion.predict import predict as run_prediction
+    from fusion.predict import PredictError, predict_inputs
 
     try:
-        if inputs:
-            if features is not None or split or split_file or video_list:
-                raise PredictError("give media files, or --features (with --split, --split-file, --list)")
-            run = predict_media(model, inputs, out, store, plots, device, quiet, say=_say)
-            videos, report, failed = run.videos, run.report, len(run.failed)
-        else:
-            features = features or Path("store.h5")
-            chosen = choose_videos(features, split, split_file, video_list)
-            videos = run_prediction(model, features, out, split, plots, device, chosen)
-            report, failed = out / "report.html", 0
+        ok = predict_inputs(
+            model, inputs, features, store, out, split, split_file, video_list, plots, device, quiet, console
+        )
     except PredictError as e:
         raise fail(str(e)) from None
-    console.print(
-        f"{out}: predictions for {len(videos)} videos{f', {failed} failed' if failed else ''}; "
-        f"report: {report}",
-        highlight=False,
-        soft_wrap=True,
-    )
-    if failed:
+    if not ok:
         raise typer.Exit(1)
-
-
-def _say(line: str) -> None:
-    console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
 def doctor() -> None:
     """Models present or to be downloaded, torch device, versions, media decoding; exit 1 if the
     default pipeline lacks something."""
-    from pipeline.doctor import MISSING, OK, run_checks
+    from pipeline.doctor import print_checks, run_checks
 
-    checks = run_checks()
-    colour = {OK: "green", MISSING: "red"}
-    table = Table("", "check", "status", "detail", box=None, pad_edge=False, show_header=False)
-    table.columns[3].overflow = "fold"
-    area = ""
-    for c in checks:
-        style = colour.get(c.status, "yellow" if c.needed else "dim")
-        table.add_row(c.area if c.area != area else "", c.name, f"[{style}]{c.status}[/{style}]", c.detail)
-        area = c.area
-    Console(highlight=False).print(table)
-    failed = [c for c in checks if c.failed]
+    failed = print_checks(run_checks(), Console(highlight=False))
     if failed:
         raise fail(f"missing for the default pipeline: {', '.join(c.name for c in failed)}", 1)
     console.print("everything the default pipeline needs is here", highlight=False)

@@ -36,8 +36,8 @@ from synthetic import add_video, interaction_store  # noqa: E402
 
 from fusion.train import TrainConfig, train  # noqa: E402
 from pipeline import runner  # noqa: E402
-from pipeline import store as st  # noqa: E402
 from pipeline.stages import build_stage  # noqa: E402
+from pipeline.store import rebuild_index  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -125,7 +125,7 @@ def speech_stores(features: Path) -> tuple[Path, Path]:
             }
             add_video(fixed, vid, n, {"audio": audio, "text": text}, labels=y)
     for store in (real, fixed):
-        st.rebuild_index(store)
+        rebuild_index(store)
     return real, fixed
 
 

@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import CREMA_MP4, JFK, SINGLE_FACE  # noqa: E402
 
-from pipeline import store as st  # noqa: E402
 from pipeline.runner import cpu_count  # noqa: E402
+from pipeline.store import GRID, read_shard_attrs, shard_root  # noqa: E402
 
 AFFWILD2_FRAMES = 2.9e6
 AFFWILD2_AUDIO_S = 30 * 3600
@@ -72,7 +72,7 @@ def stage_seconds(store: Path) -> dict[str, float]:
     """Seconds each stage took over all files, from the shards' own records."""
     out: dict[str, float] = {}
     for stage in ("faces", "audio", "text"):
-        for path in (st.shard_root(store) / stage).glob("*.h5"):
+        for path in (shard_root(store) / stage).glob("*.h5"):
             with h5py.File(path, "r") as f:
                 out[stage] = out.get(stage, 0.0) + float(f.attrs["seconds"])
     return out
@@ -81,8 +81,8 @@ def stage_seconds(store: Path) -> dict[str, float]:
 def media_totals(store: Path) -> tuple[int, float]:
     """(video frames, seconds of audio) of the clips: what the faces and the audio/text stages scale with."""
     frames, audio = 0, 0.0
-    for path in (st.shard_root(store) / st.GRID).glob("*.h5"):
-        attrs = st.read_shard_attrs(path) or {}
+    for path in (shard_root(store) / GRID).glob("*.h5"):
+        attrs = read_shard_attrs(path) or {}
         if attrs.get("has_video"):
             frames += int(attrs["n_frames"])
         if attrs.get("has_audio"):

@@ -3,7 +3,7 @@
 Builds (once, then reuses) a synthetic store with the paper's feature sizes, then times the same
 model, optimizer and batch shapes fed two ways:
 
-- rcma: every array read from the store once (fusion.data.load), one tensor per modality (on the
+- rcma: every array read from the store once (fusion.data.load_store), one tensor per modality (on the
   GPU when there is one), a batch is one gather by precomputed window indices;
 - baseline: a torch Dataset that reads each window's rows from HDF5 (dataset handles opened once
   per worker, the strongest form of the usual approach), batched by a DataLoader with workers.
@@ -27,11 +27,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # so that bench/fusion.py is not `fusion`
-from fusion import data as fd  # noqa: E402
+from fusion.data import STAGE_OF, cut, load_store, select_videos, window_index, windows  # noqa: E402
 from fusion.metrics import ccc_loss  # noqa: E402
-from fusion.model import RCMA, ModelConfig  # noqa: E402
-from fusion.train import autocast, pick_device  # noqa: E402
-from pipeline import store as st  # noqa: E402
+from fusion.model import RCMA, ModelConfig, autocast  # noqa: E402
+from pipeline.errors import resolve_device  # noqa: E402
+from pipeline.store import GRID, rebuild_index, write_shard  # noqa: E402
 
 MODALITIES = ("audio", "visual", "text")
 
@@ -48,14 +48,14 @@ def build_store(path: Path, frames: int, video_frames: int, dims: dict[str, int]
     for i in range(n_videos):
         n = video_frames if i < n_videos - 1 else frames - video_frames * (n_videos - 1)
         vid = f"v{i:05d}"
-        st.write_shard(path, st.GRID, vid, {"timestamps": np.arange(n) / 30.0}, {"n_frames": n, "fps": 30.0})
-        for m, stage in fd.STAGE_OF.items():
+        write_shard(path, GRID, vid, {"timestamps": np.arange(n) / 30.0}, {"n_frames": n, "fps": 30.0})
+        for m, stage in STAGE_OF.items():
             emb = rng.standard_normal((n, dims[m]), dtype=np.float32).astype(np.float16)
-            st.write_shard(path, stage, vid, {"present": rng.random(n) > 0.05, "embedding": emb}, {})
+            write_shard(path, stage, vid, {"present": rng.random(n) > 0.05, "embedding": emb}, {})
         y = np.tanh(rng.standard_normal((2, n))).astype(np.float32)
         rows = {"valence": y[0], "arousal": y[1], "present": np.ones(n, bool)}
-        st.write_shard(path, "labels", vid, rows, {"split": "train"})
-    st.rebuild_index(path)
+        write_shard(path, "labels", vid, rows, {"split": "train"})
+    rebuild_index(path)
     spec_file.write_text(json.dumps(spec))
     print(f"wrote {frames:,} frames in {n_videos} videos to {path} in {time.perf_counter() - started:.0f} s")
     return path
@@ -93,8 +93,8 @@ class H5Windows(Dataset):
         valid = torch.zeros(k, dtype=torch.bool)
         valid[:n] = True
         return {
-            "inputs": {m: read(f"{fd.STAGE_OF[m]}/embedding", np.float16) for m in MODALITIES},
-            "present": {m: read(f"{fd.STAGE_OF[m]}/present", bool) for m in MODALITIES},
+            "inputs": {m: read(f"{STAGE_OF[m]}/embedding", np.float16) for m in MODALITIES},
+            "present": {m: read(f"{STAGE_OF[m]}/present", bool) for m in MODALITIES},
             "labels": torch.stack(
                 [read("labels/valence", np.float32), read("labels/arousal", np.float32)], -1
             ),
@@ -170,17 +170,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = torch.device(resolve_device(args.device))
     dims = {"audio": args.audio_dim, "visual": args.visual_dim, "text": args.text_dim}
     args.store.parent.mkdir(parents=True, exist_ok=True)
     store = build_store(args.store, args.frames, args.video_frames, dims)
 
     t0 = time.perf_counter()
-    videos = fd.select_videos(store, ["train"], need_labels=True)
-    data = fd.load(store, list(MODALITIES), videos, "embedding", device)
+    videos = select_videos(store, ["train"], need_labels=True)
+    data = load_store(store, list(MODALITIES), videos, "embedding", device)
     sync(device)
     load_s = time.perf_counter() - t0
-    starts, lengths = fd.windows(data.offsets, args.window, args.hop)
+    starts, lengths = windows(data.offsets, args.window, args.hop)
     print(f"{device}: loaded {data.n_frames:,} frames once in {load_s:.1f} s; {len(starts):,} windows")
 
     torch.manual_seed(0)
@@ -199,15 +199,15 @@ def main() -> None:
             order = torch.randperm(len(starts), generator=g).to(device)
             for lo in range(0, len(order) - args.batch_size + 1, args.batch_size):
                 pick = order[lo : lo + args.batch_size]
-                index, valid = fd.window_index(starts_t[pick], lengths_t[pick], args.window, data.n_frames)
-                yield fd.cut(data, index, valid)
+                index, valid = window_index(starts_t[pick], lengths_t[pick], args.window, data.n_frames)
+                yield cut(data, index, valid)
 
     items = []
     for i, vid in enumerate(videos):
         lo = int(data.offsets[i])
         items += [
             (vid, int(s - lo), int(n))
-            for s, n in zip(*fd.windows(data.offsets, args.window, args.hop, [i]), strict=True)
+            for s, n in zip(*windows(data.offsets, args.window, args.hop, [i]), strict=True)
         ]
     loader = DataLoader(
         H5Windows(store, items, args.window),

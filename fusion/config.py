@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from pipeline.errors import ModelUnavailable, check_device
+
 MODALITIES = ("audio", "visual", "text")
 FUSIONS = ("rcma", "concat")
 JOINTS = ("others", "all")
@@ -189,8 +191,10 @@ class TrainConfig:
             raise TrainError("--groups only applies with --folds")
         if not self.folds and self.val_split == self.train_split:
             raise TrainError(f"validation split must differ from the training split ({self.train_split})")
-        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
-            raise TrainError(f"--device {self.device}: use cpu, cuda, cuda:N or auto")
+        try:
+            check_device(self.device)
+        except ModelUnavailable as e:
+            raise TrainError(str(e)) from None
 
     def model_settings(self) -> dict[str, Any]:
         """The settings this config shares with ModelConfig, by name."""

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import one_line
 from pipeline.store import StoreError, damaged_members, open_store, video_ids
 
 from .config import MODALITIES
@@ -97,7 +98,7 @@ def select_videos(store: Path, splits: list[str] | None, need_labels: bool) -> l
     return chosen
 
 
-def load(
+def load_store(
     store: Path,
     modalities: list[str],
     videos: list[str],
@@ -172,8 +173,7 @@ def load(
                         features[m][lo:hi] = block
             except OSError as e:  # a chunk whose checksum fails, or a file damaged past its header
                 _check_shards(store, vid, g, full=True)
-                error = " ".join(str(e).split())
-                raise DataError(f"{store}: video {vid}: cannot read its data ({error})") from None
+                raise DataError(f"{store}: video {vid}: cannot read its data ({one_line(e)})") from None
         if not np.isfinite(labels).all():
             raise DataError(f"{store}: labels contain NaN or inf values")
     return StoreData(

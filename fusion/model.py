@@ -45,14 +45,19 @@ so padding can never reach a real frame through W_j or a batch statistic.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
+
+from pipeline.errors import one_line
+from pipeline.store import atomic_file
 
 from .config import LEGACY, ModelConfig, TrainError
 
@@ -389,8 +394,39 @@ def build_model(ckpt: dict[str, Any], device: str | torch.device = "cpu") -> RCM
         try:
             model.load_state_dict(upgrade_state(state))
         except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise TrainError(f"the checkpoint's weights do not fit its model settings ({first})") from None
+            raise TrainError(
+                f"the checkpoint's weights do not fit its model settings ({one_line(e)})"
+            ) from None
         models.append(model)
     model = models[0] if len(models) == 1 else Ensemble(models)
     return model.to(device).eval()
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA (bfloat16 where supported, else float16), full precision on CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise TrainError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if (
+        not isinstance(ckpt, dict)
+        or not {"model_config", "data"} <= ckpt.keys()
+        or not ({"model", "members"} & ckpt.keys())
+    ):
+        raise TrainError(f"{path}: not an rcma checkpoint")
+    return ckpt
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
+    with atomic_file(path) as tmp:
+        torch.save(checkpoint, tmp)

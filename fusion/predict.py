@@ -20,11 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.errors import ModelUnavailable, one_line, resolve_device
 from pipeline.store import atomic_file, config_difference, id_file
 
-from . import data as fd
+from .config import TrainError
+from .data import STAGE_OF, DataError, StoreData, cut, load_store, select_videos, window_index, windows
 from .metrics import scores
-from .train import TrainError, build_model, load_checkpoint, pick_device, predict_frames
+from .model import RCMA, Ensemble, autocast, build_model, load_checkpoint
+from .plots import video_png
 
 SUBMISSION = "submission"  # Aff-Wild2 challenge format: <video_id>.txt, `valence,arousal`, one line a frame
 ABAW_FILE = "abaw_va_predictions.txt"  # ABAW VA layout: `image_location,valence,arousal`, <id>/00001.jpg ...
@@ -35,6 +38,38 @@ class PredictError(Exception):
     """A checkpoint and store that cannot be used together; the message says why in one line."""
 
 
+@torch.no_grad()
+def predict_frames(
+    model: RCMA | Ensemble,
+    data: StoreData,
+    chosen: list[int],
+    window: int,
+    hop: int,
+    batch_size: int = 32,
+) -> np.ndarray:
+    """(N, 2) predictions for the chosen videos' frames, overlapping windows averaged; NaN elsewhere."""
+    device = data.labels.device
+    n = data.n_frames
+    total = torch.zeros(n + 1, 2, device=device)
+    count = torch.zeros(n + 1, device=device)
+    starts, lengths = windows(data.offsets, window, hop, chosen)
+    was_training = model.training
+    model.eval()
+    for lo in range(0, len(starts), batch_size):
+        s = torch.as_tensor(starts[lo : lo + batch_size], device=device)
+        k = torch.as_tensor(lengths[lo : lo + batch_size], device=device)
+        index, valid = window_index(s, k, window, n)
+        batch = cut(data, index, valid)
+        with autocast(device):
+            pred = model(batch["inputs"], batch["present"], valid)
+        pred = pred.float() * valid.unsqueeze(-1)
+        total.index_add_(0, index.flatten(), pred.flatten(0, 1))
+        count.index_add_(0, index.flatten(), valid.flatten().float())
+    model.train(was_training)
+    out = (total[:n] / count[:n].unsqueeze(-1)).cpu().numpy()
+    return out.astype(np.float32)
+
+
 def _prepare(
     model_path: Path,
     store: Path,
@@ -42,15 +77,15 @@ def _prepare(
     need_labels: bool,
     device: str,
     videos: list[str] | None = None,
-) -> tuple[torch.nn.Module, dict[str, Any], fd.StoreData]:
+) -> tuple[torch.nn.Module, dict[str, Any], StoreData]:
     try:
-        dev = pick_device(device)
+        dev = torch.device(resolve_device(device))
         ckpt = load_checkpoint(model_path, dev)
         info = ckpt["data"]
         if videos is None:
-            videos = fd.select_videos(store, splits, need_labels)
-        data = fd.load(store, list(info["modalities"]), videos, info["visual_input"] or "auto", dev)
-    except (TrainError, fd.DataError) as e:
+            videos = select_videos(store, splits, need_labels)
+        data = load_store(store, list(info["modalities"]), videos, info["visual_input"] or "auto", dev)
+    except (TrainError, DataError, ModelUnavailable) as e:
         raise PredictError(str(e)) from None
     if data.dims != info["dims"]:
         changed = ", ".join(
@@ -106,6 +141,33 @@ def evaluate(
     }
 
 
+def print_evaluation(
+    model_path: Path, store: Path, split: str | None, device: str, as_json: bool, console: Any
+) -> None:
+    """`evaluate` (split "all": every labelled video), printed on the rich `console`: a table per
+    video and over all frames, or JSON."""
+    import json
+
+    from rich.table import Table
+
+    result = evaluate(model_path, store, None if split == "all" else split, device)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table("video", "frames", "CCC V", "CCC A", "PCC V", "PCC A", "RMSE V", "RMSE A")
+    rows = [*result["videos"].items(), ("all frames", result["overall"])]
+    for name, s in rows:
+        table.add_row(
+            name,
+            str(s["frames"]),
+            *(f"{s[f'{k}_{d}']:.4f}" for k in ("ccc", "pcc", "rmse") for d in ("valence", "arousal")),
+        )
+    console.print(table)
+    console.print(
+        f"mean CCC ({result['split']}): {result['overall']['ccc']:.4f}", highlight=False, soft_wrap=True
+    )
+
+
 @dataclass
 class PredictRun:
     """What one prediction run produced, and the lines worth telling the user."""
@@ -148,7 +210,7 @@ def choose_videos(
             wanted = [vid for vid, name in mapping.items() if name == split]
             where = f"{split_file} (split {split})"
     except (StoreError, LabelError, UnicodeDecodeError) as e:
-        raise PredictError(str(e).splitlines()[0]) from None
+        raise PredictError(one_line(e)) from None
     missing = [vid for vid in wanted if vid not in known]
     if missing:
         raise PredictError(
@@ -183,7 +245,7 @@ def write_outputs(
     out: Path,
     model_path: Path,
     ckpt: dict[str, Any],
-    data: fd.StoreData,
+    data: StoreData,
     pred: np.ndarray,
     store: Path,
     plots: bool = True,
@@ -219,7 +281,7 @@ def write_outputs(
         )
         abaw_rows += [(f"{vid}/{k + 1:05d}.jpg", f"{p[k, 0]:.6f}", f"{p[k, 1]:.6f}") for k in range(hi - lo)]
         labels = np.where(mask[lo:hi, None], true[lo:hi], np.nan) if mask[lo:hi].any() else None
-        png = plot_png(vid, t, p, labels, flags)
+        png = video_png(vid, t, p, labels, flags)
         if plots:
             with atomic_file(_parent_made(id_file(out / "plots", vid, ".png"))) as tmp:
                 tmp.write_bytes(png)
@@ -234,11 +296,10 @@ def write_outputs(
 def rebuild_stages(ckpt: dict[str, Any], model_path: Path, device: str) -> tuple[list[Any], float | None]:
     """The stages (and audio-only frame rate) the checkpoint's features came from, checked to give the
     same config hash here; a model file or setting that cannot be reproduced is a one-line error."""
-    from pipeline.models import ModelUnavailable
-    from pipeline.stages import build_stage, config_hash
+    from pipeline.stages import build_stage, config_hash, resolved
 
     recorded = ckpt["data"].get("stages")
-    wanted = [fd.STAGE_OF[m] for m in ckpt["data"]["modalities"]]
+    wanted = [STAGE_OF[m] for m in ckpt["data"]["modalities"]]
     if not recorded or any(stage not in recorded for stage in wanted):
         raise PredictError(
             f"{model_path}: the checkpoint does not record how its features were extracted (trained by an "
@@ -251,10 +312,10 @@ def rebuild_stages(ckpt: dict[str, Any], model_path: Path, device: str) -> tuple
         error = ""
         for options in _stage_options(name, config, device):
             try:
-                stage = build_stage(name, options)
+                stage = resolved(build_stage(name, options))
                 got = stage.config()
             except (ModelUnavailable, ValueError, OSError) as e:  # try the next way; report the last
-                error = _line(e)
+                error = one_line(e)
                 continue
             if config_hash(stage) == expected:
                 stages.append(stage)
@@ -389,10 +450,6 @@ def _looks_like_path(value: Any) -> bool:
     return isinstance(value, str) and (os.sep in value or value.endswith((".pt", ".onnx", ".bin")))
 
 
-def _line(error: BaseException) -> str:
-    return " ".join((str(error) or type(error).__name__).split())
-
-
 def _parent_made(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
@@ -405,59 +462,38 @@ def _write_csv(path: Path, header: list[str], rows: Any) -> None:
         writer.writerows(rows)
 
 
-def plot_png(
-    vid: str,
-    times: np.ndarray,
-    pred: np.ndarray,
-    labels: np.ndarray | None,
-    present: dict[str, np.ndarray] | None = None,
-) -> bytes:
-    """Valence and arousal over time as PNG bytes: prediction, the labels where there are any, and
-    under them a band per input showing the frames where it had data."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    present = present or {}
-    ratios = [3, 3] + ([0.35 * len(present)] if present else [])
-    fig, axes = plt.subplots(
-        len(ratios), 1, figsize=(10, 4.2 + 0.3 * len(present)), sharex=True, height_ratios=ratios
+def predict_inputs(
+    model_path: Path,
+    inputs: list[Path] | None,
+    features: Path | None,
+    store: Path | None,
+    out: Path,
+    split: str | None,
+    split_file: Path | None,
+    video_list: Path | None,
+    plots: bool,
+    device: str,
+    quiet: bool,
+    console: Any,
+) -> bool:
+    """`rcma predict`: media files (`inputs`, extracted then predicted, see `predict_media`) or a
+    store's videos (`features`, chosen by split, split file or list); a summary line on the rich
+    `console`. True when every input was predicted; PredictError for a run that cannot start."""
+    if inputs:
+        if features is not None or split or split_file or video_list:
+            raise PredictError("give media files, or --features (with --split, --split-file, --list)")
+        say = lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
+        run = predict_media(model_path, inputs, out, store, plots, device, quiet, say=say)
+        videos, report, failed = run.videos, run.report, len(run.failed)
+    else:
+        features = features or Path("store.h5")
+        chosen = choose_videos(features, split, split_file, video_list)
+        videos = predict(model_path, features, out, split, plots, device, chosen)
+        report, failed = out / REPORT, 0
+    console.print(
+        f"{out}: predictions for {len(videos)} videos{f', {failed} failed' if failed else ''}; "
+        f"report: {report}",
+        highlight=False,
+        soft_wrap=True,
     )
-    for k, (ax, name) in enumerate(zip(axes, ("valence", "arousal"), strict=False)):
-        ax.plot(times, pred[:, k], label="predicted", lw=1.4, color=("#1f77b4", "#d62728")[k])
-        if labels is not None:
-            ax.plot(times, labels[:, k], label="label", lw=1.2, alpha=0.8, color="#555555", ls="--")
-        ax.set(ylabel=name, ylim=(-1.05, 1.05))
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.grid(alpha=0.3)
-    if present:
-        band = axes[2]
-        step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0
-        for row, mask in enumerate(present.values()):
-            runs = _runs(mask)
-            band.broken_barh(
-                [(times[a], times[b - 1] - times[a] + step) for a, b in runs],
-                (row + 0.15, 0.7),
-                color="#3c8d5a",
-            )
-        band.set(ylim=(0, len(present)), yticks=np.arange(len(present)) + 0.5, yticklabels=list(present))
-        band.tick_params(axis="y", length=0, labelsize=8)
-        band.invert_yaxis()  # the first input on top
-        band.grid(False)
-    axes[0].set_title(vid)
-    axes[0].legend(loc="upper right", fontsize=8)
-    axes[-1].set_xlabel("time (s)")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """(start, end) index pairs of the runs of True in a boolean array."""
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
-    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+    return not failed

@@ -65,12 +65,12 @@ def model_summary(ckpt: dict[str, Any], model_path: Path) -> dict[str, Any]:
 
 def _count_videos(cfg: dict[str, Any]) -> str:
     """Training videos and labelled frames, when the training store is still readable here."""
-    from . import data as fd
+    from .data import DataError, read_splits
 
     store = Path(cfg.get("features", ""))
     try:
-        splits = fd.read_splits(store)
-    except (fd.DataError, OSError):
+        splits = read_splits(store)
+    except (DataError, OSError):
         return ""
     n = sum(1 for s in splits.values() if s == cfg.get("train_split", "train"))
     return f"{n} videos" if n else ""

@@ -13,7 +13,6 @@ load with torch.load(weights_only=True).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
@@ -27,39 +26,26 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from pipeline.errors import ModelUnavailable, resolve_device
 from pipeline.store import atomic_file
 
-from . import data as fd
 from .config import FIXED_ON_RESUME, LEGACY, ModelConfig, TrainConfig, TrainError
+from .data import DataError, StoreData, cut, load_store, select_videos, window_index, windows
 from .metrics import ccc_loss, scores
-from .model import RCMA, Ensemble, build_model, upgrade_state
+from .model import RCMA, Ensemble, autocast, build_model, load_checkpoint, save_checkpoint, upgrade_state
+from .plots import curves_png
+from .predict import predict_frames
 
 LOG_EVERY = 10  # steps between training-loss logs
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainError(f"device {name} asked for, but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA (bfloat16 where supported, else float16), full precision on CPU."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
-def model_config(cfg: TrainConfig, data: fd.StoreData) -> ModelConfig:
+def model_config(cfg: TrainConfig, data: StoreData) -> ModelConfig:
     return ModelConfig(
         inputs=dict(data.dims), visual_crops=data.visual_input == "crops", **cfg.model_settings()
     )
 
 
-def normalisation(data: fd.StoreData, chosen: list[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def normalisation(data: StoreData, chosen: list[int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel mean and std of each embedding modality over the chosen videos' present frames."""
     rows = torch.as_tensor(_rows(data, chosen), device=data.labels.device)
     stats = {}
@@ -82,40 +68,8 @@ def normalisation(data: fd.StoreData, chosen: list[int]) -> dict[str, tuple[torc
     return stats
 
 
-@torch.no_grad()
-def predict_frames(
-    model: RCMA | Ensemble,
-    data: fd.StoreData,
-    chosen: list[int],
-    window: int,
-    hop: int,
-    batch_size: int = 32,
-) -> np.ndarray:
-    """(N, 2) predictions for the chosen videos' frames, overlapping windows averaged; NaN elsewhere."""
-    device = data.labels.device
-    n = data.n_frames
-    total = torch.zeros(n + 1, 2, device=device)
-    count = torch.zeros(n + 1, device=device)
-    starts, lengths = fd.windows(data.offsets, window, hop, chosen)
-    was_training = model.training
-    model.eval()
-    for lo in range(0, len(starts), batch_size):
-        s = torch.as_tensor(starts[lo : lo + batch_size], device=device)
-        k = torch.as_tensor(lengths[lo : lo + batch_size], device=device)
-        index, valid = fd.window_index(s, k, window, n)
-        batch = fd.cut(data, index, valid)
-        with autocast(device):
-            pred = model(batch["inputs"], batch["present"], valid)
-        pred = pred.float() * valid.unsqueeze(-1)
-        total.index_add_(0, index.flatten(), pred.flatten(0, 1))
-        count.index_add_(0, index.flatten(), valid.flatten().float())
-    model.train(was_training)
-    out = (total[:n] / count[:n].unsqueeze(-1)).cpu().numpy()
-    return out.astype(np.float32)
-
-
 def validate(
-    model: RCMA | Ensemble, data: fd.StoreData, chosen: list[int], cfg: TrainConfig
+    model: RCMA | Ensemble, data: StoreData, chosen: list[int], cfg: TrainConfig
 ) -> dict[str, float]:
     """The challenge metric: CCC over all labelled frames of all chosen videos, concatenated."""
     pred = predict_frames(model, data, chosen, cfg.window, cfg.eval_hop, cfg.batch_size)
@@ -124,7 +78,7 @@ def validate(
     return scores(pred[rows][mask], data.labels[:-1].cpu().numpy()[rows][mask])
 
 
-def _rows(data: fd.StoreData, chosen: list[int]) -> np.ndarray:
+def _rows(data: StoreData, chosen: list[int]) -> np.ndarray:
     return np.concatenate([np.arange(data.offsets[i], data.offsets[i + 1]) for i in chosen])
 
 
@@ -135,7 +89,10 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
     """
     console = Console(stderr=True, quiet=quiet)
     out = Path(cfg.out)
-    device = pick_device(cfg.device)
+    try:
+        device = torch.device(resolve_device(cfg.device))
+    except ModelUnavailable as e:
+        raise TrainError(str(e)) from None
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     if not resume and out.exists() and any(out.glob("**/last.pt")):
@@ -151,13 +108,13 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
     if cfg.folds:
         return _cross_validate(cfg, store, device, resume, console)
     try:
-        train_ids = fd.select_videos(store, [cfg.train_split], need_labels=True)
-        val_ids = fd.select_videos(store, [cfg.val_split], need_labels=True)
+        train_ids = select_videos(store, [cfg.train_split], need_labels=True)
+        val_ids = select_videos(store, [cfg.val_split], need_labels=True)
         both = sorted(set(train_ids) & set(val_ids))
         if both:
             raise TrainError(f"{store}: video {both[0]} is in both the training and the validation split")
-        data = fd.load(store, cfg.modalities, train_ids + val_ids, cfg.visual, device)
-    except fd.DataError as e:
+        data = load_store(store, cfg.modalities, train_ids + val_ids, cfg.visual, device)
+    except DataError as e:
         raise TrainError(str(e)) from None
     train_idx = list(range(len(train_ids)))
     val_idx = list(range(len(train_ids), len(train_ids) + len(val_ids)))
@@ -165,7 +122,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
     return _train_seeds(cfg, data, train_idx, val_idx, out, resume, console)
 
 
-def _check_labelled(data: fd.StoreData, store: Path, parts: dict[str, list[int]]) -> None:
+def _check_labelled(data: StoreData, store: Path, parts: dict[str, list[int]]) -> None:
     labelled = data.labelled[:-1].cpu().numpy()
     for name, chosen in parts.items():
         if not chosen or not labelled[_rows(data, chosen)].any():
@@ -174,7 +131,7 @@ def _check_labelled(data: fd.StoreData, store: Path, parts: dict[str, list[int]]
 
 def _train_seeds(
     cfg: TrainConfig,
-    data: fd.StoreData,
+    data: StoreData,
     train_idx: list[int],
     val_idx: list[int],
     out: Path,
@@ -253,9 +210,9 @@ def _cross_validate(
     cfg: TrainConfig, store: Path, device: torch.device, resume: bool, console: Console
 ) -> dict[str, Any]:
     try:
-        videos = fd.select_videos(store, None, need_labels=True)
-        data = fd.load(store, cfg.modalities, videos, cfg.visual, device)
-    except fd.DataError as e:
+        videos = select_videos(store, None, need_labels=True)
+        data = load_store(store, cfg.modalities, videos, cfg.visual, device)
+    except DataError as e:
         raise TrainError(str(e)) from None
     groups = read_groups(Path(cfg.groups)) if cfg.groups else {}
     missing = [v for v in videos if cfg.groups and v not in groups]
@@ -322,7 +279,7 @@ def _cross_validate(
 
 def fit(
     cfg: TrainConfig,
-    data: fd.StoreData,
+    data: StoreData,
     train_idx: list[int],
     val_idx: list[int],
     out: Path,
@@ -370,7 +327,7 @@ def fit(
 
     tb = SummaryWriter(str(out / "tb"), purge_step=state["step"] + 1 if state["step"] else None)
 
-    starts, lengths = fd.windows(data.offsets, cfg.window, cfg.hop, train_idx)
+    starts, lengths = windows(data.offsets, cfg.window, cfg.hop, train_idx)
     starts_t = torch.as_tensor(starts, device=device)
     lengths_t = torch.as_tensor(lengths, device=device)
     steps_per_epoch = math.ceil(len(starts) / cfg.batch_size)
@@ -406,8 +363,8 @@ def fit(
                 t0 = time.perf_counter()
                 pick_cpu = order[lo : lo + cfg.batch_size]
                 pick = pick_cpu.to(device, non_blocking=True)
-                index, valid = fd.window_index(starts_t[pick], lengths_t[pick], cfg.window, data.n_frames)
-                batch = fd.cut(data, index, valid)
+                index, valid = window_index(starts_t[pick], lengths_t[pick], cfg.window, data.n_frames)
+                batch = cut(data, index, valid)
                 data_time += time.perf_counter() - t0
                 with autocast(device):
                     pred = model(batch["inputs"], batch["present"], valid)
@@ -474,7 +431,8 @@ def fit(
             for key in ("train_loss", "val_ccc", "val_ccc_valence", "val_ccc_arousal", "lr"):
                 tb.add_scalar(key.replace("_", "/", 1), row[key], state["step"])
             tb.flush()
-            _plot_curves(out / "curves.png", history)
+            with atomic_file(out / "curves.png") as tmp:
+                tmp.write_bytes(curves_png(history))
             console.print(
                 f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  val CCC {val['ccc']:.4f} "
                 f"(V {val['ccc_valence']:.4f}, A {val['ccc_arousal']:.4f})  "
@@ -533,26 +491,16 @@ def resolve_config(given: dict[str, Any], typed: set[str], resume: bool) -> Trai
     return TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **{k: given[k] for k in typed}})
 
 
-def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise TrainError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise TrainError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if (
-        not isinstance(ckpt, dict)
-        or not {"model_config", "data"} <= ckpt.keys()
-        or not ({"model", "members"} & ckpt.keys())
-    ):
-        raise TrainError(f"{path}: not an rcma checkpoint")
-    return ckpt
-
-
-def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:
-    with atomic_file(path) as tmp:
-        torch.save(checkpoint, tmp)
+def run(given: dict[str, Any], typed: set[str], resume: bool = False, quiet: bool = False) -> str:
+    """`rcma train`: the options as given (modalities comma-separated; `typed`, those given on the
+    command line, override a resumed run's own), trained; returns the result as one line."""
+    modalities = [m.strip() for m in given["modalities"].split(",") if m.strip()]
+    result = train(
+        resolve_config({**given, "modalities": modalities}, typed, resume), resume=resume, quiet=quiet
+    )
+    if "folds" in result:
+        return f"mean test CCC over folds {result['best_ccc']:.4f} -> {result['best']}"
+    return f"best val CCC {result['best_ccc']:.4f} at epoch {result['best_epoch']} -> {result['best']}"
 
 
 def _history(path: Path, upto_epoch: int) -> list[dict[str, Any]]:
@@ -574,23 +522,3 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
 
     with atomic_file(path) as tmp:
         write(tmp)
-
-
-def _plot_curves(path: Path, rows: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax1.plot(epochs, [r["train_loss"] for r in rows], marker=".")
-    ax1.set(xlabel="epoch", ylabel="train loss (1 - CCC)")
-    for key, label in (("val_ccc", "mean"), ("val_ccc_valence", "valence"), ("val_ccc_arousal", "arousal")):
-        ax2.plot(epochs, [r[key] for r in rows], marker=".", label=label)
-    ax2.set(xlabel="epoch", ylabel="validation CCC")
-    ax2.legend()
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from pipeline.ct2_whisper import convert_ct2_dir
-from pipeline.models import ModelUnavailable, cache_dir, packaged_model, sha256_file
+from pipeline.errors import ModelUnavailable
+from pipeline.weights import cache_dir, packaged_model, sha256_file
 
 ASR_ENV = "RCMA_ASR_MODEL"
 # Whisper falls back to sampling at higher temperatures when greedy decoding looks wrong; a fixed
@@ -348,27 +349,6 @@ def _transcribe_openai(model, audio: np.ndarray) -> Transcript:
         for word in segment.get("words", []):
             _add_word(out, word["word"], word["start"], word["end"], word["probability"])
     return out
-
-
-def transcribe_faster(model, audio: np.ndarray) -> Transcript:
-    """faster-whisper with the settings `transcribe_openai` uses (greedy, word timestamps)."""
-    with TRANSCRIBE_LOCK:
-        return _transcribe_faster(model, audio)
-
-
-def _transcribe_faster(model, audio: np.ndarray) -> Transcript:
-    import ctranslate2
-
-    english_only = not model.model.is_multilingual
-    ctranslate2.set_random_seed(SAMPLING_SEED)  # seeds each thread's generator once, at first use
-    segments, info = model.transcribe(
-        audio,
-        beam_size=1,
-        best_of=5,
-        word_timestamps=True,
-        language="en" if english_only else None,
-    )
-    return _from_faster(segments, info.language, english_only)
 
 
 def speech_windows(speech: np.ndarray, window_s: float = WHISPER_WINDOW_S) -> list[dict[str, float]]:

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from pipeline import asr
+from pipeline.errors import resolve_device
 from pipeline.media import SAMPLE_RATE, Media
-from pipeline.models import fetch_weights, sha256_file, weights_checksum
 from pipeline.stages import Extra, Rows, Stage, library_versions
+from pipeline.weights import fetch_weights, sha256_file, weights_checksum
 
 AUDIO_MODELS = ("logmel", "wav2vec2", "hubert", "wavlm", "whisper-encoder")
 AUDIO_WEIGHTS_ENV = "RCMA_AUDIO_WEIGHTS"
@@ -52,12 +53,6 @@ SSL_FIELD = 400  # samples seen by one state
 CHUNK_SAMPLES = 30 * SAMPLE_RATE  # a Whisper window; also bounds memory for the SSL models
 WHISPER_STRIDE = 320  # 10 ms mel hops, conv2 stride 2 (checked against the model when it loads)
 WHISPER_BATCH = 4
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 class AudioEmbedder(ABC):
@@ -264,11 +259,14 @@ class WhisperEncoder(StateSequence):
     def batch(self) -> int:
         return WHISPER_BATCH
 
+    def resolve(self) -> None:
+        """Finds the Whisper model (converting the packaged one on first use)."""
+        self._source = asr.resolve(self.asr_model)
+
     @property
     def source(self) -> asr.WhisperSource:
-        """The Whisper model, resolved once (it converts the packaged model on first use)."""
         if self._source is None:
-            self._source = asr.resolve(self.asr_model)
+            self.resolve()
         return self._source
 
     def load(self, device: str) -> None:
@@ -348,10 +346,22 @@ class AudioStage(Stage):
         self.audio_model = audio_model
         self.audio_layer = audio_layer
         self.logmel_pool = logmel_pool
-        self.device = resolve_device(device)
+        self.device = device
         self.embedder = build_embedder(audio_model, audio_layer, audio_weights, logmel_pool, asr_model)
+        self.weights_sha256 = ""
+
+    def resolve(self) -> None:
+        self.torch_device = resolve_device(self.device)
+        if isinstance(self.embedder, SelfSupervised):
+            local = self.embedder.weights or os.environ.get(AUDIO_WEIGHTS_ENV)
+            if local and os.path.isfile(local):  # user-given weights: their content is the config
+                self.weights_sha256 = weights_checksum(local)
+        if isinstance(self.embedder, WhisperEncoder):
+            self.embedder.resolve()
+        super().resolve()
 
     def config(self) -> dict[str, Any]:
+        self.check_resolved()
         config: dict[str, Any] = {"audio_model": self.audio_model, "sample_rate": SAMPLE_RATE}
         if self.audio_model == "logmel":
             config["logmel_pool"] = self.logmel_pool
@@ -359,9 +369,8 @@ class AudioStage(Stage):
             config["audio_layer"] = self.audio_layer
         if isinstance(self.embedder, SelfSupervised):
             config["audio_weights"] = self.embedder.weights
-            local = self.embedder.weights or os.environ.get(AUDIO_WEIGHTS_ENV)
-            if local and os.path.isfile(local):  # user-given weights: their content is the config
-                config["audio_weights_sha256"] = weights_checksum(local)
+            if self.weights_sha256:
+                config["audio_weights_sha256"] = self.weights_sha256
         if isinstance(self.embedder, WhisperEncoder):
             config["whisper_model"] = self.embedder.source.name
             config["whisper_weights_sha256"] = self.embedder.source.sha256
@@ -370,7 +379,9 @@ class AudioStage(Stage):
         return config
 
     def load(self) -> None:
-        self.embedder.load(self.device)
+        if not self.resolved:
+            self.resolve()
+        self.embedder.load(self.torch_device)
 
     def provenance(self) -> dict[str, Any]:
         return {

@@ -15,9 +15,11 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from pipeline.errors import one_line
 from pipeline.stages import library_versions
 
 OK, DOWNLOAD, MISSING, INFO = "ok", "download", "missing", "info"
@@ -74,6 +76,35 @@ def run_checks(probe: Callable[[str], bool] | None = None) -> list[Check]:
     return [*model_checks(probe), *device_checks(), *version_checks(), *decode_checks()]
 
 
+def print_checks(checks: list[Check], console: Any) -> list[Check]:
+    """The checks as a table on the rich `console`, by area; returns those the default pipeline
+    fails without."""
+    from rich.table import Table
+
+    colour = {OK: "green", MISSING: "red"}
+    table = Table("", "check", "status", "detail", box=None, pad_edge=False, show_header=False)
+    table.columns[3].overflow = "fold"
+    area = ""
+    for c in checks:
+        style = colour.get(c.status, "yellow" if c.needed else "dim")
+        table.add_row(c.area if c.area != area else "", c.name, f"[{style}]{c.status}[/{style}]", c.detail)
+        area = c.area
+    console.print(table)
+    return [c for c in checks if c.failed]
+
+
+def print_local_models(console: Any) -> None:
+    """Whisper and text models usable here without a download, one a line, best first."""
+    from pipeline import asr, text
+
+    lines = [f"whisper  {name:<12} {kind:<24} {path}" for name, kind, path in asr.local_models()]
+    lines += [
+        f"text     {name:<12} {'sentence-transformers':<24} {path}" for name, path in text.local_models()
+    ]
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
+
+
 def reachable(url: str) -> bool:
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=PROBE_TIMEOUT_S):
@@ -85,7 +116,7 @@ def reachable(url: str) -> bool:
 def model_checks(probe: Callable[[str], bool]) -> list[Check]:
     from pipeline import asr, text, visual
     from pipeline.audio import AUDIO_WEIGHTS_ENV
-    from pipeline.models import CACHE_ENV, cache_dir
+    from pipeline.weights import CACHE_ENV, cache_dir
 
     checks = [_mtcnn()]
     env = os.environ.get(visual.VGGFACE2_ENV)
@@ -120,7 +151,7 @@ def model_checks(probe: Callable[[str], bool]) -> list[Check]:
     try:
         name, path = text.resolve_text_model(None)
     except Exception as e:  # a $RCMA_TEXT_MODEL that is not a model folder
-        checks.append(Check("models", "text: sentence embedder", MISSING, _line(e), True))
+        checks.append(Check("models", "text: sentence embedder", MISSING, one_line(e), True))
     else:
         if path is not None:
             where = "packaged" if "site-packages" in str(path) else _home(path)
@@ -217,7 +248,7 @@ def decode_checks() -> list[Check]:
                     f"{name} ({_round_trip(Path(folder) / f'probe{suffix}', video_codecs, audio_codec)})"
                 )
             except Exception as e:  # any failure means: this container does not work here
-                checks.append(Check("decoding", name, MISSING, _line(e), needed))
+                checks.append(Check("decoding", name, MISSING, one_line(e), needed))
     if working:
         checks.insert(1, Check("decoding", "written and decoded", OK, ", ".join(working)))
     return checks
@@ -277,7 +308,3 @@ def _has(codec: str, mode: str) -> bool:
         return True
     except Exception:
         return False
-
-
-def _line(error: BaseException) -> str:
-    return " ".join((str(error) or type(error).__name__).split())

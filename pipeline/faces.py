@@ -41,10 +41,11 @@ import numpy as np
 import torch
 
 from pipeline.align import CROP_SIZE, align_face
-from pipeline.media import VIDEO_EXTENSIONS, Media, iter_video_frames
-from pipeline.models import ModelUnavailable, sha256_file
+from pipeline.errors import resolve_device
+from pipeline.media import VIDEO_EXTENSIONS, Media, iter_video_frames, nearest_rows
 from pipeline.stages import Extra, Rows, Stage, library_versions
 from pipeline.visual import NONE, VGGFACE2, Embedder, build_embedder
+from pipeline.weights import sha256_file
 
 MIN_FACE_PX = 20  # MTCNN's default smallest face, kept so small faces (Hamilton's ~40 px) are found
 THRESHOLDS = (0.6, 0.7, 0.7)  # P-Net, R-Net, O-Net; MTCNN's defaults
@@ -64,7 +65,6 @@ PREFETCH_BATCHES = 2
 # detects while the decode thread keeps another core busy.
 DETECTOR_CPU_THREADS = 1
 ABSENT_BLOCK = 1024
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -318,9 +318,7 @@ def grid_rows(times: np.ndarray, grid: np.ndarray) -> np.ndarray:
     """The grid row of each decoded frame time (nearest within half a frame), else -1."""
     if len(grid) == 0:
         return np.full(len(times), -1)
-    right = np.clip(np.searchsorted(grid, times), 0, len(grid) - 1)
-    left = np.clip(right - 1, 0, len(grid) - 1)
-    rows = np.where(np.abs(grid[left] - times) <= np.abs(grid[right] - times), left, right)
+    rows = nearest_rows(times, grid)
     step = float(np.median(np.diff(grid))) if len(grid) > 1 else 1.0
     return np.where(np.abs(grid[rows] - times) <= step / 2, rows, -1)
 
@@ -341,12 +339,18 @@ class FacesStage(Stage):
         self.embedder: Embedder | None = None
         self._model_sha: tuple[tuple[str, int, int], str] | None = None
 
+    def resolve(self) -> None:
+        self.torch_device = resolve_device(self.device)
+        self.visual_model_sha256 = self._model_file_sha256()
+        super().resolve()
+
     def config(self) -> dict[str, Any]:
+        self.check_resolved()
         subject = {} if self.subject == "largest" else {"subject": self.subject}  # older hashes stay valid
         return {
             **subject,
             "visual_model": self.visual_model,
-            "visual_model_sha256": self._model_file_sha256(),
+            "visual_model_sha256": self.visual_model_sha256,
             "crops": self.crops,
             "crop_size": CROP_SIZE,
             "alignment": "arcface-5-point-similarity",
@@ -379,22 +383,10 @@ class FacesStage(Stage):
         return self._model_sha[1]
 
     def load(self) -> None:
-        device = self._resolve_device()
-        self.detector = Mtcnn(device)
-        self.embedder = build_embedder(self.visual_model, device)
-
-    def _resolve_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ModelUnavailable(
-                    f"--device {self.device}: no CUDA device here (use --device cpu or auto)"
-                )
-            return self.device
-        if self.device == "cpu":
-            return "cpu"
-        raise ModelUnavailable(f"--device {self.device}: choose from {', '.join(DEVICES)}")
+        if not self.resolved:
+            self.resolve()
+        self.detector = Mtcnn(self.torch_device)
+        self.embedder = build_embedder(self.visual_model, self.torch_device)
 
     def provenance(self) -> dict[str, Any]:
         embedder = self.embedder

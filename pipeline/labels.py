@@ -27,10 +27,13 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from pipeline import store as st
+from pipeline.errors import one_line
+from pipeline.media import nearest_rows
+from pipeline.store import StoreError, damaged_members, open_store, rebuild_index, video_ids, write_shard
 
 STAGE = "labels"
 UNANNOTATED = -5.0
@@ -86,7 +89,7 @@ def import_labels(
             else:
                 parsed += _read_csv(path, grid)
         except (UnicodeDecodeError, csv.Error) as e:
-            raise LabelError(f"{path}: not a text label file ({_first_line(e)})") from None
+            raise LabelError(f"{path}: not a text label file ({one_line(e)})") from None
     for item in parsed:
         if not item.present.any():
             note = f"{item.video_id}: every label in {item.source} is unannotated; it replaces the old labels"
@@ -112,13 +115,30 @@ def import_labels(
         }
         if item.video_id in grid_hashes:  # older stores have none
             attrs["grid_hash"] = grid_hashes[item.video_id]
-        st.write_shard(store, STAGE, item.video_id, rows, attrs)
-    st.rebuild_index(store)
+        write_shard(store, STAGE, item.video_id, rows, attrs)
+    rebuild_index(store)
     return parsed
 
 
-def _first_line(error: Exception) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+def import_and_report(
+    store: Path, paths: list[Path], split: str | None, split_file: Path | None, console: Any
+) -> None:
+    """`import_labels`, telling the rich `console` each warning and what was imported; LabelError."""
+
+    def warn(message: str) -> None:
+        console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+    imported = import_labels(store, paths, split, split_file, skipped=warn)
+    for item in imported:
+        if item.warning:
+            warn(item.warning)
+    splits = sorted({item.split or "(no split)" for item in imported})
+    frames = sum(int(item.present.sum()) for item in imported)
+    console.print(
+        f"{store}: labels for {len(imported)} videos, {frames} labelled frames; splits: {', '.join(splits)}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def read_split_file(path: Path) -> dict[str, str]:
@@ -156,19 +176,19 @@ def _store_grid(store: Path) -> tuple[dict[str, np.ndarray], dict[str, str], dic
     """Each video's timestamps, the grid_hash of those that have one, and the face each video's
     faces stage tracked (see pipeline.faces: largest, left or right)."""
     try:
-        f = st.open_store(store)
-    except st.StoreError as e:
+        f = open_store(store)
+    except StoreError as e:
         raise LabelError(str(e)) from None
     with f:
         grid: dict[str, np.ndarray] = {}
         hashes: dict[str, str] = {}
         subjects: dict[str, str] = {}
-        for vid in st.video_ids(f):
+        for vid in video_ids(f):
             group = f[f"videos/{vid}"]
             try:
                 grid[vid] = group["timestamps"][:]
             except (OSError, KeyError):  # a missing, cut or corrupted grid shard
-                problem = st.damaged_members(store, group, full=True).get("timestamps", "damaged")
+                problem = damaged_members(store, group, full=True).get("timestamps", "damaged")
                 raise LabelError(
                     f"{store}: video {vid}: its frame grid shard {problem}; `rcma extract` recomputes it"
                 ) from None
@@ -183,8 +203,8 @@ def _store_grid(store: Path) -> tuple[dict[str, np.ndarray], dict[str, str], dic
 def _existing_splits(store: Path) -> dict[str, str]:
     """Splits of already imported labels, kept when a re-import names none."""
     out = {}
-    with st.open_store(store) as f:
-        for vid in st.video_ids(f):
+    with open_store(store) as f:
+        for vid in video_ids(f):
             group = f[f"videos/{vid}"]
             if STAGE in group and group[STAGE].attrs.get("split"):
                 out[vid] = _text(group[STAGE].attrs["split"])
@@ -414,10 +434,7 @@ def _nearest_frames(times: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
     """Index of the nearest timestamp; times before/after the grid extrapolate by its frame period."""
     n = len(timestamps)
     period = float(np.median(np.diff(timestamps))) if n > 1 else 1.0
-    i = np.clip(np.searchsorted(timestamps, times), 1, max(n - 1, 1))
-    left, right = timestamps[i - 1], timestamps[np.minimum(i, n - 1)]
-    nearest = np.where(np.abs(times - left) <= np.abs(right - times), i - 1, i)
-    nearest = np.minimum(nearest, n - 1)
+    nearest = nearest_rows(times, timestamps)
     before = times < timestamps[0] - period / 2
     after = times > timestamps[-1] + period / 2
     nearest = np.where(before, -np.ceil((timestamps[0] - times) / period).astype(np.int64), nearest)

@@ -272,3 +272,11 @@ def read_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     if lead:
         audio = np.concatenate([np.zeros(lead, np.float32), audio])
     return audio.astype(np.float32, copy=False)
+
+
+def nearest_rows(times: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Per time, the row of the nearest timestamp of a sorted, non-empty frame grid (of two equally
+    near, the earlier)."""
+    right = np.clip(np.searchsorted(grid, times), 0, len(grid) - 1)
+    left = np.clip(right - 1, 0, None)
+    return np.where(np.abs(grid[left] - times) <= np.abs(grid[right] - times), left, right)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline import store as st
+from pipeline.errors import ModelUnavailable, one_line
 from pipeline.media import (
     DEFAULT_FPS,
     MEDIA_EXTENSIONS,
@@ -38,8 +38,27 @@ from pipeline.media import (
     probe,
     read_audio,
 )
-from pipeline.models import ModelUnavailable
 from pipeline.stages import Extra, Rows, Stage, build_stage, config_hash, library_versions
+from pipeline.store import (
+    GRID,
+    ShardWriter,
+    StoreError,
+    atomic_file,
+    check_id,
+    claim_stage_configs,
+    clean_store_temps,
+    clear_failure,
+    grid_hash,
+    read_rows,
+    read_shard_attrs,
+    rebuild_index,
+    record_failure,
+    set_attrs,
+    shard_path,
+    shard_problem,
+    shard_root,
+    write_shard,
+)
 
 INDEX_EVERY_S = 2.0
 # Held while a stage loads its models or computes, so that in one process (a Dask worker with
@@ -130,7 +149,7 @@ def discover(inputs: Iterable[Path]) -> tuple[list[Job], Report]:
     jobs = []
     for path, vid in _assign_ids(files).items():
         try:
-            jobs.append(Job(path, st.check_id(vid)))
+            jobs.append(Job(path, check_id(vid)))
         except ValueError as e:  # a name such as `..mp4`: this file fails, the others run
             report.bad_paths.append((path, str(e)))
     return jobs, report
@@ -180,28 +199,32 @@ class Extractor:
         self.force = force
         self._loaded: set[str] = set()
         self._unloadable: dict[str, str] = {}
+        self._configs: dict[str, tuple[str, dict[str, Any]]] | None = None
 
     def run_job(self, job: Job, progress: Progress | None = None) -> list[Outcome]:
         source = str(job.path)
+        configs = self.prepare()
         try:
             media = self._media(job)
         except (MediaError, OSError) as e:
             return [self._fail(job, stage.name, _one_line(e)) for stage in self.stages]
         outcomes = []
-        ghash = st.grid_hash(media.timestamps)
+        grid_digest = grid_hash(media.timestamps)
         for stage in self.stages:
-            chash = config_hash(stage)
-            shard = st.shard_path(self.store, stage.name, job.video_id)
-            attrs = st.read_shard_attrs(shard) if not self.force else None
-            current = attrs and attrs.get("config_hash") == chash and attrs.get("grid_hash") == ghash
-            if current and not st.shard_problem(shard, full=True):  # a damaged shard is recomputed
+            config_digest, config = configs[stage.name]
+            shard = shard_path(self.store, stage.name, job.video_id)
+            attrs = read_shard_attrs(shard) if not self.force else None
+            current = (
+                attrs and attrs.get("config_hash") == config_digest and attrs.get("grid_hash") == grid_digest
+            )
+            if current and not shard_problem(shard, full=True):  # a damaged shard is recomputed
                 outcomes.append(Outcome(job.video_id, source, stage.name, "skipped"))
                 continue
             started = time.perf_counter()
             try:
                 with MODEL_LOCK:
                     self._load(stage)
-                    warning = self._write(stage, media, chash, ghash, progress)
+                    warning = self._write(stage, media, config, config_digest, grid_digest, progress)
             except FatalError:
                 raise
             except Exception as e:  # one bad video must never stop the others
@@ -210,7 +233,7 @@ class Extractor:
                 # grid is never linked by the index.
                 outcomes.append(self._fail(job, stage.name, _one_line(e)))
                 continue
-            st.clear_failure(self.store, stage.name, job.video_id)
+            clear_failure(self.store, stage.name, job.video_id)
             seconds = time.perf_counter() - started
             outcomes.append(
                 Outcome(job.video_id, source, stage.name, "done", "", warning, media.n_frames, seconds)
@@ -218,20 +241,24 @@ class Extractor:
         return outcomes
 
     def prepare(self) -> dict[str, tuple[str, dict[str, Any]]]:
-        """Resolves every stage's models and settings (its config) before the first job, so a bad
-        option or a missing model is one run error, not one failure per video. Returns each
+        """Resolves every stage (models, device, weights' checksums) once, before the first job, so
+        a bad option or a missing model is one run error, not one failure per video. Returns each
         stage's (config hash, config)."""
-        configs = {}
-        for stage in self.stages:
-            try:
-                with MODEL_LOCK:
-                    configs[stage.name] = (config_hash(stage), stage.config())
-            except (ModelUnavailable, ValueError) as e:
-                raise FatalError(f"{stage.name}: {_one_line(e)}") from None
-        return configs
+        if self._configs is None:
+            configs = {}
+            for stage in self.stages:
+                try:
+                    with MODEL_LOCK:
+                        if not stage.resolved:  # predict resolves the stages it rebuilds
+                            stage.resolve()
+                except (ModelUnavailable, ValueError, OSError) as e:
+                    raise FatalError(f"{stage.name}: {_one_line(e)}") from None
+                configs[stage.name] = (config_hash(stage), stage.config())
+            self._configs = configs
+        return self._configs
 
     def _fail(self, job: Job, stage: str, error: str) -> Outcome:
-        st.record_failure(self.store, stage, job.video_id, str(job.path), error)
+        record_failure(self.store, stage, job.video_id, str(job.path), error)
         return Outcome(job.video_id, str(job.path), stage, "failed", error=error)
 
     def _load(self, stage: Stage) -> None:
@@ -257,12 +284,12 @@ class Extractor:
         except PermissionError:
             raise MediaError("permission denied") from None
         identity = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "fps_for_audio": self.fps}
-        grid = st.shard_path(self.store, st.GRID, job.video_id)
-        attrs = st.read_shard_attrs(grid)
+        grid = shard_path(self.store, GRID, job.video_id)
+        attrs = read_shard_attrs(grid)
         source = str(job.path.absolute())
         same = attrs and attrs.get("identity") == json.dumps(identity, sort_keys=True)
-        if same and not st.shard_problem(grid, full=True):
-            timestamps = st.read_rows(grid, "timestamps")
+        if same and not shard_problem(grid, full=True):
+            timestamps = read_rows(grid, "timestamps")
             info = MediaInfo(**{k: attrs[k] for k in MediaInfo.__dataclass_fields__})
             return Media(job.path, job.video_id, info, timestamps)
         if attrs and attrs.get("source") != source and not self.force:
@@ -276,22 +303,30 @@ class Extractor:
         audio = read_audio(job.path) if not info.has_video else None  # the grid's and the stages'
         timestamps = frame_grid(job.path, info, self.fps, audio)
         fields = {k: getattr(info, k) for k in MediaInfo.__dataclass_fields__}
-        st.write_shard(
+        write_shard(
             self.store,
-            st.GRID,
+            GRID,
             job.video_id,
             {"timestamps": timestamps},
             {
                 "source": source,
                 "n_frames": len(timestamps),
                 "identity": identity,
-                "grid_hash": st.grid_hash(timestamps),
+                "grid_hash": grid_hash(timestamps),
                 **fields,
             },
         )
         return Media(job.path, job.video_id, info, timestamps, {} if audio is None else {"audio": audio})
 
-    def _write(self, stage: Stage, media: Media, chash: str, ghash: str, progress: Progress | None) -> str:
+    def _write(
+        self,
+        stage: Stage,
+        media: Media,
+        config: dict[str, Any],
+        config_digest: str,
+        grid_digest: str,
+        progress: Progress | None,
+    ) -> str:
         """Runs the stage into its shard; returns the stage's warning, if it gave one."""
         provenance = dict(stage.provenance())
         versions = {**RUNNER_LIBRARIES, **provenance.pop("versions", {})}
@@ -299,17 +334,17 @@ class Extractor:
             "stage": stage.name,
             "video_id": media.video_id,
             "source": str(media.path.absolute()),
-            "config": stage.config(),
-            "config_hash": chash,
-            "grid_hash": ghash,
+            "config": config,
+            "config_hash": config_digest,
+            "grid_hash": grid_digest,
             **provenance,
             "versions": versions,
         }
         started = time.perf_counter()
-        path = st.shard_path(self.store, stage.name, media.video_id)
+        path = shard_path(self.store, stage.name, media.video_id)
         label = f"{stage.name} {media.video_id}"
         warning = ""
-        with st.ShardWriter(path, media.n_frames, attrs, st.shard_root(self.store)) as writer:
+        with ShardWriter(path, media.n_frames, attrs, shard_root(self.store)) as writer:
             next_row = 0
             if progress:
                 progress(label, 0, media.n_frames)
@@ -326,7 +361,7 @@ class Extractor:
                 elif isinstance(item, Extra):
                     writer.write_extra(item.arrays, item.attrs)
                     warning = item.attrs.get("warning", warning)
-            st.set_attrs(writer.file, {"seconds": time.perf_counter() - started})
+            set_attrs(writer.file, {"seconds": time.perf_counter() - started})
         return warning
 
 
@@ -338,10 +373,8 @@ def check_fps(fps: float) -> None:
 
 
 def _one_line(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    if not isinstance(error, MediaError | OSError | ValueError):
-        text = f"{type(error).__name__}: {text}"
-    return " ".join(text.split())
+    """A job's error as one line; the type is named for an error no check raised (a library's)."""
+    return one_line(error, with_type=not isinstance(error, MediaError | OSError | ValueError))
 
 
 def extract(
@@ -366,8 +399,8 @@ def extract(
             outcomes = run_local(jobs, Extractor(store, stages, fps, force), progress, on_job_done)
         else:
             outcomes = run_local_cluster(jobs, count, store, stage_specs, fps, force, on_job_done, progress)
-    if st.shard_root(store).is_dir():  # temp files of writers killed in this run or before, never a live one
-        st.clean_store_temps(store)
+    if shard_root(store).is_dir():  # temp files of writers killed in this run or before, never a live one
+        clean_store_temps(store)
     return outcomes
 
 
@@ -446,8 +479,8 @@ def claim_configs(store: Path, configs: dict[str, tuple[str, dict[str, Any]]], f
     """The store's check that each stage keeps one configuration (see `store.claim_stage_configs`),
     as a run error."""
     try:
-        st.claim_stage_configs(store, configs, force)
-    except st.StoreError as e:
+        claim_stage_configs(store, configs, force)
+    except StoreError as e:
         raise FatalError(str(e)) from None
 
 
@@ -462,7 +495,7 @@ class IndexRefresher:
     def refresh(self, now: bool = False) -> None:
         if now or time.monotonic() >= self.next_at:
             started = time.monotonic()
-            st.rebuild_index(self.store)
+            rebuild_index(self.store)
             self.next_at = time.monotonic() + max(INDEX_EVERY_S, 10 * (time.monotonic() - started))
 
 
@@ -534,14 +567,14 @@ def _check_writable_on_worker(store: str) -> str:
     """ "" when this worker can write into the store's shard folder, else one line saying why."""
     import socket
 
-    root = st.shard_root(Path(store))
+    root = shard_root(Path(store))
     where = f"worker on {socket.gethostname()} (pid {os.getpid()})"
     shared = "the store folder must be on a filesystem every worker shares"
     if not root.is_dir():
         return f"{where}: cannot see the store's folder {root}; {shared}"
     check = root / f".write-check-{uuid.uuid4().hex}"
     try:
-        with st.atomic_file(check, root) as tmp:
+        with atomic_file(check, root) as tmp:
             tmp.write_bytes(b"")
         check.unlink()
     except OSError as e:
@@ -708,7 +741,7 @@ def _run_on_client(
     # Workers may run in other folders: give them absolute paths, for media and for model files.
     specs = [(name, {k: _absolute_if_path(v) for k, v in options.items()}) for name, options in stage_specs]
     where = str(store.resolve())
-    st.shard_root(store).mkdir(parents=True, exist_ok=True)
+    shard_root(store).mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
     index = IndexRefresher(store)
     resources = _gpu_resources(client, specs)
@@ -754,7 +787,7 @@ def _run_on_client(
                     for name, _ in stage_specs
                 ]
                 for outcome in result:
-                    st.record_failure(store, outcome.stage, job.video_id, str(job.path), outcome.error)
+                    record_failure(store, outcome.stage, job.video_id, str(job.path), outcome.error)
             if isinstance(result, RunErrorOnWorker):
                 for other in futures:
                     other.cancel()

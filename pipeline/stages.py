@@ -2,6 +2,10 @@
 
 A stage knows nothing of HDF5, Dask or progress bars: it is given one decoded `Media` and
 yields blocks of rows on that file's frame grid. The runner writes them and owns the rest.
+
+A stage's life: built from plain options (checked, nothing read), `resolve()` once before any job
+(the only step that reads model files, hashes weights, converts a model or checks the device),
+then `config()` (plain data from what `resolve` found), `load()` once per process, `run()` per file.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -49,6 +53,17 @@ class Extra:
 
 class Stage(ABC):
     name: ClassVar[str]
+    resolved = False
+
+    def resolve(self) -> None:
+        """Finds the stage's models and device and hashes the weights a config records; raises
+        ModelUnavailable or ValueError (one line naming the option) for what cannot be used here.
+        Subclasses set their findings, then call this."""
+        self.resolved = True
+
+    def check_resolved(self) -> None:
+        if not self.resolved:
+            raise RuntimeError(f"{self.name} stage: resolve() it before asking its config")
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> Stage:
@@ -58,10 +73,12 @@ class Stage(ABC):
 
     @abstractmethod
     def config(self) -> dict[str, Any]:
-        """Every setting that changes the output, as plain data; its hash decides what is done."""
+        """Every setting that changes the output, as plain data (no I/O: what `resolve` found);
+        its hash decides what is done."""
 
     def load(self) -> None:
-        """Loads models. Called once per process before the first `run`."""
+        """Loads models (resolving the stage first if that was not done). Called once per process
+        before the first `run`."""
 
     def provenance(self) -> dict[str, Any]:
         """Model names, weights checksums and library versions, recorded with each shard."""
@@ -70,6 +87,15 @@ class Stage(ABC):
     @abstractmethod
     def run(self, media: Media) -> Iterator[Rows | Extra]:
         """Yields every frame's rows, in order, covering the whole grid; then optionally one Extra."""
+
+
+S = TypeVar("S", bound=Stage)
+
+
+def resolved(stage: S) -> S:
+    """`stage`, resolved: for building one outside the runner (predict, tests)."""
+    stage.resolve()
+    return stage
 
 
 def config_hash(stage: Stage) -> str:

@@ -15,6 +15,7 @@ and probability; segments; language) is stored beside the rows.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,11 +24,12 @@ from typing import Any
 import numpy as np
 
 from pipeline import asr
-from pipeline.audio import ROWS_PER_BLOCK, resolve_device
+from pipeline.audio import ROWS_PER_BLOCK
+from pipeline.errors import ModelUnavailable, one_line, resolve_device
 from pipeline.faces import torch_threads
 from pipeline.media import SAMPLE_RATE, Media
-from pipeline.models import ModelUnavailable, packaged_model, sha256_file, weights_checksum
 from pipeline.stages import Extra, Rows, Stage, library_versions
+from pipeline.weights import packaged_model, sha256_file, weights_checksum
 
 TEXT_MODEL_ENV = "RCMA_TEXT_MODEL"
 TEXT_MODEL_OPTION = "--text-model"
@@ -102,33 +104,30 @@ class TextStage(Stage):
             raise ValueError(f"unknown --text-unit {text_unit!r}; choose from {', '.join(TEXT_UNITS)}")
         self.asr_model = asr_model
         self.asr_backend = asr_backend
+        self.asr_compute_type = asr_compute_type or asr.DEFAULT_COMPUTE_TYPE
         self.text_model = text_model
         self.text_unit = text_unit
-        self.device = resolve_device(device)
-        # Only faster-whisper has compute types; openai-whisper computes in float32 (fp16 on CUDA).
-        self.compute_type = (
-            asr.resolve_compute_type(asr_compute_type or asr.DEFAULT_COMPUTE_TYPE, self.device)
-            if asr_backend == "faster-whisper"
-            else ""
-        )
+        self.device = device
         self.filters = asr.Filters()
-        self._source: asr.WhisperSource | None = None
-        self._text: tuple[str, Path | None] | None = None
+        self.compute_type = ""
+        self.text_weights: dict[str, str] = {}
 
-    @property
-    def source(self) -> asr.WhisperSource:
-        """The Whisper model, resolved once (it converts the packaged model on first use)."""
-        if self._source is None:
-            self._source = asr.resolve(self.asr_model, self.asr_backend)
-        return self._source
-
-    @property
-    def text_source(self) -> tuple[str, Path | None]:
-        if self._text is None:
-            self._text = resolve_text_model(self.text_model)
-        return self._text
+    def resolve(self) -> None:
+        self.torch_device = resolve_device(self.device)
+        # Only faster-whisper has compute types; openai-whisper computes in float32 (fp16 on CUDA).
+        if self.asr_backend == "faster-whisper":
+            self.compute_type = asr.resolve_compute_type(self.asr_compute_type, self.torch_device)
+        self.source = asr.resolve(self.asr_model, self.asr_backend)
+        self.text_source = resolve_text_model(self.text_model)
+        # A text-model folder given by path (option or $RCMA_TEXT_MODEL) is recorded by content, so
+        # other weights in the same folder are another config; the packaged default is not.
+        path = self.text_source[1]
+        given = path is not None and path != packaged_text_model()
+        self.text_weights = {"text_weights_sha256": weights_checksum(path)} if given else {}
+        super().resolve()
 
     def config(self) -> dict[str, Any]:
+        self.check_resolved()
         return {
             "asr_backend": self.asr_backend,
             "asr_model": self.source.name,
@@ -137,22 +136,16 @@ class TextStage(Stage):
             "hallucination_filters": self.filters.config(),
             "text_model": self.text_source[0],
             "text_unit": self.text_unit,
-            **self._given_text_weights(),
+            **self.text_weights,
         }
 
-    def _given_text_weights(self) -> dict[str, str]:
-        """A text-model folder given by path (option or $RCMA_TEXT_MODEL) is recorded by content,
-        so other weights in the same folder are another config; the packaged default is not."""
-        path = self.text_source[1]
-        if path is None or path == packaged_text_model():
-            return {}
-        return {"text_weights_sha256": weights_checksum(path)}
-
     def load(self) -> None:
+        if not self.resolved:
+            self.resolve()
         if self.asr_backend == "openai-whisper":
-            self.asr = asr.load_whisper(self.source, self.device)
+            self.asr = asr.load_whisper(self.source, self.torch_device)
         else:
-            self.asr = asr.load_faster_whisper(self.source, self.device, self.compute_type)
+            self.asr = asr.load_faster_whisper(self.source, self.torch_device, self.compute_type)
         self.embedder = self._load_text_model()
         if self.text_unit == "word-context" and not getattr(self.embedder.tokenizer, "is_fast", False):
             raise ModelUnavailable(
@@ -169,11 +162,11 @@ class TextStage(Stage):
         transformers_logging.disable_progress_bar()  # the runner shows progress; no tqdm bars
         try:
             return SentenceTransformer(
-                str(path or name), device=self.device, local_files_only=path is not None
+                str(path or name), device=self.torch_device, local_files_only=path is not None
             )
         except OSError as e:
             raise ModelUnavailable(
-                f"text model {name}: not found locally and could not be downloaded ({_first_line(e)}); "
+                f"text model {name}: not found locally and could not be downloaded ({one_line(e)}); "
                 f"pass {TEXT_MODEL_OPTION} PATH (a sentence-transformers folder) or set ${TEXT_MODEL_ENV}"
             ) from None
 
@@ -249,11 +242,14 @@ class TextStage(Stage):
             },
         )
 
+    def _encoder_threads(self) -> contextlib.AbstractContextManager:
+        return torch_threads(ENCODE_THREADS if self.embedder.device.type == "cpu" else None)
+
     def _encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), np.float16)
         unique, inverse = np.unique(np.asarray(texts, dtype=str), return_inverse=True)
-        with torch_threads(ENCODE_THREADS if self.device == "cpu" else None):
+        with self._encoder_threads():
             vectors = self.embedder.encode(list(unique), batch_size=ENCODE_BATCH, convert_to_numpy=True)
         return vectors.astype(np.float16)[inverse]
 
@@ -273,7 +269,7 @@ class TextStage(Stage):
             spans.append((words, bounds))
         if not texts:
             return vectors.astype(np.float16)
-        with torch_threads(ENCODE_THREADS if self.device == "cpu" else None):
+        with self._encoder_threads():
             states = self.embedder.encode(texts, batch_size=ENCODE_BATCH, output_value="token_embeddings")
         tokenizer, limit = self.embedder.tokenizer, self.embedder.max_seq_length
         for text, token_states, (words, bounds) in zip(texts, states, spans, strict=True):
@@ -288,14 +284,10 @@ class TextStage(Stage):
                 if inside.any():
                     vectors[w] = token_states[inside].mean(0)
                 else:  # past the model's input length: the word alone
-                    with torch_threads(ENCODE_THREADS if self.device == "cpu" else None):
+                    with self._encoder_threads():
                         vectors[w] = self.embedder.encode([transcript.words[w]])[0]
         vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return vectors.astype(np.float16)
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _warning(audio: np.ndarray | None, transcript: asr.Transcript) -> dict[str, str]:

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.models import ModelUnavailable, fetch_weights, sha256_file
+from pipeline.errors import ModelUnavailable, one_line
+from pipeline.weights import fetch_weights, sha256_file
 
 VGGFACE2 = "vggface2"
 NONE = "none"
@@ -101,7 +102,7 @@ class OnnxEmbedder(Embedder):
         try:
             self.session = onnxruntime.InferenceSession(str(path), providers=providers)
         except Exception as e:
-            raise ModelUnavailable(f"{OPTION} {path}: not a loadable ONNX model ({_first_line(e)})") from None
+            raise ModelUnavailable(f"{OPTION} {path}: not a loadable ONNX model ({one_line(e)})") from None
         self.input = self.session.get_inputs()[0].name
         self.name = f"onnx:{path.name}"
         self.sha256 = sha256_file(path)
@@ -109,7 +110,7 @@ class OnnxEmbedder(Embedder):
             self.dim = self(np.zeros((1, 112, 112, 3), np.uint8)).shape[1]
         except Exception as e:
             raise ModelUnavailable(
-                f"{OPTION} {path}: does not take float32 (b,3,112,112) input ({_first_line(e)})"
+                f"{OPTION} {path}: does not take float32 (b,3,112,112) input ({one_line(e)})"
             ) from None
 
     def __call__(self, faces: np.ndarray) -> np.ndarray:
@@ -148,14 +149,9 @@ def build_embedder(visual_model: str, device: str) -> Embedder | None:
             except ModelUnavailable:
                 raise ModelUnavailable(
                     f"{OPTION} {path}: neither a TorchScript model nor InceptionResnetV1 weights "
-                    f"({_first_line(script_error)})"
+                    f"({one_line(script_error)})"
                 ) from None
     raise ModelUnavailable(
         f"{OPTION} {path}: unknown model type {suffix or '(no extension)'}; "
         "use .pt/.pth (TorchScript) or .onnx"
     )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import store as st
+from pipeline.store import GRID, rebuild_index, write_shard
 
 FPS = 30.0
 
@@ -23,9 +23,9 @@ def add_video(
     """A grid shard for `vid`, one shard per stage in `stages`, and optionally a labels shard."""
     timestamps = np.arange(n) / FPS
     attrs = {"source": f"{vid}.mp4", "n_frames": n, "fps": FPS, "duration": n / FPS}
-    st.write_shard(store, st.GRID, vid, {"timestamps": timestamps}, attrs)
+    write_shard(store, GRID, vid, {"timestamps": timestamps}, attrs)
     for stage, rows in stages.items():
-        st.write_shard(store, stage, vid, rows, {"stage": stage})
+        write_shard(store, stage, vid, rows, {"stage": stage})
     if labels is not None:
         present = np.ones(n, bool) if labelled is None else labelled
         rows = {
@@ -33,7 +33,7 @@ def add_video(
             "arousal": labels[1].astype(np.float32),
             "present": present,
         }
-        st.write_shard(store, "labels", vid, rows, {"split": split})
+        write_shard(store, "labels", vid, rows, {"split": split})
 
 
 def smooth_signal(rng: np.random.Generator, n: int, width: int = 15) -> np.ndarray:
@@ -77,5 +77,5 @@ def interaction_store(
             labels=(valence, a),
             split=split,
         )
-    st.rebuild_index(store)
+    rebuild_index(store)
     return store

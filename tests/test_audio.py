@@ -20,11 +20,11 @@ from conftest import CREMA_MP3, CREMA_MP4, JFK, SPEECH_VA
 from speech_media import media_of, remux
 
 from pipeline import runner
-from pipeline import store as st
 from pipeline.audio import LOGMEL_BANDS, LOGMEL_PATCH, SSL_BUNDLES, AudioStage
+from pipeline.errors import ModelUnavailable
 from pipeline.media import SAMPLE_RATE, Media, read_audio
-from pipeline.models import ModelUnavailable
 from pipeline.stages import Extra, Rows
+from pipeline.store import open_store
 
 pytestmark = pytest.mark.slow
 
@@ -223,7 +223,7 @@ def test_runner_audio_only_files_and_bad_audio(logmel: AudioStage, store: Path, 
         == "audio stream cannot be decoded (Invalid data found when processing input)"
     )
     assert all(o.status == "done" for vid, o in status.items() if vid != "corrupt_audio")
-    with st.open_store(store) as f:
+    with open_store(store) as f:
         for path in [JFK, SPEECH_VA[0], CREMA_MP3[0]]:  # flac, wav, mp3: a grid at --fps 25
             group = f[f"videos/{path.stem}"]
             n = group.attrs["n_frames"]

@@ -13,14 +13,13 @@ import av
 import h5py
 import numpy as np
 import pytest
-from conftest import CREMA_MP4, SINGLE_FACE
+from conftest import CREMA_MP4, JFK, SINGLE_FACE
 from typer.testing import CliRunner
 
-import cli
 from cli import app
 from pipeline import runner
-from pipeline import store as st
 from pipeline.stages import build_stage
+from pipeline.store import open_store, shard_root, video_ids
 
 REPO = Path(__file__).resolve().parents[1]
 FACES = ["--stage", "faces", "--visual-model", "none", "--quiet"]
@@ -32,8 +31,8 @@ def rcma(*args: str) -> subprocess.CompletedProcess:
 
 def read_all(store: Path) -> dict[str, np.ndarray]:
     arrays = {}
-    with st.open_store(store) as f:
-        for video_id in st.video_ids(f):
+    with open_store(store) as f:
+        for video_id in video_ids(f):
             faces = f[f"videos/{video_id}/faces"]
             for name in faces:
                 arrays[f"{video_id}/{name}"] = faces[name][:]
@@ -59,8 +58,8 @@ def test_extract_reports_bad_files_and_exits_nonzero(store, tmp_path):
     status = CliRunner().invoke(app, ["status", "--store", str(store)])
     assert status.exit_code == 0
     assert "faces broken: not a readable media file: corrupt, truncated" in status.output
-    with st.open_store(store) as f:
-        assert st.video_ids(f) == ["good"]
+    with open_store(store) as f:
+        assert video_ids(f) == ["good"]
 
 
 def test_store_in_a_missing_folder_and_missing_input_are_one_line_errors(tmp_path):
@@ -81,6 +80,22 @@ def test_unknown_stage_is_a_clear_error(store):
     assert result.exit_code == 2 and "unknown stage 'pose'" in result.output
 
 
+@pytest.mark.parametrize(
+    "option, value",
+    [("--asr-model", "no-such-whisper"), ("--text-model", "./no-such-text-model")],
+)
+def test_a_bad_asr_or_text_model_is_one_line_before_any_job(option, value, tmp_path, monkeypatch):
+    monkeypatch.delenv("RCMA_ASR_MODEL", raising=False)
+    monkeypatch.delenv("RCMA_TEXT_MODEL", raising=False)
+    store = tmp_path / "s.h5"
+    args = ["extract", str(JFK), "--store", str(store), "--stage", "text", "--device", "cpu", "--quiet"]
+    result = CliRunner().invoke(app, [*args, option, value])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: text: ") and len(result.output.strip().splitlines()) == 1
+    assert option in result.output and value in result.output
+    assert not store.exists() and not shard_root(store).exists()  # no job ran: no grid, no shard
+
+
 @pytest.mark.slow
 def test_kill_9_loses_no_finished_video_and_the_rerun_completes_identically(tmp_path):
     videos = tmp_path / "videos"
@@ -91,7 +106,7 @@ def test_kill_9_loses_no_finished_video_and_the_rerun_completes_identically(tmp_
     killed.parent.mkdir()
     command = [sys.executable, "-m", "cli", "extract", str(videos), "--store", str(killed), *FACES]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    shards = st.shard_root(killed) / "faces"
+    shards = shard_root(killed) / "faces"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and len(list(shards.glob("*.h5"))) < 2:
         time.sleep(0.05)
@@ -100,7 +115,7 @@ def test_kill_9_loses_no_finished_video_and_the_rerun_completes_identically(tmp_
     finished = sorted(p.stem for p in shards.glob("*.h5"))
     assert 2 <= len(finished) < len(CREMA_MP4), "kill landed outside the run; test proves nothing"
     with h5py.File(killed, "r") as f:  # the index written before the kill still opens
-        assert set(st.video_ids(f)) <= set(finished) | {p.stem for p in CREMA_MP4}
+        assert set(video_ids(f)) <= set(finished) | {p.stem for p in CREMA_MP4}
     rerun = rcma("extract", str(videos), "--store", str(killed), *FACES)
     assert rerun.returncode == 0, rerun.stderr
     assert f"{len(CREMA_MP4) - len(finished)} done, {len(finished)} already done, 0 failed" in rerun.stderr
@@ -148,8 +163,8 @@ def test_index_command_repairs_a_damaged_index(store):
     store.write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(100))
     result = CliRunner().invoke(app, ["index", "--store", str(store)])
     assert result.exit_code == 0 and "1 videos indexed" in result.output
-    with st.open_store(store) as f:
-        assert st.video_ids(f) == ["single_face"]
+    with open_store(store) as f:
+        assert video_ids(f) == ["single_face"]
 
 
 def test_show_summarises_each_video(store, monkeypatch):
@@ -162,7 +177,7 @@ def test_show_summarises_each_video(store, monkeypatch):
     assert "72" in rows["single_face"] and "30.000" in rows["single_face"]
     assert "100%" in rows["1001_DFA_ANG_XX"]  # a face on every CREMA-D frame
 
-    monkeypatch.setattr(cli, "SHOW_TABLE_MAX", 1)  # a big store: plain columns, the same cells
+    monkeypatch.setattr("pipeline.tables.SHOW_TABLE_MAX", 1)  # a big store: plain columns, the same cells
     plain = CliRunner().invoke(app, ["show", "--store", str(store)])
     assert plain.exit_code == 0
     lines = {line.split()[0]: line.split() for line in plain.output.splitlines() if line.strip()}

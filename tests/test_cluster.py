@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import CREMA_MP4, JFK, SINGLE_FACE
 
-from pipeline import store as st
+from pipeline.store import open_store, shard_root, video_ids
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -35,8 +35,8 @@ def rcma(*args: str, env: dict[str, str] = ENV) -> subprocess.CompletedProcess:
 def arrays(store: Path) -> dict[str, np.ndarray]:
     """Every array of every stage of every video, read through the index, by `video/stage/name`."""
     out: dict[str, np.ndarray] = {}
-    with st.open_store(store) as f:
-        for video_id in st.video_ids(f):
+    with open_store(store) as f:
+        for video_id in video_ids(f):
             group = f[f"videos/{video_id}"]
             for stage in group:
                 member = group[stage]
@@ -194,7 +194,7 @@ def test_a_worker_killed_mid_run_loses_nothing(clips, one_worker, cluster, tmp_p
         stderr=subprocess.PIPE,
         text=True,
     )
-    shards = st.shard_root(store) / "faces"
+    shards = shard_root(store) / "faces"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and len(list(shards.glob("*.h5"))) < 1:
         time.sleep(0.05)
@@ -213,7 +213,7 @@ def test_a_worker_killed_mid_run_loses_nothing(clips, one_worker, cluster, tmp_p
             cells = [c.strip() for c in line.split("│")[2:-1]]
             assert cells == ["8", "0", "0", "0", "0"], line
     assert_same_arrays(one_worker, arrays(store))
-    assert [p.name for p in st.shard_root(store).rglob(".*.tmp")] == []
+    assert [p.name for p in shard_root(store).rglob(".*.tmp")] == []
 
 
 def test_two_local_workers_give_the_arrays_of_one(clips, one_worker, tmp_path):

@@ -11,12 +11,12 @@ from synthetic import add_video, interaction_store
 from typer.testing import CliRunner
 
 from cli import app
-from fusion import data as fd
 from fusion.config import LEGACY, ModelConfig
-from fusion.model import RCMA, Ensemble, build_model
+from fusion.data import cut, load_store, window_index
+from fusion.model import RCMA, Ensemble, build_model, load_checkpoint
 from fusion.predict import PredictError, evaluate
-from fusion.train import TrainConfig, TrainError, fold_of_videos, load_checkpoint, normalisation, train
-from pipeline import store as st
+from fusion.train import TrainConfig, TrainError, fold_of_videos, normalisation, train
+from pipeline.store import rebuild_index
 
 SMALL = dict(window=32, hop=16, width=16, batch_size=16, warmup_steps=5, lr=3e-3, patience=100)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -78,13 +78,13 @@ def write_shifted_store(path, n_videos=6, frames=60):
         x[:10] = 0
         stages = {"audio": {"present": present, "embedding": x}}
         add_video(path, f"v{i}", frames, stages, labels=(np.zeros(frames), np.zeros(frames)), split=split)
-    st.rebuild_index(path)
+    rebuild_index(path)
     return path
 
 
 def test_normalisation_comes_from_the_training_split_and_is_applied_at_predict_time(tmp_path):
     store = write_shifted_store(tmp_path / "s.h5")
-    data = fd.load(store, ["audio"], [f"v{i}" for i in range(6)])
+    data = load_store(store, ["audio"], [f"v{i}" for i in range(6)])
     mean, std = normalisation(data, [0, 1, 2, 3])["audio"]
     assert torch.allclose(mean, torch.full((3,), 100.0), atol=0.5)
     assert torch.all((std > 0.5) & (std < 1.5))
@@ -127,8 +127,8 @@ def test_an_ensemble_predicts_the_mean_of_its_members(tmp_path):
         for key, value in a.state_dict().items():
             assert torch.equal(value, b.state_dict()[key])
     assert not torch.equal(members[0].head.out.weight, members[1].head.out.weight)
-    data = fd.load(store, ["audio", "visual"], ["vid04", "vid05"])
-    batch = fd.cut(data, *fd.window_index(torch.tensor([0]), torch.tensor([32]), 32, data.n_frames))
+    data = load_store(store, ["audio", "visual"], ["vid04", "vid05"])
+    batch = cut(data, *window_index(torch.tensor([0]), torch.tensor([32]), 32, data.n_frames))
     args = (batch["inputs"], batch["present"], batch["valid"])
     torch.testing.assert_close(ensemble(*args), torch.stack([m(*args) for m in members]).mean(0))
     summary = json.loads((run / "summary.json").read_text())

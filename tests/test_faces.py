@@ -12,12 +12,13 @@ from conftest import CREMA_FLV, CREMA_MP4, HAMILTON, JFK, PEXELS, SINGLE_FACE
 
 from pipeline import visual
 from pipeline.align import ARCFACE_TEMPLATE, CROP_SIZE, similarity_transform
+from pipeline.errors import ModelUnavailable
 from pipeline.faces import FacesStage, Mtcnn, grid_rows
 from pipeline.media import Media, frame_grid, probe
-from pipeline.models import CACHE_ENV, ModelUnavailable
 from pipeline.runner import Extractor, FatalError, discover, run_local
-from pipeline.stages import Rows, build_stage
+from pipeline.stages import Rows, build_stage, resolved
 from pipeline.store import open_store
+from pipeline.weights import CACHE_ENV
 
 PEXELS_HAND_OVER_MOUTH = [*range(55, 100), *range(150, 216)]  # frames where a hand covers the mouth
 HAMILTON_FIRST_SHOT = range(0, 20)  # the performer (right, ~40 px) and a seated man (left, ~25 px)
@@ -159,7 +160,9 @@ def test_crops_are_aligned_to_the_template(extracted):
 
 
 def test_no_crops_option():
-    stage = FacesStage.from_options({"visual_model": "none", "crops": False, "device": "cpu", "fps": 30.0})
+    stage = resolved(
+        FacesStage.from_options({"visual_model": "none", "crops": False, "device": "cpu", "fps": 30.0})
+    )
     assert stage.config()["crops"] is False
     arrays = collect(stage, media_for(SINGLE_FACE))
     assert "crops" not in arrays and "embedding" not in arrays
@@ -326,10 +329,11 @@ def test_bad_options_fail_at_load(options: dict, words: str):
 def test_config_and_provenance(tmp_path: Path):
     path = tmp_path / "m.pt"
     torch.jit.script(tiny_torch_model(3)).save(str(path))
-    stage = FacesStage(visual_model=str(path), device="cpu")
+    stage = resolved(FacesStage(visual_model=str(path), device="cpu"))
     before = stage.config()
     assert before["visual_model_sha256"] and before["detector"]["min_face_px"] == 20
     torch.jit.script(tiny_torch_model(4)).save(str(path))
+    stage.resolve()  # what a new run does before any job
     assert stage.config() != before  # a replaced model file is a changed config
     stage.load()
     provenance = stage.provenance()
@@ -368,7 +372,9 @@ def test_subject_option_tracks_the_left_or_the_right_person(tmp_path: Path):
         centres[subject] = (boxes[:, 0] + boxes[:, 2]) / 2 / media.info.width
     assert (centres["left"] < 0.5).all() and (centres["right"] >= 0.5).all()
     assert (centres["largest"] >= 0.5).all()  # the performer, right, is the larger face
-    assert "subject" not in FacesStage(device="cpu").config()  # stores made before the option stay done
-    assert FacesStage(device="cpu", subject="left").config()["subject"] == "left"
+    assert (
+        "subject" not in resolved(FacesStage(device="cpu")).config()
+    )  # stores made before the option stay done
+    assert resolved(FacesStage(device="cpu", subject="left")).config()["subject"] == "left"
     with pytest.raises(ValueError, match="unknown --subject 'middle'"):
         FacesStage(device="cpu", subject="middle")

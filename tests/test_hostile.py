@@ -16,8 +16,21 @@ from test_store import extract
 from typer.testing import CliRunner
 
 from cli import app
-from fusion import data as fd
-from pipeline import store as st
+from fusion.data import DataError, load_store, select_videos
+from pipeline.store import (
+    GRID,
+    ShardWriter,
+    StoreError,
+    failures,
+    id_file,
+    open_store,
+    pack_store,
+    rebuild_index,
+    shard_path,
+    shard_root,
+    stage_counts,
+    video_ids,
+)
 
 
 def one_line_error(result, *needles: str) -> str:
@@ -36,7 +49,7 @@ def small_store(store: Path, ids: tuple[str, ...] = ("a", "b")) -> Path:
         rows = {"present": np.ones(20, bool), "embedding": rng.normal(size=(20, 4)).astype(np.float16)}
         split = "val" if vid == "b" else "train"
         add_video(store, vid, 20, {"audio": rows}, (np.zeros(20), np.zeros(20)), split=split)
-    st.rebuild_index(store)
+    rebuild_index(store)
     return store
 
 
@@ -60,19 +73,19 @@ def test_an_existing_file_that_is_not_a_store_is_never_replaced(tmp_path, kind):
         ["labels", "import", str(tmp_path / "x.csv"), "--store", str(victim)],
     ):
         one_line_error(runner.invoke(app, args), str(victim))
-    with pytest.raises(st.StoreError, match="not an rcma store"):
-        st.rebuild_index(victim)
+    with pytest.raises(StoreError, match="not an rcma store"):
+        rebuild_index(victim)
     assert victim.read_bytes() == before
-    assert not st.shard_root(victim).exists()
+    assert not shard_root(victim).exists()
 
 
 def test_a_packed_store_may_be_packed_over_but_an_index_is_not_a_pack(tmp_path):
     store = small_store(tmp_path / "store.h5")
     out = tmp_path / "packed.h5"
-    st.pack_store(store, out)
-    st.pack_store(store, out)  # replacing an earlier pack is fine
-    with pytest.raises(st.StoreError, match="another kind"):
-        st.pack_store(out, store)
+    pack_store(store, out)
+    pack_store(store, out)  # replacing an earlier pack is fine
+    with pytest.raises(StoreError, match="another kind"):
+        pack_store(out, store)
 
 
 def crafted(store: Path, build) -> Path:
@@ -91,10 +104,10 @@ def test_a_video_id_that_climbs_out_of_a_folder_is_refused(tmp_path):
 
     (tmp_path / "run").mkdir()
     store = crafted(tmp_path / "run" / "store.h5", escape)
-    with pytest.raises(st.StoreError, match=r"'\.\./\.\./\.\./ESCAPED' is not a relative path"):
-        st.open_store(store)
-    with pytest.raises(fd.DataError, match="ESCAPED"):
-        fd.select_videos(store, None, need_labels=False)
+    with pytest.raises(StoreError, match=r"'\.\./\.\./\.\./ESCAPED' is not a relative path"):
+        open_store(store)
+    with pytest.raises(DataError, match="ESCAPED"):
+        select_videos(store, None, need_labels=False)
     one_line_error(CliRunner().invoke(app, ["show", "--store", str(store)]), "ESCAPED")
     assert not list(tmp_path.rglob("ESCAPED*"))
 
@@ -102,9 +115,9 @@ def test_a_video_id_that_climbs_out_of_a_folder_is_refused(tmp_path):
 def test_every_path_built_from_an_id_stays_in_its_folder(tmp_path):
     for bad in ("..", "../x", "/etc/passwd", "a/../../b", "a//b", "."):
         with pytest.raises(ValueError, match="not a relative path"):
-            st.id_file(tmp_path, bad, ".csv")
+            id_file(tmp_path, bad, ".csv")
     long_id = "sub/" + "é" * 200
-    path = st.id_file(tmp_path, long_id, ".csv")
+    path = id_file(tmp_path, long_id, ".csv")
     assert path.parent == tmp_path / "sub" and len(path.name.encode()) < 200 and path.suffix == ".csv"
 
 
@@ -129,8 +142,8 @@ def test_links_out_of_the_shard_folder_are_not_followed(tmp_path, target):
     one_line_error(runner.invoke(app, ["show", "--store", str(store)]), "video a", "link audio", target)
     one_line_error(runner.invoke(app, ["pack", "--store", str(store), "--out", str(packed)]), target)
     assert not packed.exists()
-    with pytest.raises(fd.DataError, match="leads outside"):
-        fd.select_videos(store, ["train"], need_labels=True)
+    with pytest.raises(DataError, match="leads outside"):
+        select_videos(store, ["train"], need_labels=True)
 
 
 def test_a_hard_link_cycle_is_refused_in_one_line(tmp_path):
@@ -139,18 +152,18 @@ def test_a_hard_link_cycle_is_refused_in_one_line(tmp_path):
     packed = tmp_path / "p.h5"
     for args in (["show", "--store", str(store)], ["pack", "--store", str(store), "--out", str(packed)]):
         one_line_error(runner.invoke(app, args), "reached twice (a hard-link cycle)")
-    with pytest.raises(fd.DataError, match="cycle"):
-        fd.select_videos(store, None, need_labels=False)
+    with pytest.raises(DataError, match="cycle"):
+        select_videos(store, None, need_labels=False)
 
 
 def test_a_renamed_store_says_run_rcma_index(tmp_path):
     store = small_store(tmp_path / "old.h5")
     new = tmp_path / "new.h5"
     store.rename(new)
-    st.shard_root(store).rename(st.shard_root(new))
+    shard_root(store).rename(shard_root(new))
     one_line_error(CliRunner().invoke(app, ["show", "--store", str(new)]), "old.h5.d", "rcma index")
-    assert st.rebuild_index(new) == 2
-    with st.open_store(new) as f:
+    assert rebuild_index(new) == 2
+    with open_store(new) as f:
         assert f["videos/a/audio/embedding"].shape == (20, 4)
 
 
@@ -162,15 +175,15 @@ def test_names_of_any_legal_length_work(store, tmp_path):
     shutil.copy(CREMA_MP4[1], folder / "short.mp4")
     report = extract(store, [folder])
     assert report.ok and report.counts()["done"] == 2
-    assert sorted(st.stage_counts(store)["meancolour"].done) == ["short", "x" * 240]
-    with st.open_store(store) as f:
+    assert sorted(stage_counts(store)["meancolour"].done) == ["short", "x" * 240]
+    with open_store(store) as f:
         assert f[f"videos/{'x' * 240}/meancolour/mean"].shape[0] > 0
     again = extract(store, [folder])
     assert again.counts()["skipped"] == 2
     broken = folder / ("y" * 240 + ".mp4")
     broken.write_bytes(CREMA_MP4[0].read_bytes()[:3000])
     report = extract(store, [broken])
-    assert report.failed and st.stage_counts(store)["meancolour"].failed.keys() == {"y" * 240}
+    assert report.failed and stage_counts(store)["meancolour"].failed.keys() == {"y" * 240}
 
 
 def damage(path: Path, how: str) -> None:
@@ -194,13 +207,13 @@ def damage(path: Path, how: str) -> None:
 def test_silently_corrupted_data_is_caught_by_its_checksum_and_recomputed(store):
     extract(store, [CREMA_MP4[0], CREMA_MP4[1]])
     vid = CREMA_MP4[0].stem
-    shard = st.shard_path(store, "meancolour", vid)
+    shard = shard_path(store, "meancolour", vid)
     with h5py.File(shard, "r") as f:
         original = f["mean"][:]
         assert f["mean"].fletcher32
     damage(shard, "bytes")
-    assert st.stage_counts(store)["meancolour"].damaged == {}  # the quick check opens files only
-    counts = st.stage_counts(store, verify=True)["meancolour"]
+    assert stage_counts(store)["meancolour"].damaged == {}  # the quick check opens files only
+    counts = stage_counts(store, verify=True)["meancolour"]
     assert list(counts.damaged) == [vid] and "checksum" in counts.damaged[vid] and len(counts.done) == 1
     status = CliRunner().invoke(app, ["status", "--store", str(store), "--verify"])
     assert status.exit_code == 0
@@ -210,22 +223,22 @@ def test_silently_corrupted_data_is_caught_by_its_checksum_and_recomputed(store)
     assert again.counts() == {"done": 1, "skipped": 1}
     with h5py.File(shard, "r") as f:
         np.testing.assert_array_equal(f["mean"][:], original)
-    assert st.stage_counts(store, verify=True)["meancolour"].damaged == {}
+    assert stage_counts(store, verify=True)["meancolour"].damaged == {}
 
 
 @pytest.mark.parametrize("how", ["bytes", "truncated", "header", "missing"])
 def test_a_damaged_shard_is_counted_and_training_names_video_and_file(tmp_path, how):
     store = small_store(tmp_path / "store.h5")
-    shard = st.shard_path(store, "audio", "a")
+    shard = shard_path(store, "audio", "a")
     damage(shard, how)
-    counts = st.stage_counts(store, verify=True)["audio"]
+    counts = stage_counts(store, verify=True)["audio"]
     if how == "missing":
         assert counts.missing == ["a"] and counts.done == ["b"]
     else:
         assert list(counts.damaged) == ["a"] and str(shard) in counts.damaged["a"] and counts.done == ["b"]
-        assert how == "bytes" or list(st.stage_counts(store)["audio"].damaged) == ["a"]
-    with pytest.raises(fd.DataError) as error:
-        fd.load(store, ["audio"], ["a", "b"])
+        assert how == "bytes" or list(stage_counts(store)["audio"].damaged) == ["a"]
+    with pytest.raises(DataError) as error:
+        load_store(store, ["audio"], ["a", "b"])
     assert "video a" in str(error.value) and str(shard) in str(error.value)
     args = ["train", "--features", str(store), "--out", str(tmp_path / "run"), "--modalities", "audio"]
     runner = CliRunner()
@@ -239,7 +252,7 @@ def test_a_damaged_shard_is_counted_and_training_names_video_and_file(tmp_path, 
     if how != "bytes":  # show reads only the presence masks
         shown = runner.invoke(app, ["show", "--store", str(store)])
         assert shown.exit_code == 0 and f"damaged: a audio: {shard}" in shown.output
-    grid = st.shard_path(store, st.GRID, "b")
+    grid = shard_path(store, GRID, "b")
     damage(grid, how)
     labels = tmp_path / "b.txt"
     labels.write_text("valence,arousal\n" + "0,0\n" * 20)
@@ -249,24 +262,24 @@ def test_a_damaged_shard_is_counted_and_training_names_video_and_file(tmp_path, 
 
 def test_temporary_files_of_killed_writers_are_removed_but_never_a_live_one(tmp_path):
     store = small_store(tmp_path / "store.h5")
-    root = st.shard_root(store)
+    root = shard_root(store)
     stale_index = tmp_path / ".store.h5.0123abcd.tmp"  # as a kill during an index rebuild leaves it
     stale_shard = root / "audio" / ".a.h5.0123abcd.tmp"
     for path in (stale_index, stale_shard):
         path.write_bytes(b"partial")
-    live = st.ShardWriter(st.shard_path(store, "audio", "c"), 3, {"video_id": "c"}, root)  # an extract
+    live = ShardWriter(shard_path(store, "audio", "c"), 3, {"video_id": "c"}, root)  # an extract
     result = CliRunner().invoke(app, ["index", "--store", str(store)])
     assert result.exit_code == 0 and "temporary files were left alone" in result.output
     assert stale_index.exists() and live.tmp.exists()
     live.write_rows(0, {"present": np.ones(3, bool)})
     live.commit()  # the running extract's shard is finished, not lost
-    assert st.shard_path(store, "audio", "c").exists()
+    assert shard_path(store, "audio", "c").exists()
     result = CliRunner().invoke(app, ["index", "--store", str(store)])
     assert result.exit_code == 0 and "left alone" not in result.output
     assert not stale_index.exists() and not stale_shard.exists()
     stale_pack = tmp_path / ".packed.h5.0123abcd.tmp"  # a 1 GB leftover of a killed pack
     stale_pack.write_bytes(b"partial")
-    st.pack_store(store, tmp_path / "packed.h5")
+    pack_store(store, tmp_path / "packed.h5")
     assert not stale_pack.exists() and (tmp_path / "packed.h5").exists()
 
 
@@ -275,10 +288,10 @@ def test_a_link_inside_a_shard_is_not_copied_by_pack(tmp_path):
     secret = tmp_path / "secret.h5"
     with h5py.File(secret, "w") as f:
         f["x"] = np.arange(5)
-    with h5py.File(st.shard_path(store, "audio", "a"), "a") as f:
+    with h5py.File(shard_path(store, "audio", "a"), "a") as f:
         f["stolen"] = h5py.ExternalLink(str(secret), "/x")
-    with pytest.raises(st.StoreError, match="holds a link"):
-        st.pack_store(store, tmp_path / "packed.h5")
+    with pytest.raises(StoreError, match="holds a link"):
+        pack_store(store, tmp_path / "packed.h5")
     assert not (tmp_path / "packed.h5").exists()
 
 
@@ -293,12 +306,12 @@ def test_a_file_whose_name_makes_no_id_fails_alone_and_one_file_runs_once(store,
         ("..mp4", "video id '.' is not a relative path of plain names")
     ]
     assert report.counts() == {"done": 1}
-    assert st.stage_counts(store)["meancolour"].done == ["good"]
+    assert stage_counts(store)["meancolour"].done == ["good"]
     shutil.copy(CREMA_MP4[2], folder / ".hidden.mp4")  # named on the command line: a job like any other
     assert extract(store, [folder / ".hidden.mp4"]).counts() == {"done": 1}
-    assert st.stage_counts(store)["meancolour"].done == [".hidden", "good"]
-    with st.open_store(store) as f:
-        assert st.video_ids(f) == [".hidden", "good"]
+    assert stage_counts(store)["meancolour"].done == [".hidden", "good"]
+    with open_store(store) as f:
+        assert video_ids(f) == [".hidden", "good"]
 
 
 def test_a_store_in_a_read_only_folder_is_one_line(tmp_path):
@@ -343,7 +356,7 @@ def test_bad_stage_options_are_one_run_error_before_any_job(store, options, need
         app, ["extract", str(CREMA_MP4[0]), str(CREMA_MP4[1]), "--store", str(store), "-q", *options]
     )
     one_line_error(result, needle)
-    assert st.failures(store) == {}
+    assert failures(store) == {}
 
 
 def serve(kind: str):
@@ -398,7 +411,7 @@ def test_a_missing_model_on_a_dask_worker_is_one_run_error_not_retried_per_video
     cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None)
     with cluster, pytest.raises(runner.FatalError, match="no-such-weights"):
         runner.run_dask(jobs, cluster.scheduler_address, store, specs, 30.0, False)
-    assert st.failures(store) == {} and len(tries) == 1
+    assert failures(store) == {} and len(tries) == 1
 
 
 @pytest.mark.slow
@@ -472,8 +485,8 @@ def test_a_scheduler_lost_mid_run_is_a_run_error_and_the_next_run_finishes(tmp_p
         for process in (worker, scheduler):
             process.kill()
             process.wait()
-    assert st.failures(store) == {}  # no video is blamed for the cluster
-    done = st.stage_counts(store)["audio"].done
+    assert failures(store) == {}  # no video is blamed for the cluster
+    done = stage_counts(store)["audio"].done
     assert 1 <= len(done) < len(jobs)
     extractor = runner.Extractor(store, [runner.build_stage("audio", specs[0][1])])
     rest = runner.run_local(jobs, extractor)
@@ -484,7 +497,7 @@ def test_a_scheduler_lost_mid_run_is_a_run_error_and_the_next_run_finishes(tmp_p
 
 def test_shards_written_before_checksums_are_still_read(tmp_path):
     store = small_store(tmp_path / "store.h5")
-    shard = st.shard_path(store, "audio", "a")
+    shard = shard_path(store, "audio", "a")
     with h5py.File(shard, "r") as f:
         arrays, attrs = {k: f[k][:] for k in f}, dict(f.attrs)
     with h5py.File(shard, "w") as f:  # as rcma wrote shards before fletcher32
@@ -493,6 +506,6 @@ def test_shards_written_before_checksums_are_still_read(tmp_path):
             f.create_dataset(name, data=value, chunks=True, compression="lzf")
     with h5py.File(shard, "r") as f:
         assert not f["embedding"].fletcher32
-    assert st.stage_counts(store, verify=True)["audio"].damaged == {}
-    data = fd.load(store, ["audio"], ["a", "b"])
+    assert stage_counts(store, verify=True)["audio"].damaged == {}
+    data = load_store(store, ["audio"], ["a", "b"])
     np.testing.assert_array_equal(data.features["audio"][:20].numpy(), arrays["embedding"])

@@ -9,8 +9,8 @@ from synthetic import FPS, add_video
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline import store as st
 from pipeline.labels import LabelError, import_labels, tolerance
+from pipeline.store import GRID, read_shard_attrs, rebuild_index, shard_path, shard_root, write_shard
 
 
 def make_store(store: Path, lengths: dict[str, int]) -> Path:
@@ -18,7 +18,7 @@ def make_store(store: Path, lengths: dict[str, int]) -> Path:
         add_video(
             store, vid, n, {"audio": {"present": np.ones(n, bool), "embedding": np.zeros((n, 4), np.float16)}}
         )
-    st.rebuild_index(store)
+    rebuild_index(store)
     return store
 
 
@@ -66,7 +66,7 @@ def test_large_mismatch_or_unknown_video_writes_nothing(store, tmp_path):
     unknown = affwild2(tmp_path / "zzz.txt", [(0.1, 0.1)] * 100)
     with pytest.raises(LabelError, match="'zzz' is not in the store"):
         import_labels(store, [good, unknown])
-    assert not (st.shard_root(store) / "labels").exists()
+    assert not (shard_root(store) / "labels").exists()
     with h5py.File(store, "r") as f:
         assert "labels" not in f["videos/a"]
     (tmp_path / "x").mkdir()
@@ -123,7 +123,7 @@ def test_csv_errors(store, tmp_path):
         path.write_text(text)
         with pytest.raises(LabelError, match=message):
             import_labels(store, [path])
-    assert not (st.shard_root(store) / "labels").exists()
+    assert not (shard_root(store) / "labels").exists()
     with pytest.raises(LabelError, match="unknown split"):
         import_labels(store, [tmp_path / "bad0.csv"], split="holdout")
 
@@ -146,18 +146,18 @@ def test_labels_shard_records_the_grid_it_was_made_for(store, tmp_path):
     make_store(store, {"old": 30})  # a grid shard without grid_hash, as in older stores
     timestamps = np.arange(30) / FPS
     attrs = {"source": "v1.mp4", "n_frames": 30, "fps": FPS, "duration": 1.0}
-    st.write_shard(store, st.GRID, "v1", {"timestamps": timestamps}, {**attrs, "grid_hash": "h1"})
-    st.rebuild_index(store)
+    write_shard(store, GRID, "v1", {"timestamps": timestamps}, {**attrs, "grid_hash": "h1"})
+    rebuild_index(store)
     path = tmp_path / "l.csv"
     path.write_text("video_id,valence,arousal\nv1,0.1,0.2\nold,0.1,0.2\n")
     import_labels(store, [path])
-    assert st.read_shard_attrs(st.shard_path(store, "labels", "v1"))["grid_hash"] == "h1"
-    assert "grid_hash" not in st.read_shard_attrs(st.shard_path(store, "labels", "old"))
+    assert read_shard_attrs(shard_path(store, "labels", "v1"))["grid_hash"] == "h1"
+    assert "grid_hash" not in read_shard_attrs(shard_path(store, "labels", "old"))
     with h5py.File(store, "r") as f:
         assert "labels" in f["videos/v1"] and "labels" in f["videos/old"]
     # the video is re-encoded onto another grid: its old labels are no longer linked
-    st.write_shard(store, st.GRID, "v1", {"timestamps": timestamps}, {**attrs, "grid_hash": "h2"})
-    st.rebuild_index(store)
+    write_shard(store, GRID, "v1", {"timestamps": timestamps}, {**attrs, "grid_hash": "h2"})
+    rebuild_index(store)
     with h5py.File(store, "r") as f:
         assert "labels" not in f["videos/v1"]
 
@@ -180,7 +180,7 @@ def test_malformed_rows_name_the_file_and_line(store, tmp_path):
         with pytest.raises(LabelError, match=message) as error:
             import_labels(store, [path])
         assert "None" not in str(error.value)
-    assert not (st.shard_root(store) / "labels").exists()
+    assert not (shard_root(store) / "labels").exists()
     result = CliRunner().invoke(app, ["labels", "import", str(tmp_path / "bad0.csv"), "--store", str(store)])
     assert result.exit_code == 2 and "bad0.csv:4: 2 fields" in result.output
     assert "Traceback" not in result.output
@@ -219,8 +219,8 @@ def test_all_unannotated_labels_warn_and_a_binary_file_is_one_line(store, tmp_pa
 def test_affwild2_two_subject_files_go_to_the_matching_ids(store, tmp_path):
     make_store(store, {"v": 5, "w_left": 5, "w_right": 5})
     faces = {"present": np.ones(5, bool), "boxes": np.zeros((5, 4), np.float32)}
-    st.write_shard(store, "faces", "v", faces, {"config": {"subject": "left"}})  # `--subject left`
-    st.rebuild_index(store)
+    write_shard(store, "faces", "v", faces, {"config": {"subject": "left"}})  # `--subject left`
+    rebuild_index(store)
     folder = tmp_path / "VA_Set"
     folder.mkdir()
     affwild2(folder / "v_left.txt", [(0.5, 0.5)] * 5)

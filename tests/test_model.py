@@ -8,7 +8,10 @@ import torch
 
 from fusion.metrics import ccc, ccc_loss, pcc, rmse, scores
 from fusion.model import (
+    CROP_MEAN,
+    CROP_STD,
     CROP_STORED,
+    CROP_TRAIN,
     RCMA,
     CrossModalAttention,
     ModelConfig,
@@ -153,7 +156,9 @@ def test_baselines_and_subsets(dims, fusion):
 def test_visual_crops_go_through_the_cnn_with_augmentation_in_training_only():
     torch.manual_seed(0)
     dims = {"audio": 4, "visual": 128}
-    model = RCMA(ModelConfig(inputs=dims, window=8, width=8, visual_crops=True))
+    # no dropout of any kind: in training, only the crops' augmentation is random
+    settings = dict(dropout=0.0, attention_dropout=0.0, modality_dropout=0.0)
+    model = RCMA(ModelConfig(inputs=dims, window=8, width=8, visual_crops=True, **settings))
     inputs, present = _batch(2, 8, {"audio": 4})
     inputs["visual"] = torch.randint(0, 256, (2, 8, 3, CROP_STORED, CROP_STORED), dtype=torch.uint8)
     present["visual"] = torch.ones(2, 8, dtype=torch.bool)
@@ -161,8 +166,24 @@ def test_visual_crops_go_through_the_cnn_with_augmentation_in_training_only():
     out = model(inputs, present, valid)
     out.sum().backward()
     assert model.face_cnn.net[0].weight.grad is not None
+
+    seen: list[torch.Tensor] = []  # what the CNN is given, normalised
+    model.face_cnn.net.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    o = (CROP_STORED - CROP_TRAIN) // 2
+    centre = inputs["visual"][..., o : o + CROP_TRAIN, o : o + CROP_TRAIN].flatten(0, 1)
+    centre = (centre.float() / 255 - CROP_MEAN) / CROP_STD
+    with torch.no_grad():
+        trained = [model(inputs, present, valid) for _ in range(4)]
+    assert all(view.shape == centre.shape for view in seen)
+    assert not all(torch.equal(view, centre) for view in seen)  # random crops and flips...
+    assert not all(torch.equal(view, seen[0]) for view in seen[1:])  # ...drawn anew each step
+    assert not all(torch.allclose(t, trained[0]) for t in trained[1:])  # and they change the output
+    seen.clear()
     model.eval()
-    torch.testing.assert_close(model(inputs, present, valid), model(inputs, present, valid))
+    with torch.no_grad():
+        first, second = model(inputs, present, valid), model(inputs, present, valid)
+    assert len(seen) == 2 and all(torch.equal(view, centre) for view in seen)  # the centre crop only
+    torch.testing.assert_close(first, second)
 
 
 def test_modality_dropout_hides_whole_windows_in_training_only_and_never_every_modality():

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from fusion.train import TrainConfig, train
-from pipeline import store as st
+from pipeline.store import rebuild_index
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,7 +34,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
                 "faces": {"present": np.arange(n) < n // 2, "embedding": np.zeros((n, 16), np.float16)},
             },
         )
-    st.rebuild_index(store)
+    rebuild_index(store)
     cfg = TrainConfig(
         features=str(store),
         out=str(folder / "run"),

@@ -15,9 +15,22 @@ import pytest
 from conftest import CREMA_FLV, CREMA_MP4, HAMILTON, JFK, PEXELS, SINGLE_FACE
 
 from pipeline import runner
-from pipeline import store as st
 from pipeline.media import Media, iter_video_frames, probe
 from pipeline.stages import Extra, Rows, Stage
+from pipeline.store import (
+    StoreError,
+    check_store_path,
+    damaged_members,
+    open_store,
+    pack_store,
+    read_rows,
+    rebuild_index,
+    shard_path,
+    shard_root,
+    stage_config,
+    stage_counts,
+    video_ids,
+)
 
 
 class FrameMean(Stage):
@@ -89,19 +102,19 @@ def test_store_has_one_row_per_decoded_frame_and_opens_with_plain_h5py(store, mo
 
 def test_rerun_skips_done_work_and_gives_identical_arrays(store):
     extract(store, [CREMA_MP4[0], SINGLE_FACE])
-    first = st.read_rows(st.shard_path(store, "meancolour", "single_face"), "mean")
-    mtime = st.shard_path(store, "meancolour", "single_face").stat().st_mtime_ns
+    first = read_rows(shard_path(store, "meancolour", "single_face"), "mean")
+    mtime = shard_path(store, "meancolour", "single_face").stat().st_mtime_ns
     report = extract(store, [CREMA_MP4[0], SINGLE_FACE])
     assert report.counts() == {"skipped": 2}
-    assert st.shard_path(store, "meancolour", "single_face").stat().st_mtime_ns == mtime
+    assert shard_path(store, "meancolour", "single_face").stat().st_mtime_ns == mtime
     report = extract(store, [CREMA_MP4[0], SINGLE_FACE], force=True)
     assert report.counts() == {"done": 2}
-    assert np.array_equal(st.read_rows(st.shard_path(store, "meancolour", "single_face"), "mean"), first)
+    assert np.array_equal(read_rows(shard_path(store, "meancolour", "single_face"), "mean"), first)
 
 
 def test_another_config_is_refused_unless_forced_and_never_mixed(store):
     extract(store, [SINGLE_FACE, CREMA_MP4[0]])
-    shard = st.shard_path(store, "meancolour", "single_face")
+    shard = shard_path(store, "meancolour", "single_face")
     before = shard.read_bytes()
     with pytest.raises(runner.FatalError) as refused:
         extract(store, [SINGLE_FACE], stage=FrameMean(scale=2.0))
@@ -112,11 +125,11 @@ def test_another_config_is_refused_unless_forced_and_never_mixed(store):
 
     report = extract(store, [SINGLE_FACE], stage=FrameMean(scale=2.0), force=True)
     assert report.counts() == {"done": 1}
-    assert st.stage_config(store, "meancolour")["config"] == {"scale": 2.0}
-    with st.open_store(store) as f:  # the video not recomputed keeps no link to its old-config shard
+    assert stage_config(store, "meancolour")["config"] == {"scale": 2.0}
+    with open_store(store) as f:  # the video not recomputed keeps no link to its old-config shard
         assert f["videos/single_face/meancolour"].attrs["config"] == '{"scale": 2.0}'
         assert "meancolour" not in f[f"videos/{CREMA_MP4[0].stem}"]
-    counts = st.stage_counts(store)["meancolour"]
+    counts = stage_counts(store)["meancolour"]
     assert counts.done == ["single_face"] and counts.other_config == [CREMA_MP4[0].stem]
     again = extract(store, [CREMA_MP4[0]], stage=FrameMean(scale=2.0))  # recomputed, not skipped
     assert again.counts() == {"done": 1}
@@ -126,7 +139,7 @@ def test_a_failed_forced_recompute_keeps_the_previous_good_shard(store, tmp_path
     video = tmp_path / "clip.mp4"
     shutil.copy(CREMA_MP4[0], video)
     extract(store, [video])
-    shard = st.shard_path(store, "meancolour", "clip")
+    shard = shard_path(store, "meancolour", "clip")
     before = shard.read_bytes()
 
     class Failing(FrameMean):
@@ -137,8 +150,8 @@ def test_a_failed_forced_recompute_keeps_the_previous_good_shard(store, tmp_path
     report = extract(store, [video], stage=Failing(), force=True)
     assert [o.error for o in report.failed] == ["RuntimeError: out of memory"]
     assert shard.read_bytes() == before
-    with st.open_store(store) as f:
-        assert "meancolour" in f["videos/clip"] and not st.damaged_members(store, f["videos/clip"], full=True)
+    with open_store(store) as f:
+        assert "meancolour" in f["videos/clip"] and not damaged_members(store, f["videos/clip"], full=True)
 
 
 def test_changed_source_file_is_recomputed(store, tmp_path):
@@ -148,7 +161,7 @@ def test_changed_source_file_is_recomputed(store, tmp_path):
     shutil.copy(CREMA_MP4[1], video)
     report = extract(store, [video])
     assert report.counts() == {"done": 1}
-    with st.open_store(store) as f:
+    with open_store(store) as f:
         assert f["videos/clip"].attrs["n_frames"] == decoded_frame_count(CREMA_MP4[1])
 
 
@@ -194,10 +207,10 @@ def test_each_bad_input_fails_alone_with_a_clear_line(store, tmp_path):
         assert message in errors[name], errors[name]
         assert "\n" not in errors[name]
     assert [o.video_id for o in report.outcomes if o.status == "done"] == ["good"]
-    counts = st.stage_counts(store)["meancolour"]
+    counts = stage_counts(store)["meancolour"]
     assert counts.done == ["good"] and set(counts.failed) == {"truncated", "notes", "empty", "dangling"}
-    with st.open_store(store) as f:
-        assert st.video_ids(f) == ["good"]
+    with open_store(store) as f:
+        assert video_ids(f) == ["good"]
 
 
 def test_audio_only_media_gets_a_grid_at_the_given_fps(store, tmp_path):
@@ -206,7 +219,7 @@ def test_audio_only_media_gets_a_grid_at_the_given_fps(store, tmp_path):
     jobs, _ = runner.discover([audio, JFK])
     extractor = runner.Extractor(store, [], fps=25.0)
     runner.run_local(jobs, extractor)
-    with st.open_store(store) as f:
+    with open_store(store) as f:
         jfk = f["videos/jfk"]
         assert not jfk.attrs["has_video"] and jfk.attrs["has_audio"]
         assert jfk.attrs["n_frames"] == int(11.0 * 25)
@@ -218,10 +231,10 @@ def test_failure_is_cleared_once_the_video_succeeds(store, tmp_path):
     video = tmp_path / "clip.mp4"
     make_truncated(CREMA_MP4[0], video)
     assert not extract(store, [video]).ok
-    assert st.stage_counts(store)["meancolour"].failed
+    assert stage_counts(store)["meancolour"].failed
     shutil.copy(CREMA_MP4[0], video)
     assert extract(store, [video]).ok
-    counts = st.stage_counts(store)["meancolour"]
+    counts = stage_counts(store)["meancolour"]
     assert counts.done == ["clip"] and not counts.failed
 
 
@@ -229,18 +242,18 @@ def test_truncated_index_is_a_clear_error_and_rebuilds_from_shards(store):
     extract(store, [SINGLE_FACE, CREMA_MP4[0]])
     data = store.read_bytes()
     store.write_bytes(data[: len(data) // 3])
-    with pytest.raises(st.StoreError, match="truncated or corrupt.*rcma index"):
-        st.open_store(store)
-    assert st.rebuild_index(store) == 2
-    with st.open_store(store) as f:
-        assert st.video_ids(f) == ["1001_DFA_ANG_XX", "single_face"]
+    with pytest.raises(StoreError, match="truncated or corrupt.*rcma index"):
+        open_store(store)
+    assert rebuild_index(store) == 2
+    with open_store(store) as f:
+        assert video_ids(f) == ["1001_DFA_ANG_XX", "single_face"]
 
 
 def test_not_a_store_and_missing_store_are_clear_errors(tmp_path):
-    with pytest.raises(st.StoreError, match="no such store"):
-        st.open_store(tmp_path / "nope.h5")
-    with pytest.raises(st.StoreError, match="folder .* does not exist"):
-        st.check_store_path(tmp_path / "missing" / "store.h5")
+    with pytest.raises(StoreError, match="no such store"):
+        open_store(tmp_path / "nope.h5")
+    with pytest.raises(StoreError, match="folder .* does not exist"):
+        check_store_path(tmp_path / "missing" / "store.h5")
 
 
 def test_interrupted_shard_write_leaves_nothing_visible(store):
@@ -251,8 +264,8 @@ def test_interrupted_shard_write_leaves_nothing_visible(store):
 
     report = extract(store, [CREMA_MP4[0]], stage=Crashes())
     assert report.failed[0].error == "RuntimeError: worker died"
-    assert not st.shard_path(store, "meancolour", "1001_DFA_ANG_XX").exists()
-    leftovers = [p for p in st.shard_root(store).rglob("*") if p.suffix == ".tmp"]
+    assert not shard_path(store, "meancolour", "1001_DFA_ANG_XX").exists()
+    leftovers = [p for p in shard_root(store).rglob("*") if p.suffix == ".tmp"]
     assert leftovers == []
 
 
@@ -260,8 +273,8 @@ def test_pack_copies_everything_into_one_file(store, tmp_path):
     extract(store, [SINGLE_FACE, HAMILTON])
     packed = tmp_path / "elsewhere" / "packed.h5"
     packed.parent.mkdir()
-    st.pack_store(store, packed)
-    shutil.rmtree(st.shard_root(store))
+    pack_store(store, packed)
+    shutil.rmtree(shard_root(store))
     with h5py.File(packed, "r") as f:
         assert f["videos/short_hamilton_clip/meancolour/mean"].shape == (decoded_frame_count(HAMILTON), 3)
         assert f["videos/single_face"].attrs["n_frames"] == 72
@@ -294,7 +307,7 @@ def test_ids_from_files_outside_the_working_folder_never_escape_the_store(store,
     jobs, _ = runner.discover([Path("../in/a/clip.mp4"), Path("../in/b/clip.mp4")])
     assert sorted(j.video_id for j in jobs) == ["a/clip", "b/clip"]
     with pytest.raises(ValueError, match="not a relative path"):
-        st.shard_path(store, "faces", "../clip")
+        shard_path(store, "faces", "../clip")
 
 
 def test_nested_ids_are_all_listed(store, tmp_path):
@@ -306,12 +319,12 @@ def test_nested_ids_are_all_listed(store, tmp_path):
     shutil.copy(CREMA_MP4[0], root / "c" / "b.mp4")
     report = extract(store, [root])
     assert sorted(o.video_id for o in report.outcomes) == ["a", "a/b", "c/b"]
-    with st.open_store(store) as f:
-        assert st.video_ids(f) == ["a", "a/b", "c/b"]
+    with open_store(store) as f:
+        assert video_ids(f) == ["a", "a/b", "c/b"]
     packed = tmp_path / "packed.h5"
-    st.pack_store(store, packed)
+    pack_store(store, packed)
     with h5py.File(packed, "r") as f:
-        assert st.video_ids(f) == ["a", "a/b", "c/b"]
+        assert video_ids(f) == ["a", "a/b", "c/b"]
         assert f["videos/a/b/meancolour/mean"].shape == (72, 3)
 
 
@@ -322,7 +335,7 @@ def test_an_id_already_holding_another_file_is_refused(store, tmp_path):
     assert extract(store, [tmp_path / "a" / "clip.mp4"]).ok
     report = extract(store, [tmp_path / "b" / "clip.mp4"])
     assert "video id 'clip' already holds" in report.failed[0].error
-    with st.open_store(store) as f:
+    with open_store(store) as f:
         assert f["videos/clip"].attrs["source"] == str(tmp_path / "a" / "clip.mp4")
 
 
@@ -333,8 +346,8 @@ def test_shards_of_an_older_grid_are_not_linked(store, tmp_path):
     shutil.copy(CREMA_MP4[2], video)  # re-encoded footage: a new frame grid
     jobs, _ = runner.discover([video])
     runner.run_local(jobs, runner.Extractor(store, []))  # grid only; the old stage shard remains
-    assert st.shard_path(store, "meancolour", "clip").exists()
-    with st.open_store(store) as f:
+    assert shard_path(store, "meancolour", "clip").exists()
+    with open_store(store) as f:
         assert "meancolour" not in f["videos/clip"]
         assert f["videos/clip"].attrs["n_frames"] == decoded_frame_count(CREMA_MP4[2])
 
@@ -342,7 +355,7 @@ def test_shards_of_an_older_grid_are_not_linked(store, tmp_path):
 def test_audio_only_files_record_the_grid_fps(store):
     jobs, _ = runner.discover([JFK])
     runner.run_local(jobs, runner.Extractor(store, [], fps=25.0))
-    with st.open_store(store) as f:
+    with open_store(store) as f:
         assert f["videos/jfk"].attrs["fps"] == 25.0
 
 
@@ -357,25 +370,27 @@ def test_text_files_are_not_taken_for_video(tmp_path):
 
 def test_weights_swapped_behind_a_path_or_variable_are_a_config_change(tmp_path, monkeypatch):
     from pipeline.audio import AUDIO_WEIGHTS_ENV, AudioStage
-    from pipeline.stages import config_hash
+    from pipeline.stages import config_hash, resolved
     from pipeline.text import TEXT_MODEL_ENV, TextStage
 
     weights = tmp_path / "wav2vec2.pt"
     weights.write_bytes(b"first weights")
     monkeypatch.setenv(AUDIO_WEIGHTS_ENV, str(weights))
-    first = config_hash(AudioStage(audio_model="wav2vec2", device="cpu"))
-    assert config_hash(AudioStage(audio_model="wav2vec2", device="cpu")) == first
+    first = config_hash(resolved(AudioStage(audio_model="wav2vec2", device="cpu")))
+    assert config_hash(resolved(AudioStage(audio_model="wav2vec2", device="cpu"))) == first
     weights.write_bytes(b"other weights, same path")
-    assert config_hash(AudioStage(audio_model="wav2vec2", device="cpu")) != first
-    given = config_hash(AudioStage(audio_model="wav2vec2", audio_weights=str(weights), device="cpu"))
+    assert config_hash(resolved(AudioStage(audio_model="wav2vec2", device="cpu"))) != first
+    given = config_hash(
+        resolved(AudioStage(audio_model="wav2vec2", audio_weights=str(weights), device="cpu"))
+    )
     assert given != first
 
     folder = tmp_path / "my-text-model"
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"a")
     monkeypatch.setenv(TEXT_MODEL_ENV, str(folder))
-    before = TextStage(device="cpu").config()
+    before = resolved(TextStage(device="cpu")).config()
     (folder / "model.safetensors").write_bytes(b"b")
-    after = TextStage(device="cpu").config()
+    after = resolved(TextStage(device="cpu")).config()
     assert before["text_model"] == after["text_model"] == "my-text-model"
     assert before["text_weights_sha256"] != after["text_weights_sha256"]

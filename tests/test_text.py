@@ -15,11 +15,11 @@ from conftest import BEAT, CREMA_MP4, JFK, PEXELS, SINGLE_FACE, SPEECH_VA
 from speech_media import media_of, remux, similarity, wer, write_wav
 
 from pipeline import asr, runner
-from pipeline import store as st
 from pipeline.audio import AudioStage
+from pipeline.errors import ModelUnavailable
 from pipeline.media import SAMPLE_RATE, Media, read_audio
-from pipeline.models import ModelUnavailable
-from pipeline.stages import Extra, config_hash
+from pipeline.stages import Extra, config_hash, resolved
+from pipeline.store import open_store, video_ids
 from pipeline.text import TextStage, frame_units
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ CREMA_TEXT = "Don't forget a jacket"
 
 @pytest.fixture(scope="module")
 def text_stage() -> TextStage:
-    stage = TextStage(text_unit="word")
+    stage = resolved(TextStage(text_unit="word"))
     stage.load()
     return stage
 
@@ -217,12 +217,12 @@ def test_loop_words():
 
 
 def test_thresholds_are_in_the_config(text_stage: TextStage):
-    stage = TextStage(text_unit="word")
+    stage = resolved(TextStage(text_unit="word"))
     before = config_hash(stage)
     assert stage.config()["hallucination_filters"]["min_avg_logprob"] == -1.0
     stage.filters = asr.Filters(min_avg_logprob=-0.8)
     assert config_hash(stage) != before
-    assert config_hash(TextStage(text_unit="word", asr_compute_type="float32")) != before
+    assert config_hash(resolved(TextStage(text_unit="word", asr_compute_type="float32"))) != before
 
 
 def test_runner_frame_rates_no_audio_and_crema(text_stage: TextStage, store: Path, tmp_path: Path):
@@ -233,8 +233,8 @@ def test_runner_frame_rates_no_audio_and_crema(text_stage: TextStage, store: Pat
     outcomes = runner.run_local(jobs, runner.Extractor(store, [audio_stage, text_stage]))
     assert all(o.status == "done" for o in outcomes), [o.error for o in outcomes if o.error]
     expected_fps = {PEXELS.stem: 23.976, SINGLE_FACE.stem: 30.0, CREMA_MP4[0].stem: 29.97}
-    with st.open_store(store) as f:
-        for vid in st.video_ids(f):
+    with open_store(store) as f:
+        for vid in video_ids(f):
             group = f[f"videos/{vid}"]
             n = group.attrs["n_frames"]
             for stage in ("audio", "text"):

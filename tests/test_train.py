@@ -11,10 +11,11 @@ from synthetic import add_video, interaction_store
 from typer.testing import CliRunner
 
 from cli import app
-from fusion import data as fd
+from fusion.data import DataError, load_store, window_index, windows
+from fusion.model import load_checkpoint
 from fusion.predict import PredictError, evaluate, predict
-from fusion.train import TrainConfig, TrainError, load_checkpoint, train
-from pipeline import store as st
+from fusion.train import TrainConfig, TrainError, train
+from pipeline.store import read_rows, rebuild_index, shard_path, write_shard
 
 SMALL = dict(window=32, hop=16, eval_hop=16, width=32, batch_size=16, warmup_steps=20, lr=3e-3, patience=100)
 
@@ -126,7 +127,7 @@ def test_cli_train_and_predict(interaction, tmp_path):
 
 def test_windows_stay_inside_videos_and_cover_every_frame():
     offsets = np.array([0, 10, 10, 110, 350])  # lengths 10 (short), 0, 100, 240
-    starts, lengths = fd.windows(offsets, 50, 40)
+    starts, lengths = windows(offsets, 50, 40)
     assert starts.tolist() == [0, 10, 50, 60, 110, 150, 190, 230, 270, 300]
     assert lengths.tolist() == [10] + [50] * 9
     covered = np.zeros(350, int)
@@ -135,7 +136,7 @@ def test_windows_stay_inside_videos_and_cover_every_frame():
         assert s + n <= offsets[video + 1]
         covered[s : s + n] += 1
     assert covered.min() >= 1
-    index, valid = fd.window_index(torch.tensor([0, 110]), torch.tensor([10, 50]), 50, 350)
+    index, valid = window_index(torch.tensor([0, 110]), torch.tensor([10, 50]), 50, 350)
     assert valid[0].sum() == 10 and (index[0, 10:] == 350).all() and index[1, -1] == 159
 
 
@@ -165,7 +166,7 @@ def write_av_store(
         y = rng.uniform(-1, 1, (2, n))
         labelled = rng.random(n) > 0.1
         add_video(store, f"v{i}", n, stages, (y[0], y[1]), "train" if i % 2 == 0 else "val", labelled)
-    st.rebuild_index(store)
+    rebuild_index(store)
     return store
 
 
@@ -208,10 +209,10 @@ def test_bad_inputs_are_one_line_errors_that_change_nothing(tmp_path):
     with pytest.raises(PredictError, match="not a readable checkpoint"):
         evaluate(tmp_path / "junk.pt", store)
 
-    bad = st.shard_path(store, "audio", "v2")
-    emb = st.read_rows(bad, "embedding")
+    bad = shard_path(store, "audio", "v2")
+    emb = read_rows(bad, "embedding")
     emb[17, 1] = np.nan
-    st.write_shard(store, "audio", "v2", {"present": np.ones(40, bool), "embedding": emb}, {})
+    write_shard(store, "audio", "v2", {"present": np.ones(40, bool), "embedding": emb}, {})
     with pytest.raises(
         TrainError, match="video v2: audio/embedding has NaN or inf values .* first at frame 17"
     ):
@@ -230,11 +231,11 @@ def test_arrays_off_the_frame_grid_are_one_line_errors(tmp_path):
     run = tmp_path / "run"
     train(config(store, run, modalities=["audio"], epochs=1), quiet=True)
     short = {"present": np.ones(35, bool), "embedding": np.zeros((35, 4), np.float16)}
-    st.write_shard(store, "audio", "v1", short, {})
-    st.rebuild_index(store)
+    write_shard(store, "audio", "v1", short, {})
+    rebuild_index(store)
     message = r"video v1: audio/(present|embedding) has 35 rows but the video has 40 frames"
-    with pytest.raises(fd.DataError, match=message):
-        fd.load(store, ["audio"], ["v0", "v1"])
+    with pytest.raises(DataError, match=message):
+        load_store(store, ["audio"], ["v0", "v1"])
     with pytest.raises(TrainError, match=message):
         train(config(store, tmp_path / "r1", modalities=["audio"], epochs=1), quiet=True)
     with pytest.raises(PredictError, match=message):
@@ -249,18 +250,18 @@ def test_arrays_off_the_frame_grid_are_one_line_errors(tmp_path):
     with pytest.raises(PredictError, match="no such store"):
         evaluate(run / "best.pt", tmp_path / "nope.h5")
 
-    st.write_shard(store, "audio", "v1", {k: np.ones(40, v.dtype) for k, v in short.items()}, {})
-    st.write_shard(store, "labels", "v2", {"valence": np.zeros(41, np.float32)}, {"split": "train"})
-    st.rebuild_index(store)
-    with pytest.raises(fd.DataError, match="video v2: labels/valence has 41 rows but the video has 40"):
-        fd.load(store, ["audio"], ["v2"])
+    write_shard(store, "audio", "v1", {k: np.ones(40, v.dtype) for k, v in short.items()}, {})
+    write_shard(store, "labels", "v2", {"valence": np.zeros(41, np.float32)}, {"split": "train"})
+    rebuild_index(store)
+    with pytest.raises(DataError, match="video v2: labels/valence has 41 rows but the video has 40"):
+        load_store(store, ["audio"], ["v2"])
 
 
 def test_validation_split_must_differ_from_the_training_split(tmp_path, monkeypatch):
     store = write_av_store(tmp_path / "s.h5", [40, 40])
     with pytest.raises(TrainError, match="validation split must differ from the training split"):
         train(config(store, tmp_path / "r0", modalities=["audio"], val_split="train"), quiet=True)
-    monkeypatch.setattr(fd, "select_videos", lambda store, splits, need_labels: ["v0", "v1"])
+    monkeypatch.setattr("fusion.train.select_videos", lambda store, splits, need_labels: ["v0", "v1"])
     with pytest.raises(TrainError, match="video v0 is in both the training and the validation split"):
         train(config(store, tmp_path / "r1", modalities=["audio"]), quiet=True)
     assert not (tmp_path / "r0").exists() and not (tmp_path / "r1").exists()
@@ -289,8 +290,8 @@ def test_a_model_refuses_features_made_with_other_settings(tmp_path):
             signal = rng.standard_normal(n)
             add_video(store, f"v{i}", n, {}, labels=(signal, signal), split="train" if i < 3 else "val")
             rows = {"present": np.ones(n, bool), "embedding": rng.standard_normal((n, 8)).astype(np.float16)}
-            st.write_shard(store, "audio", f"v{i}", rows, {"config": config, "config_hash": audio_model})
-        st.rebuild_index(store)
+            write_shard(store, "audio", f"v{i}", rows, {"config": config, "config_hash": audio_model})
+        rebuild_index(store)
         return store
 
     trained_on = make(tmp_path / "a" / "store.h5", "logmel")

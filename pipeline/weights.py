@@ -1,4 +1,4 @@
-"""Finding model weights: a local path, the cache, or a verified download.
+"""Model weights: finding them (a local path, the cache, or a verified download) and their checksums.
 
 Weights are downloaded once into the cache (`$RCMA_CACHE`, default ~/.cache/rcma), checked
 against a SHA-256, and renamed into place only when the checksum matches. Offline, a missing
@@ -13,14 +13,11 @@ import os
 import urllib.request
 from pathlib import Path
 
+from pipeline.errors import ModelUnavailable
 from pipeline.store import atomic_file
 
 CACHE_ENV = "RCMA_CACHE"
 DOWNLOAD_TIMEOUT_S = 30
-
-
-class ModelUnavailable(Exception):
-    """Weights that are neither on disk nor downloadable; the message says how to provide them."""
 
 
 def cache_dir() -> Path:

@@ -1,0 +1,91 @@
+"""Every plot rcma draws, as PNG bytes: a run's training curves and a video's predictions. The one
+module that imports matplotlib (headless, Agg)."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+CURVES_DPI = 80
+VIDEO_DPI = 90
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig: Any, dpi: int) -> bytes:
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def curves_png(rows: list[dict[str, Any]]) -> bytes:
+    """A training run's loss and validation CCC per epoch (metrics.csv rows) as PNG bytes."""
+    plt = _pyplot()
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot(epochs, [r["train_loss"] for r in rows], marker=".")
+    ax1.set(xlabel="epoch", ylabel="train loss (1 - CCC)")
+    for key, label in (("val_ccc", "mean"), ("val_ccc_valence", "valence"), ("val_ccc_arousal", "arousal")):
+        ax2.plot(epochs, [r[key] for r in rows], marker=".", label=label)
+    ax2.set(xlabel="epoch", ylabel="validation CCC")
+    ax2.legend()
+    return _png(fig, CURVES_DPI)
+
+
+def video_png(
+    vid: str,
+    times: np.ndarray,
+    pred: np.ndarray,
+    labels: np.ndarray | None,
+    present: dict[str, np.ndarray] | None = None,
+) -> bytes:
+    """Valence and arousal over time as PNG bytes: prediction, the labels where there are any, and
+    under them a band per input showing the frames where it had data."""
+    plt = _pyplot()
+    present = present or {}
+    ratios = [3, 3] + ([0.35 * len(present)] if present else [])
+    fig, axes = plt.subplots(
+        len(ratios), 1, figsize=(10, 4.2 + 0.3 * len(present)), sharex=True, height_ratios=ratios
+    )
+    for k, (ax, name) in enumerate(zip(axes, ("valence", "arousal"), strict=False)):
+        ax.plot(times, pred[:, k], label="predicted", lw=1.4, color=("#1f77b4", "#d62728")[k])
+        if labels is not None:
+            ax.plot(times, labels[:, k], label="label", lw=1.2, alpha=0.8, color="#555555", ls="--")
+        ax.set(ylabel=name, ylim=(-1.05, 1.05))
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.grid(alpha=0.3)
+    if present:
+        band = axes[2]
+        step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0
+        for row, mask in enumerate(present.values()):
+            runs = _runs(mask)
+            band.broken_barh(
+                [(times[a], times[b - 1] - times[a] + step) for a, b in runs],
+                (row + 0.15, 0.7),
+                color="#3c8d5a",
+            )
+        band.set(ylim=(0, len(present)), yticks=np.arange(len(present)) + 0.5, yticklabels=list(present))
+        band.tick_params(axis="y", length=0, labelsize=8)
+        band.invert_yaxis()  # the first input on top
+        band.grid(False)
+    axes[0].set_title(vid)
+    axes[0].legend(loc="upper right", fontsize=8)
+    axes[-1].set_xlabel("time (s)")
+    return _png(fig, VIDEO_DPI)
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) index pairs of the runs of True in a boolean array."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
