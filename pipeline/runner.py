@@ -48,6 +48,7 @@ from pipeline.store import (
     claim_stage_configs,
     clean_store_temps,
     clear_failure,
+    config_difference,
     grid_hash,
     read_rows,
     read_shard_attrs,
@@ -839,9 +840,7 @@ def _prepare_every_worker(
     for address, result in zip(workers[1:], results[1:], strict=True):
         for stage, (digest, config) in result.items():
             if digest != first[stage][0]:
-                difference = st.config_difference(
-                    first[stage][1], config, f"on {workers[0]}", f"on {address}"
-                )
+                difference = config_difference(first[stage][1], config, f"on {workers[0]}", f"on {address}")
                 raise FatalError(
                     f"the workers resolve stage {stage} differently ({difference}): give every worker "
                     "the same models and library versions"

@@ -11,11 +11,12 @@ from synthetic import interaction_store
 from typer.testing import CliRunner
 
 from cli import app
+from fusion.model import load_checkpoint
 from fusion.predict import evaluate
-from fusion.train import TrainConfig, load_checkpoint, train
-from pipeline import store as st
+from fusion.train import TrainConfig, train
 from pipeline.faces import FacesStage, iou
 from pipeline.media import Media, frame_grid, probe
+from pipeline.store import open_store
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
 
@@ -31,7 +32,7 @@ def faces_of(path: Path, device: str) -> dict[str, np.ndarray]:
 
 
 def faces_in(store: Path, vid: str) -> dict[str, np.ndarray]:
-    with st.open_store(store) as f:
+    with open_store(store) as f:
         return {k: f[f"videos/{vid}/faces/{k}"][()] for k in ("present", "boxes", "landmarks")}
 
 
