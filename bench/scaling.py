@@ -13,7 +13,7 @@ time of the command and every process it started) / (wall x cores). Run 3's work
 of the command, so only its wall time is compared. From run 1's per-stage seconds (recorded in
 every shard) the hours for Aff-Wild2 (2.9 M frames, 30 h of audio) are projected, on one worker
 and per worker added. The load average is printed with the figures: on a shared machine they
-are noisy. Usage: python bench/scaling.py [--skip-cluster]
+are noisy. Usage: python bench/scaling.py [--skip-cluster] [--copies N]
 """
 
 from __future__ import annotations
@@ -125,13 +125,18 @@ class OneWorkerCluster:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-cluster", action="store_true", help="Leave out the dask scheduler run.")
+    parser.add_argument(
+        "--copies", type=int, default=1, help="Copies of the clips (more files: fixed costs amortised)."
+    )
     args = parser.parse_args()
     cores = cpu_count()
     folder = Path(tempfile.mkdtemp(prefix="rcma-scaling-"))
     clips = folder / "clips"
     clips.mkdir()
-    for path in [*CREMA_MP4, SINGLE_FACE, JFK]:
-        shutil.copy(path, clips / path.name)
+    sources = [*CREMA_MP4, SINGLE_FACE, JFK]
+    for k in range(args.copies):
+        for path in sources:
+            shutil.copy(path, clips / f"{path.stem}-{k}{path.suffix}")
     load_before = os.getloadavg()
     runs: dict[str, tuple[float, float]] = {}
     try:
@@ -151,7 +156,7 @@ def main() -> None:
         load_after = os.getloadavg()
         shutil.rmtree(folder, ignore_errors=True)
 
-    n_files = len(list(CREMA_MP4)) + 2
+    n_files = len(sources) * args.copies
     print(f"machine: {cores} cores; {n_files} files ({frames} video frames, {audio:.1f} s of audio)")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min; a shared machine)")
     base_wall = runs["--workers 1"][0]
