@@ -192,7 +192,10 @@ def load(
 
 def _check_shards(store: Path, vid: str, group: h5py.Group, full: bool, only: str | None = None) -> None:
     """A one-line error naming the video and the file when one of its shards is missing or damaged."""
-    damaged = damaged_members(store, group, full, only)
+    try:
+        damaged = damaged_members(store, group, full, only)
+    except StoreError as e:  # a link out of the store's shard folder
+        raise DataError(str(e)) from None
     if damaged:
         name, problem = next(iter(damaged.items()))
         raise DataError(

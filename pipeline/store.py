@@ -602,21 +602,25 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
             if update:
                 shutil.copyfile(store, tmp)
                 with h5py.File(tmp, "r+") as index:
+                    writer = _GroupWriter(index["videos"])
                     for video_id in removed:
                         _unlink_video(index["videos"], video_id)
                     for video_id in changed:
                         _unlink_video(index["videos"], video_id)
-                        _link_video(index["videos"], video_id, *videos[video_id])
+                        writer.link_video(video_id, *videos[video_id], fresh=False)
+                    _write_table(index, record["links"])
             else:
                 with h5py.File(tmp, "w", libver="latest") as index:
                     set_attrs(index, {"layout": INDEX_LAYOUT, "shards": root.name})
-                    group = index.create_group("videos")
+                    writer = _GroupWriter(index.create_group("videos"))
                     for video_id, (attrs, links) in videos.items():
-                        _link_video(group, video_id, attrs, links)
+                        writer.link_video(video_id, attrs, links, fresh=True)
+                    _write_table(index, record["links"])
                 fresh_size = tmp.stat().st_size
         record.update({"fresh_size": fresh_size, "index": list(_stat(store)), "folder": root.name})
         with atomic_file(root / INDEX_RECORD, root) as tmp:
             tmp.write_text(json.dumps(record))
+        _write_stamp(store)
     return len(videos)
 
 
@@ -643,14 +647,87 @@ def _read_index_record(store: Path) -> dict[str, Any]:
         return {}
 
 
-def _link_video(
-    videos: h5py.Group, video_id: str, attrs: dict[str, Any], links: dict[str, tuple[str, str]]
-) -> None:
-    """A video's group: its attrs and one external link per shard."""
-    group = videos.require_group(video_id)
-    set_attrs(group, attrs)
-    for name, (filename, target) in links.items():
-        group.id.links.create_external(name.encode(), filename.encode(), target.encode())
+class _GroupWriter:
+    """Writes videos' groups (their attrs and one external link per shard) through HDF5's
+    low-level calls: h5py's `attrs[...] = ` costs ~25 us an attribute, nine per video, which is
+    most of writing an index of 100,000 videos. The groups keep their attributes compact (in the
+    group's header, up to 16) rather than in a separate heap. Attrs read back exactly as
+    `set_attrs` writes them (the same HDF5 types)."""
+
+    def __init__(self, videos: h5py.Group):
+        self.videos = videos
+        self.gcpl = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
+        self.gcpl.set_attr_phase_change(16, 14)
+        self.space = h5py.h5s.create_simple(())
+        self.types: dict[np.dtype, tuple[h5py.h5t.TypeID, h5py.h5t.TypeID]] = {}
+
+    def link_video(
+        self, video_id: str, attrs: dict[str, Any], links: dict[str, tuple[str, str]], fresh: bool
+    ) -> None:
+        if fresh and "/" not in video_id:  # a new index: the group cannot exist yet
+            gid = h5py.h5g.create(self.videos.id, video_id.encode(), gcpl=self.gcpl)
+        else:
+            gid = self.videos.require_group(video_id).id
+        for key, value in attrs.items():
+            self.set_attr(gid, key, value)
+        for name, (filename, target) in links.items():
+            gid.links.create_external(name.encode(), filename.encode(), target.encode())
+
+    def set_attr(self, gid: h5py.h5g.GroupID, key: str, value: Any) -> None:
+        if not isinstance(value, str | bool | int | float | np.bool_ | np.integer | np.floating):
+            set_attrs(h5py.Group(gid), {key: value})  # anything else: the high-level call
+            return
+        data = np.asarray(value, dtype=h5py.string_dtype() if isinstance(value, str) else None)
+        types = self.types.get(data.dtype)
+        if types is None:
+            logical, memory = h5py.h5t.py_create(data.dtype, logical=True), h5py.h5t.py_create(data.dtype)
+            types = self.types[data.dtype] = (logical, memory)
+        name = key.encode()
+        if h5py.h5a.exists(gid, name):
+            h5py.h5a.delete(gid, name)
+        h5py.h5a.create(gid, name, types[0], self.space).write(data, mtype=types[1])
+
+
+TABLE = "table"  # in the index: one dataset per column, the rows sorted by video id
+
+
+def _write_table(index: h5py.File, links: dict[str, dict[str, str]]) -> None:
+    """The index's videos as columns, for `open_store` to read in one call each: `video_id`, and
+    one `links/<member>` per member ("" where a video has none). UTF-8 in fixed-length strings,
+    compressed, with checksums; written afresh on every rebuild (it is small)."""
+    if TABLE in index:
+        del index[TABLE]
+    table = index.create_group(TABLE)
+    ids = sorted(links)
+    members = sorted({member for video in links.values() for member in video})
+    columns = {"video_id": ids, **{f"links/{m}": [links[v].get(m, "") for v in ids] for m in members}}
+    for name, values in columns.items():
+        encoded = [value.encode() for value in values]
+        data = np.array(encoded, dtype=h5py.string_dtype("utf-8", max(1, *map(len, encoded), 1)))
+        filters = {"compression": "gzip", "compression_opts": 1, "shuffle": True, "fletcher32": True}
+        chunk = (max(1, min(len(data), CHUNK_BYTES // data.dtype.itemsize)),)
+        table.create_dataset(name, data=data, **({"chunks": chunk, **filters} if len(data) else {}))
+    table.attrs["rows"] = len(ids)
+
+
+INDEX_STAMP = ".index-stamp.json"  # in the shard folder: the index file (size, time) its table describes
+
+
+def _write_stamp(store: Path) -> None:
+    root = shard_root(store)
+    with atomic_file(root / INDEX_STAMP, root) as tmp:
+        tmp.write_text(json.dumps({"index": list(_stat(store)), "folder": root.name}))
+
+
+def _stamped(store: Path) -> bool:
+    """Whether the index is the very file its last rebuild wrote (same size and modification
+    time, same shard folder): only then is its table taken for the list of its videos. An index
+    changed by anything else (an older rcma, h5py, a crafted edit) is walked instead."""
+    try:
+        stamp = json.loads((shard_root(store) / INDEX_STAMP).read_text())
+        return stamp == {"index": list(_stat(store)), "folder": shard_root(store).name}
+    except (OSError, ValueError):
+        return False
 
 
 def _unlink_video(videos: h5py.Group, video_id: str) -> None:
@@ -775,7 +852,7 @@ def open_store(store: Path) -> h5py.File:
                 f"{store}: its links lead into {shards}/, not {shard_root(store).name}/ (renamed or "
                 f"moved?); run `rcma index --store {store}` to relink it"
             )
-        _opened_ids[f] = _walk_videos(f, store)
+        _opened_ids[f] = _table_ids(f, store) if TABLE in f and _stamped(store) else _walk_videos(f, store)
     except StoreError:
         f.close()
         raise
@@ -831,32 +908,95 @@ def _walk_videos(f: h5py.File, store: Path) -> list[str]:
     return sorted(found)
 
 
+def _table_ids(f: h5py.File, store: Path) -> list[str]:
+    """The video ids of an index's table (see `_write_table`), with the checks of `_walk_videos`
+    on every id and every link it names: one read per column instead of a walk of every group."""
+    try:
+        table = f[TABLE]
+        ids = [_decode(raw) for raw in table["video_id"][()].tolist()]
+        columns = {name: table[f"links/{name}"][()].tolist() for name in table.get("links", {})}
+    except (OSError, KeyError, ValueError, TypeError, UnicodeDecodeError, AttributeError):
+        raise _damaged_table(store) from None
+    if any(len(column) != len(ids) for column in columns.values()):
+        raise _damaged_table(store)
+    for video_id in ids:
+        try:
+            check_id(video_id)
+        except ValueError as e:
+            raise StoreError(f"{store}: {e}; refusing it") from None
+    links = _LinkCheck(store, symlinks=True)
+    for name, column in columns.items():
+        for i, raw in enumerate(column):
+            if raw and not links.inside(target := _decode(raw)):
+                links.refuse(ids[i], name, target)
+    if ids != sorted(ids) or len(set(ids)) != len(ids):
+        raise _damaged_table(store)
+    return ids
+
+
+def _damaged_table(store: Path) -> StoreError:
+    return StoreError(f"{store}: its table of videos is damaged; `rcma index --store {store}` rebuilds it")
+
+
+def _decode(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
 class _LinkCheck:
     """An external link is followed only into the store's own shard folder (symlinks resolved;
-    each folder is resolved once, each file only when it is itself a link)."""
+    each folder is resolved once, each file only when it is itself a link). With `symlinks`, the
+    shard folder is listed once to find the files that are symlinks, instead of one `lstat` a file.
+    """
 
-    def __init__(self, store: Path):
+    def __init__(self, store: Path, symlinks: bool = False):
         self.store = store
         self.name = shard_root(store).name
+        self.prefix = self.name + "/"
         self.root = os.path.realpath(shard_root(store)) + os.sep
-        self.folders: dict[str, str] = {}
+        self.folders: dict[str, str | None] = {}
+        self.symlinks = _symlinked_files(shard_root(store)) if symlinks else None
 
     def check(self, video_id: str, name: str, target: str) -> None:
-        parts = target.split("/")
-        inside = not os.path.isabs(target) and ".." not in parts and len(parts) > 1 and parts[0] == self.name
-        if inside:
-            folder, base = os.path.split(target)
-            if folder not in self.folders:
-                self.folders[folder] = os.path.realpath(self.store.parent / folder) + os.sep
-            path = self.folders[folder] + base
-            if os.path.islink(path):
-                path = os.path.realpath(path)
-            inside = path.startswith(self.root)
-        if not inside:
-            raise StoreError(
-                f"{self.store}: video {video_id}: link {name} leads outside {self.name}/ "
-                f"({target}); a damaged or crafted index, refusing it (`rcma index` rebuilds it)"
-            )
+        if not self.inside(target):
+            self.refuse(video_id, name, target)
+
+    def inside(self, target: str) -> bool:
+        # relative, first part the shard folder, no ".." part: startswith(prefix) makes the first two
+        if not target.startswith(self.prefix) or "/../" in target or target.endswith("/.."):
+            return False
+        folder, _, base = target.rpartition("/")
+        real = self.folders.get(folder, "")
+        if real == "":
+            real = os.path.realpath(self.store.parent / folder) + os.sep
+            real = self.folders[folder] = real if real.startswith(self.root) else None
+        if real is None:
+            return False
+        path = real + base
+        linked = path in self.symlinks if self.symlinks is not None else os.path.islink(path)
+        return not linked or os.path.realpath(path).startswith(self.root)
+
+    def refuse(self, video_id: str, name: str, target: str) -> None:
+        raise StoreError(
+            f"{self.store}: video {video_id}: link {name} leads outside {self.name}/ "
+            f"({target}); a damaged or crafted index, refusing it (`rcma index` rebuilds it)"
+        )
+
+
+def _symlinked_files(root: Path) -> set[str]:
+    """Real paths (folders resolved) of the entries under `root` that are symlinks to files."""
+    found: set[str] = set()
+    stack = [os.path.realpath(root)]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_symlink():
+                found.add(entry.path)
+            elif entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+    return found
 
 
 @dataclass(frozen=True)
@@ -1027,11 +1167,19 @@ def damaged_members(
     store: Path, group: h5py.Group, full: bool = False, only: str | None = None
 ) -> dict[str, str]:
     """{member: "<shard file>: <problem>"} for each shard a video group links to (or only the
-    member `only`) that is missing or damaged (see `shard_problem`; `full` reads all data)."""
+    member `only`) that is missing or damaged (see `shard_problem`; `full` reads all data).
+
+    Each link is checked again before its shard is opened (a StoreError for one leading out of
+    the shard folder): an index listed from its table (`open_store`) had its table's links
+    checked, and this checks the links the groups actually hold."""
     out = {}
+    links = _LinkCheck(Path(store))
     for name in group:
         if only not in (None, name):
             continue
+        link = group.get(name, getlink=True)
+        if isinstance(link, h5py.ExternalLink):
+            links.check(group.name.removeprefix("/videos/"), name, link.filename)
         path = _linked_file(store, group, name)
         if path is not None and (problem := shard_problem(path, full)):
             out[name] = f"{path}: {problem}"
