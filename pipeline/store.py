@@ -37,6 +37,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISLNK
 from typing import Any
 
 import h5py
@@ -464,27 +465,36 @@ class ShardInfo:
         return [self.size, self.mtime_ns, self.video_id, self.problem, self.attrs]
 
 
-def scan_shards(store: Path, folder: str, cache: dict[str, list] | None = None) -> dict[str, ShardInfo]:
+def scan_shards(
+    store: Path, folder: str, cache: dict[str, list] | None = None, tally: Counter | None = None
+) -> dict[str, ShardInfo]:
     """{video id: ShardInfo} of every finished shard under `store.h5.d/<folder>/`.
 
     A shard whose size and modification time match its entry in `cache` (the index's record of
     the last scan) is not opened again: this is what keeps the index and `rcma status` fast on a
     store of 100,000 videos. Any other shard is opened and checked (`shard_problem`'s quick check).
+    `tally` counts the files found ("files") and those opened ("reread").
     """
     root = shard_root(store)
     out: dict[str, ShardInfo] = {}
+    cache = cache or {}
+    files = reread = 0
     for rel, size, mtime in _walk_files(root / folder, ".h5"):
         key = f"{folder}/{rel}"
-        entry = (cache or {}).get(key)
+        entry = cache.get(key)
+        files += 1
         if entry is not None and entry[0] == size and entry[1] == mtime:
             video_id, problem, attrs = entry[2], entry[3], entry[4]
         else:
+            reread += 1
             video_id = rel[: -len(".h5")]
             names = (*SCANNED_ATTRS, *(VIDEO_ATTRS if folder == GRID else ()))
             problem, attrs = _scan_one(root / key, names)
             if any(_HASHED.search(part) for part in rel.split("/")):
                 video_id = str(attrs.get("video_id", video_id))
         out[video_id] = ShardInfo(video_id, root, key, problem, attrs, size, mtime)
+    if tally is not None:
+        tally.update(files=files, reread=reread)
     return out
 
 
@@ -552,9 +562,19 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
     with _locked(root / ".index.lock"):  # two writers must not interleave scan and rename
         previous = _read_index_record(store)
         cache = previous.get("shards", {})
-        grids = scan_shards(store, GRID, cache)
-        stages = {stage: scan_shards(store, stage, cache) for stage in stage_names(store)}
+        tally: Counter = Counter()
+        grids = scan_shards(store, GRID, cache, tally)
+        stages = {stage: scan_shards(store, stage, cache, tally) for stage in stage_names(store)}
         configs = {stage: (stage_config(store, stage) or {}).get("config_hash") for stage in stages}
+        if (  # every shard as the record has it, and the same configs: the index links all it should
+            not fresh
+            and not tally["reread"]
+            and tally["files"] == len(cache)
+            and previous.get("configs") == configs
+            and "videos" in previous
+            and _stamped(store)
+        ):
+            return len(previous["videos"])
         videos: dict[str, tuple[dict[str, Any], dict[str, tuple[str, str]]]] = {}
         for video_id, grid in grids.items():
             if grid.problem:
@@ -580,6 +600,7 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
             "links": {
                 vid: {member: link for member, (link, _) in value[1].items()} for vid, value in videos.items()
             },
+            "configs": configs,
         }
         old = previous.get("videos")
         changed = [v for v in videos if old is None or old.get(v) != digests[v]]
@@ -591,8 +612,8 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
             and len(changed) + len(removed) <= REWRITE_SHARE * max(1, len(videos))
             and store.stat().st_size <= REWRITE_GROWTH * fresh_size
         )
-        if update and not changed and not removed:  # the index already links all it should
-            if record["shards"] == previous.get("shards") and record["links"] == previous.get("links"):
+        if update and not changed and not removed and _stamped(store):  # all linked, table current
+            if all(record[key] == previous.get(key) for key in ("shards", "links", "configs")):
                 return len(videos)
             record.update({"fresh_size": fresh_size, "index": previous["index"], "folder": root.name})
             with atomic_file(root / INDEX_RECORD, root) as tmp:
@@ -961,19 +982,27 @@ class _LinkCheck:
             self.refuse(video_id, name, target)
 
     def inside(self, target: str) -> bool:
+        path = self.resolve(target)
+        if path is None:
+            return False
+        linked = path in self.symlinks if self.symlinks is not None else os.path.islink(path)
+        return not linked or self.inside_link(path)
+
+    def resolve(self, target: str) -> str | None:
+        """The link's file, its folder resolved, when the folder is inside the shard folder."""
         # relative, first part the shard folder, no ".." part: startswith(prefix) makes the first two
         if not target.startswith(self.prefix) or "/../" in target or target.endswith("/.."):
-            return False
+            return None
         folder, _, base = target.rpartition("/")
         real = self.folders.get(folder, "")
         if real == "":
             real = os.path.realpath(self.store.parent / folder) + os.sep
             real = self.folders[folder] = real if real.startswith(self.root) else None
-        if real is None:
-            return False
-        path = real + base
-        linked = path in self.symlinks if self.symlinks is not None else os.path.islink(path)
-        return not linked or os.path.realpath(path).startswith(self.root)
+        return None if real is None else real + base
+
+    def inside_link(self, path: str) -> bool:
+        """Whether a file that is a symlink leads into the shard folder."""
+        return os.path.realpath(path).startswith(self.root)
 
     def refuse(self, video_id: str, name: str, target: str) -> None:
         raise StoreError(
@@ -1129,28 +1158,38 @@ def summarize(store: Path) -> list[VideoSummary]:
 
 
 def _summarize_from_record(store: Path, record: dict[str, Any]) -> list[VideoSummary]:
+    """`summarize` from the index's record: one `lstat` a shard, each link checked like the
+    index's own (the record lies beside the index, and names the files to read)."""
     shards = record["shards"]
     out = []
+    check = _LinkCheck(store)
     for video_id, links in sorted(record["links"].items()):
         present: dict[str, float] = {}
         damaged: dict[str, str] = {}
         video: dict[str, Any] = {}
         for member, link in links.items():
             key = link.split("/", 1)[1]
-            path = store.parent / link
+            real = check.resolve(link)
+            if real is None:
+                check.refuse(video_id, member, link)
             entry = shards.get(key)
             try:
-                stat = path.stat()
+                stat = os.lstat(real)
+                if S_ISLNK(stat.st_mode):
+                    if not check.inside_link(real):
+                        check.refuse(video_id, member, link)
+                    stat = os.stat(real)
                 same = entry is not None and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns
+                exists = True
             except OSError:
-                same = False
+                same = exists = False
             if same:
                 problem, attrs = entry[3], entry[4]
             else:
                 names = (*SCANNED_ATTRS, *(VIDEO_ATTRS if member == "timestamps" else ()))
-                problem, attrs = _scan_one(path, names) if path.exists() else ("missing", {})
+                problem, attrs = _scan_one(store.parent / link, names) if exists else ("missing", {})
             if problem:
-                damaged[member] = f"{path}: {problem}"
+                damaged[member] = f"{store.parent / link}: {problem}"
             elif member == "timestamps":
                 video = attrs
             elif "present_share" in attrs:
