@@ -504,14 +504,17 @@ SCANNED_ATTRS = ("grid_hash", "config_hash", "video_id")
 def _scan_one(path: Path, names: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
     """(problem, the attrs `names`) of a shard, in one open: the quick check of `shard_problem`
     (the file opens, its attrs and its list of arrays read), plus the share of frames present."""
-    try:
+    try:  # h5py's high-level objects cost more than the file's open: one of each, at most
         with h5py.File(path, "r") as f:
-            attrs = {k: _plain(f.attrs[k]) for k in names if k in f.attrs}
-            members: list[str] = []
-            f.visit(members.append)
-            if "present" in members and isinstance(f["present"], h5py.Dataset):
-                present = f["present"][()]
-                attrs["present_share"] = float(present.mean()) if present.size else 0.0
+            held = f.attrs
+            attrs = {k: _plain(held[k]) for k in names if h5py.h5a.exists(f.id, k.encode())}
+            members: list[bytes] = []
+            h5py.h5o.visit(f.id, members.append)
+            if b"present" in members:
+                present = f.get("present")
+                if isinstance(present, h5py.Dataset):
+                    mask = present[()]
+                    attrs["present_share"] = float(mask.mean()) if mask.size else 0.0
     except (OSError, KeyError, RuntimeError, ValueError) as e:
         return ("damaged (checksum mismatch)" if "filter returned failure" in str(e) else "damaged"), {}
     return "", attrs
@@ -1203,18 +1206,20 @@ def _summarize_from_record(store: Path, record: dict[str, Any]) -> list[VideoSum
 
 
 def damaged_members(
-    store: Path, group: h5py.Group, full: bool = False, only: str | None = None
+    store: Path, group: h5py.Group, full: bool = False, only: str | Iterable[str] | None = None
 ) -> dict[str, str]:
     """{member: "<shard file>: <problem>"} for each shard a video group links to (or only the
-    member `only`) that is missing or damaged (see `shard_problem`; `full` reads all data).
+    member, or members, `only`) that is missing or damaged (see `shard_problem`; `full` reads all
+    data).
 
     Each link is checked again before its shard is opened (a StoreError for one leading out of
     the shard folder): an index listed from its table (`open_store`) had its table's links
     checked, and this checks the links the groups actually hold."""
     out = {}
     links = _LinkCheck(Path(store))
+    wanted = {only} if isinstance(only, str) else None if only is None else set(only)
     for name in group:
-        if only not in (None, name):
+        if wanted is not None and name not in wanted:
             continue
         link = group.get(name, getlink=True)
         if isinstance(link, h5py.ExternalLink):
