@@ -38,7 +38,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISLNK
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
@@ -439,10 +439,10 @@ REWRITE_SHARE = 0.2  # an index update touching more videos than this share is w
 REWRITE_GROWTH = 2.0  # ...as is one grown this many times its fresh size by updates
 
 
-@dataclass(frozen=True)
-class ShardInfo:
+class ShardInfo(NamedTuple):
     """One finished shard as a scan found it: its id, whether it opens, and the attrs the index
-    and `rcma status` need (grid and config hashes; a grid shard's video attrs)."""
+    and `rcma status` need (grid and config hashes; a grid shard's video attrs). A named tuple:
+    a scan of 100,000 videos makes 400,000 of them, and a frozen dataclass costs 4x to build."""
 
     video_id: str
     root: Path  # the store's shard folder
@@ -466,35 +466,33 @@ class ShardInfo:
 
 
 def scan_shards(
-    store: Path, folder: str, cache: dict[str, list] | None = None, tally: Counter | None = None
+    store: Path,
+    folder: str,
+    cache: dict[str, list] | None = None,
+    files: list[tuple[str, int, int]] | None = None,
 ) -> dict[str, ShardInfo]:
     """{video id: ShardInfo} of every finished shard under `store.h5.d/<folder>/`.
 
     A shard whose size and modification time match its entry in `cache` (the index's record of
     the last scan) is not opened again: this is what keeps the index and `rcma status` fast on a
     store of 100,000 videos. Any other shard is opened and checked (`shard_problem`'s quick check).
-    `tally` counts the files found ("files") and those opened ("reread").
+    `files` is the folder's listing when `_walk_files` has just made it.
     """
     root = shard_root(store)
     out: dict[str, ShardInfo] = {}
     cache = cache or {}
-    files = reread = 0
-    for rel, size, mtime in _walk_files(root / folder, ".h5"):
+    for rel, size, mtime in _walk_files(root / folder, ".h5") if files is None else files:
         key = f"{folder}/{rel}"
         entry = cache.get(key)
-        files += 1
         if entry is not None and entry[0] == size and entry[1] == mtime:
             video_id, problem, attrs = entry[2], entry[3], entry[4]
         else:
-            reread += 1
             video_id = rel[: -len(".h5")]
             names = (*SCANNED_ATTRS, *(VIDEO_ATTRS if folder == GRID else ()))
             problem, attrs = _scan_one(root / key, names)
             if any(_HASHED.search(part) for part in rel.split("/")):
                 video_id = str(attrs.get("video_id", video_id))
         out[video_id] = ShardInfo(video_id, root, key, problem, attrs, size, mtime)
-    if tally is not None:
-        tally.update(files=files, reread=reread)
     return out
 
 
@@ -520,7 +518,7 @@ def _scan_one(path: Path, names: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
     return "", attrs
 
 
-def _walk_files(folder: Path, suffix: str) -> Iterator[tuple[str, int, int]]:
+def _walk_files(folder: Path, suffix: str) -> list[tuple[str, int, int]]:
     """(path relative to `folder`, size, mtime_ns) of its files ending in `suffix`, recursively,
     in sorted order; hidden files (temporary ones, `.index.lock`) are left out."""
     stack = [("", str(folder))]
@@ -540,7 +538,8 @@ def _walk_files(folder: Path, suffix: str) -> Iterator[tuple[str, int, int]]:
                 except OSError:
                     continue
                 found.append((f"{prefix}{entry.name}", stat.st_size, stat.st_mtime_ns))
-    return iter(sorted(found))
+    found.sort()
+    return found
 
 
 def read_scan_cache(store: Path) -> dict[str, list]:
@@ -565,19 +564,21 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
     with _locked(root / ".index.lock"):  # two writers must not interleave scan and rename
         previous = _read_index_record(store)
         cache = previous.get("shards", {})
-        tally: Counter = Counter()
-        grids = scan_shards(store, GRID, cache, tally)
-        stages = {stage: scan_shards(store, stage, cache, tally) for stage in stage_names(store)}
-        configs = {stage: (stage_config(store, stage) or {}).get("config_hash") for stage in stages}
+        listed = {folder: _walk_files(root / folder, ".h5") for folder in (GRID, *stage_names(store))}
+        configs = {
+            stage: (stage_config(store, stage) or {}).get("config_hash") for stage in listed if stage != GRID
+        }
         if (  # every shard as the record has it, and the same configs: the index links all it should
             not fresh
-            and not tally["reread"]
-            and tally["files"] == len(cache)
             and previous.get("configs") == configs
             and "videos" in previous
+            and sum(map(len, listed.values())) == len(cache)
             and _stamped(store)
+            and all(_as_recorded(folder, files, cache) for folder, files in listed.items())
         ):
             return len(previous["videos"])
+        grids = scan_shards(store, GRID, cache, files=listed[GRID])
+        stages = {stage: scan_shards(store, stage, cache, files=listed[stage]) for stage in configs}
         videos: dict[str, tuple[dict[str, Any], dict[str, tuple[str, str]]]] = {}
         for video_id, grid in grids.items():
             if grid.problem:
@@ -646,6 +647,15 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
             tmp.write_text(json.dumps(record))
         _write_stamp(store)
     return len(videos)
+
+
+def _as_recorded(folder: str, files: list[tuple[str, int, int]], cache: dict[str, list]) -> bool:
+    """Whether every file of a shard folder's listing has the size and time the record has."""
+    for rel, size, mtime in files:
+        entry = cache.get(f"{folder}/{rel}")
+        if entry is None or entry[0] != size or entry[1] != mtime:
+            return False
+    return True
 
 
 def _stat(path: Path) -> tuple[int, int]:
