@@ -598,7 +598,9 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
         digests = {vid: _digest(value) for vid, value in videos.items()}
         record = {
             "shards": {
-                info.key: info.cache_entry() for infos in (grids, *stages.values()) for info in infos.values()
+                info.key: _entry(info, cache)
+                for infos in (grids, *stages.values())
+                for info in infos.values()
             },
             "videos": digests,
             "links": {
@@ -647,6 +649,13 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
             tmp.write_text(json.dumps(record))
         _write_stamp(store)
     return len(videos)
+
+
+def _entry(info: ShardInfo, cache: dict[str, list]) -> list:
+    """The record's entry of a shard: the one it had when the shard is unchanged."""
+    entry = cache.get(info.key)
+    same = entry is not None and entry[0] == info.size and entry[1] == info.mtime_ns  # as scan_shards
+    return entry if same else info.cache_entry()
 
 
 def _as_recorded(folder: str, files: list[tuple[str, int, int]], cache: dict[str, list]) -> bool:
