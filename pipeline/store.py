@@ -470,13 +470,15 @@ def scan_shards(
     folder: str,
     cache: dict[str, list] | None = None,
     files: list[tuple[str, int, int]] | None = None,
+    misses: list[str] | None = None,
 ) -> dict[str, ShardInfo]:
     """{video id: ShardInfo} of every finished shard under `store.h5.d/<folder>/`.
 
     A shard whose size and modification time match its entry in `cache` (the index's record of
     the last scan) is not opened again: this is what keeps the index and `rcma status` fast on a
     store of 100,000 videos. Any other shard is opened and checked (`shard_problem`'s quick check).
-    `files` is the folder's listing when `_walk_files` has just made it.
+    `files` is the folder's listing when `_walk_files` has just made it; `misses` gets the video id
+    of each shard opened.
     """
     root = shard_root(store)
     out: dict[str, ShardInfo] = {}
@@ -492,6 +494,8 @@ def scan_shards(
             problem, attrs = _scan_one(root / key, names)
             if any(_HASHED.search(part) for part in rel.split("/")):
                 video_id = str(attrs.get("video_id", video_id))
+            if misses is not None:
+                misses.append(video_id)
         out[video_id] = ShardInfo(video_id, root, key, problem, attrs, size, mtime)
     return out
 
@@ -577,8 +581,13 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
             and all(_as_recorded(folder, files, cache) for folder, files in listed.items())
         ):
             return len(previous["videos"])
-        grids = scan_shards(store, GRID, cache, files=listed[GRID])
-        stages = {stage: scan_shards(store, stage, cache, files=listed[stage]) for stage in configs}
+        misses: list[str] = []
+        grids = scan_shards(store, GRID, cache, files=listed[GRID], misses=misses)
+        stages = {stage: scan_shards(store, stage, cache, listed[stage], misses) for stage in configs}
+        touched = set(misses)  # videos whose shards changed, came or went since the record
+        if sum(map(len, listed.values())) - len(misses) != len(cache):  # not every recorded one is here
+            here = {f"{folder}/{rel}" for folder, files in listed.items() for rel, _, _ in files}
+            touched |= {entry[2] for key, entry in cache.items() if key not in here}
         videos: dict[str, tuple[dict[str, Any], dict[str, tuple[str, str]]]] = {}
         for video_id, grid in grids.items():
             if grid.problem:
@@ -595,7 +604,11 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
                 ):
                     links[stage] = (shard.link, "/")
             videos[video_id] = (attrs, links)
-        digests = {vid: _digest(value) for vid, value in videos.items()}
+        known = previous.get("videos", {}) if previous.get("configs") == configs else {}
+        digests = {
+            vid: known[vid] if vid in known and vid not in touched else _digest(value)
+            for vid, value in videos.items()
+        }
         record = {
             "shards": {
                 info.key: _entry(info, cache)
