@@ -632,11 +632,11 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
             and store.stat().st_size <= REWRITE_GROWTH * fresh_size
         )
         if update and not changed and not removed and _stamped(store):  # all linked, table current
-            if all(record[key] == previous.get(key) for key in ("shards", "links", "configs")):
+            same_shards = not misses and sum(map(len, listed.values())) == len(cache)
+            if same_shards and all(record[key] == previous.get(key) for key in ("links", "configs")):
                 return len(videos)
             record.update({"fresh_size": fresh_size, "index": previous["index"], "folder": root.name})
-            with atomic_file(root / INDEX_RECORD, root) as tmp:
-                tmp.write_text(json.dumps(record))
+            _write_record(store, record)
             return len(videos)
         with atomic_file(store, root) as tmp:
             if update:
@@ -658,8 +658,7 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
                     _write_table(index, record["links"])
                 fresh_size = tmp.stat().st_size
         record.update({"fresh_size": fresh_size, "index": list(_stat(store)), "folder": root.name})
-        with atomic_file(root / INDEX_RECORD, root) as tmp:
-            tmp.write_text(json.dumps(record))
+        _write_record(store, record)
         _write_stamp(store)
     return len(videos)
 
@@ -671,8 +670,10 @@ def _entry(info: ShardInfo, cache: dict[str, list]) -> list:
     return entry if same else info.cache_entry()
 
 
-def _as_recorded(folder: str, files: list[tuple[str, int, int]], cache: dict[str, list]) -> bool:
+def _as_recorded(folder: str, files: list[tuple[str, int, int]], cache: Any) -> bool:
     """Whether every file of a shard folder's listing has the size and time the record has."""
+    if isinstance(cache, _ShardCache):
+        return all(cache.stamp(f"{folder}/{rel}") == (size, mtime) for rel, size, mtime in files)
     for rel, size, mtime in files:
         entry = cache.get(f"{folder}/{rel}")
         if entry is None or entry[0] != size or entry[1] != mtime:
@@ -694,13 +695,74 @@ def _digest(value: tuple[dict[str, Any], dict[str, tuple[str, str]]]) -> str:
 
 def _read_index_record(store: Path) -> dict[str, Any]:
     """The record the index was written with; {} when the index is missing or is not the file the
-    record describes (replaced, damaged, renamed with its folder, or written by an older rcma)."""
+    record describes (replaced, damaged, renamed with its folder, or written by an older rcma).
+    Its "shards" are a `_ShardCache` (or, in a record of an older rcma, a dict of the same entries).
+    """
     try:
         record = json.loads((shard_root(store) / INDEX_RECORD).read_text())
         same = record.get("index") == list(_stat(store)) and record.get("folder") == shard_root(store).name
+        if same and "shard_columns" in record:
+            record["shards"] = _ShardCache(record.pop("shard_columns"))
         return record if same else {}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
         return {}
+
+
+def _write_record(store: Path, record: dict[str, Any]) -> None:
+    """Writes the record, its shards as columns (`_ShardCache`): JSON of 400,000 small lists and
+    dicts costs seconds to write and read, of a few long lists a fraction of that."""
+    root = shard_root(store)
+    out = {key: value for key, value in record.items() if key != "shards"}
+    out["shard_columns"] = _ShardCache.columns(record.get("shards", {}))
+    with atomic_file(root / INDEX_RECORD, root) as tmp:
+        tmp.write_text(json.dumps(out))
+
+
+class _ShardCache:
+    """The record's shards as columns, a shard's entry ([size, mtime_ns, video id, problem,
+    attrs], as `ShardInfo.cache_entry`) made only when asked for. Read-only; like a dict."""
+
+    def __init__(self, columns: dict[str, Any]):
+        keys, attrs = columns["key"], columns["attrs"]
+        self.values = [columns[name] for name in ("size", "mtime", "video_id", "problem")]
+        self.attrs = list(attrs.items())
+        if not all(isinstance(c, list) and len(c) == len(keys) for c in (*self.values, *attrs.values())):
+            raise ValueError("columns of different lengths")
+        self.rows = {key: i for i, key in enumerate(keys)}
+
+    @staticmethod
+    def columns(shards: Any) -> dict[str, Any]:
+        keys, entries = list(shards.keys()), list(shards.values())
+        names = sorted({name for entry in entries for name in entry[4]})
+        out: dict[str, Any] = {"key": keys}
+        for i, name in enumerate(("size", "mtime", "video_id", "problem")):
+            out[name] = [entry[i] for entry in entries]
+        out["attrs"] = {name: [entry[4].get(name) for entry in entries] for name in names}
+        return out
+
+    def get(self, key: str, default: Any = None) -> Any:
+        i = self.rows.get(key)
+        if i is None:
+            return default
+        size, mtime, video_id, problem = (column[i] for column in self.values)
+        attrs = {name: column[i] for name, column in self.attrs if column[i] is not None}
+        return [size, mtime, video_id, problem, attrs]
+
+    def stamp(self, key: str) -> tuple[int, int] | None:
+        i = self.rows.get(key)
+        return None if i is None else (self.values[0][i], self.values[1][i])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.rows
+
+    def keys(self) -> Iterable[str]:
+        return self.rows.keys()
+
+    def items(self) -> Iterator[tuple[str, list]]:
+        return ((key, self.get(key)) for key in self.rows)
 
 
 class _GroupWriter:

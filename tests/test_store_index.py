@@ -3,6 +3,7 @@ may (the index is the file its last rebuild wrote), and the checks it keeps on w
 
 from __future__ import annotations
 
+import json
 import os
 
 import h5py
@@ -192,3 +193,33 @@ def test_show_refuses_a_record_that_links_outside(tmp_path):
     os.utime(path)
     with pytest.raises(st.StoreError, match="video c: link audio leads outside"):
         st.summarize(store)
+
+
+def test_a_record_of_an_older_rcma_is_read_without_opening_any_shard(tmp_path, monkeypatch):
+    store = small_store(tmp_path)
+    path = st.shard_root(store) / st.INDEX_RECORD
+    record = json.loads(path.read_text())
+    columns = record.pop("shard_columns")  # the record as it was: one entry a shard
+    keys, attrs = columns["key"], columns["attrs"]
+    record["shards"] = {
+        key: [
+            *(columns[name][i] for name in ("size", "mtime", "video_id", "problem")),
+            {name: values[i] for name, values in attrs.items() if values[i] is not None},
+        ]
+        for i, key in enumerate(keys)
+    }
+    path.write_text(json.dumps(record))
+    expected = st.stage_counts(store)
+
+    def opened(*_):
+        raise AssertionError("a shard was opened")
+
+    monkeypatch.setattr(st, "_scan_one", opened)
+    assert st.stage_counts(store) == expected and expected["audio"].done == ["a", "a/b", "c"]
+    assert [v.present for v in st.summarize(store)] == [{"audio": 1.0, "faces": 1.0}] * 3
+    add_video(store, "d", stages=())  # the next rebuild opens only the new shard, writes columns
+    monkeypatch.undo()
+    assert st.rebuild_index(store) == 4
+    assert "shard_columns" in json.loads(path.read_text())
+    monkeypatch.setattr(st, "_scan_one", opened)
+    assert st.stage_counts(store)["audio"].missing == ["d"]
