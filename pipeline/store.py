@@ -720,37 +720,45 @@ def _write_record(store: Path, record: dict[str, Any]) -> None:
 
 class _ShardCache:
     """The record's shards as columns, a shard's entry ([size, mtime_ns, video id, problem,
-    attrs], as `ShardInfo.cache_entry`) made only when asked for. Read-only; like a dict."""
+    attrs], as `ShardInfo.cache_entry`) made only when asked for. Read-only; like a dict. The
+    columns come in one set a shard folder, each with the attrs its shards have."""
 
     def __init__(self, columns: dict[str, Any]):
-        keys, attrs = columns["key"], columns["attrs"]
-        self.values = [columns[name] for name in ("size", "mtime", "video_id", "problem")]
-        self.attrs = list(attrs.items())
-        if not all(isinstance(c, list) and len(c) == len(keys) for c in (*self.values, *attrs.values())):
-            raise ValueError("columns of different lengths")
-        self.rows = {key: i for i, key in enumerate(keys)}
+        self.rows: dict[str, tuple[tuple, int]] = {}
+        for part in columns.values():
+            keys, attrs = part["key"], part["attrs"]
+            values = tuple(part[name] for name in ("size", "mtime", "video_id", "problem"))
+            if not all(isinstance(c, list) and len(c) == len(keys) for c in (*values, *attrs.values())):
+                raise ValueError("columns of different lengths")
+            held = (*values, tuple(attrs.items()))
+            self.rows.update((key, (held, i)) for i, key in enumerate(keys))
 
     @staticmethod
     def columns(shards: Any) -> dict[str, Any]:
-        keys, entries = list(shards.keys()), list(shards.values())
-        names = sorted({name for entry in entries for name in entry[4]})
-        out: dict[str, Any] = {"key": keys}
-        for i, name in enumerate(("size", "mtime", "video_id", "problem")):
-            out[name] = [entry[i] for entry in entries]
-        out["attrs"] = {name: [entry[4].get(name) for entry in entries] for name in names}
+        folders: dict[str, list[tuple[str, list]]] = {}
+        for key, entry in shards.items():
+            folders.setdefault(key.split("/", 1)[0], []).append((key, entry))
+        out: dict[str, Any] = {}
+        for folder, rows in folders.items():
+            entries = [entry for _, entry in rows]
+            part: dict[str, Any] = {"key": [key for key, _ in rows]}
+            for i, name in enumerate(("size", "mtime", "video_id", "problem")):
+                part[name] = [entry[i] for entry in entries]
+            names = sorted({name for entry in entries for name in entry[4]})
+            part["attrs"] = {name: [entry[4].get(name) for entry in entries] for name in names}
+            out[folder] = part
         return out
 
     def get(self, key: str, default: Any = None) -> Any:
-        i = self.rows.get(key)
-        if i is None:
+        row = self.rows.get(key)
+        if row is None:
             return default
-        size, mtime, video_id, problem = (column[i] for column in self.values)
-        attrs = {name: column[i] for name, column in self.attrs if column[i] is not None}
-        return [size, mtime, video_id, problem, attrs]
+        (size, mtime, video_id, problem, attrs), i = row
+        return [size[i], mtime[i], video_id[i], problem[i], {n: c[i] for n, c in attrs if c[i] is not None}]
 
     def stamp(self, key: str) -> tuple[int, int] | None:
-        i = self.rows.get(key)
-        return None if i is None else (self.values[0][i], self.values[1][i])
+        row = self.rows.get(key)
+        return None if row is None else (row[0][0][row[1]], row[0][1][row[1]])
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -199,15 +199,8 @@ def test_a_record_of_an_older_rcma_is_read_without_opening_any_shard(tmp_path, m
     store = small_store(tmp_path)
     path = st.shard_root(store) / st.INDEX_RECORD
     record = json.loads(path.read_text())
-    columns = record.pop("shard_columns")  # the record as it was: one entry a shard
-    keys, attrs = columns["key"], columns["attrs"]
-    record["shards"] = {
-        key: [
-            *(columns[name][i] for name in ("size", "mtime", "video_id", "problem")),
-            {name: values[i] for name, values in attrs.items() if values[i] is not None},
-        ]
-        for i, key in enumerate(keys)
-    }
+    del record["shard_columns"]  # the record as it was: one entry a shard
+    record["shards"] = dict(st._read_index_record(store)["shards"].items())
     path.write_text(json.dumps(record))
     expected = st.stage_counts(store)
 
