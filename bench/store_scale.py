@@ -1,23 +1,26 @@
-"""The store at 100,000 videos: index rebuild, `rcma status`, opening the index and listing videos.
+"""The store at 100,000 videos: index rebuild, `rcma status`, `rcma show`, opening the index for training.
 
 Builds synthetic stores of 1,000, 10,000 and 100,000 small videos (a frame-grid shard and three
 stage shards each, copied from one real shard written by the store's own writer), then times:
 
+- the peer of every figure: listing the shard folders and `stat`-ing every shard, the least any
+  tool must do to know that a store of this many files has not changed,
 - the first `rebuild_index` (no earlier index: every shard is opened once),
 - `rebuild_index(fresh=True)`: the whole index written anew from the record of the shards,
 - `rebuild_index` again with nothing changed, and with 1% of the videos' shards rewritten
   (what `rcma index` and every index refresh of a running extract do),
-- `rcma status` (the command itself, in a new process),
-- `rcma show` (the command itself),
-- `open_store` + `video_ids` (what training does first).
+- `rcma status` and `rcma show` (the commands themselves, each in a new process),
+- `open_store` + `video_ids`, and `fusion.data.select_videos` (what training does first).
 
 The first index of a store opens every shard once, so it grows linearly with the shards; it is
 timed up to --open-all-up-to videos (default 10,000). Above that, the shards' record is seeded
 by reading the one template each store is copied from (what the index refreshes of the extract
 runs that build a real store leave behind), and everything after it is timed as above.
 
-The baseline of each ratio is the same operation at 1,000 videos, measured in the same run: the
-growth per 10x videos. Usage: python bench/store_scale.py [--sizes 1000,10000,100000] [--keep DIR]
+Each figure is printed against two baselines measured in the same run: its growth per 10x
+videos (against the smallest size), and its ratio to the peer at the largest size. With --keep,
+stores already built there are reused (their index and record removed first).
+Usage: python bench/store_scale.py [--sizes 1000,10000,100000] [--keep DIR]
 """
 
 from __future__ import annotations

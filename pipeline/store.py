@@ -14,6 +14,10 @@ from one configuration: `claim_stage_configs` refuses a run with another (unless
 index links only shards of the stage's recorded configuration. A name longer than MAX_NAME_BYTES is
 cut and hashed; the whole id stays in the shard's attrs.
 
+The index also holds its videos as a table (`/table/video_id`, `/table/links/<member>`: one
+dataset a column), which `open_store` reads instead of walking 100,000 groups when the index is
+the very file its last rebuild wrote (`INDEX_STAMP`); see docs/store.md.
+
 Damage and hostility (docs/reliability.md): every array of a shard carries a fletcher32 checksum
 (`shard_problem` reads them back); `open_store` refuses ids that are not relative paths of plain
 names, links that lead out of the store's own shard folder, groups linked into themselves, and an
@@ -611,9 +615,7 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
         }
         record = {
             "shards": {
-                info.key: _entry(info, cache)
-                for infos in (grids, *stages.values())
-                for info in infos.values()
+                info.key: info.cache_entry() for infos in (grids, *stages.values()) for info in infos.values()
             },
             "videos": digests,
             "links": {
@@ -661,13 +663,6 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
         _write_record(store, record)
         _write_stamp(store)
     return len(videos)
-
-
-def _entry(info: ShardInfo, cache: dict[str, list]) -> list:
-    """The record's entry of a shard: the one it had when the shard is unchanged."""
-    entry = cache.get(info.key)
-    same = entry is not None and entry[0] == info.size and entry[1] == info.mtime_ns  # as scan_shards
-    return entry if same else info.cache_entry()
 
 
 def _as_recorded(folder: str, files: list[tuple[str, int, int]], cache: Any) -> bool:
@@ -790,16 +785,17 @@ class _GroupWriter:
     def link_video(
         self, video_id: str, attrs: dict[str, Any], links: dict[str, tuple[str, str]], fresh: bool
     ) -> None:
-        if fresh and "/" not in video_id:  # a new index: the group cannot exist yet
+        new = fresh and "/" not in video_id  # a new index: the group cannot exist yet
+        if new:
             gid = h5py.h5g.create(self.videos.id, video_id.encode(), gcpl=self.gcpl)
         else:
             gid = self.videos.require_group(video_id).id
         for key, value in attrs.items():
-            self.set_attr(gid, key, value)
+            self.set_attr(gid, key, value, new)
         for name, (filename, target) in links.items():
             gid.links.create_external(name.encode(), filename.encode(), target.encode())
 
-    def set_attr(self, gid: h5py.h5g.GroupID, key: str, value: Any) -> None:
+    def set_attr(self, gid: h5py.h5g.GroupID, key: str, value: Any, new: bool = False) -> None:
         if not isinstance(value, str | bool | int | float | np.bool_ | np.integer | np.floating):
             set_attrs(h5py.Group(gid), {key: value})  # anything else: the high-level call
             return
@@ -809,7 +805,7 @@ class _GroupWriter:
             logical, memory = h5py.h5t.py_create(data.dtype, logical=True), h5py.h5t.py_create(data.dtype)
             types = self.types[data.dtype] = (logical, memory)
         name = key.encode()
-        if h5py.h5a.exists(gid, name):
+        if not new and h5py.h5a.exists(gid, name):
             h5py.h5a.delete(gid, name)
         h5py.h5a.create(gid, name, types[0], self.space).write(data, mtype=types[1])
 
