@@ -474,7 +474,7 @@ def scan_shards(
     folder: str,
     cache: dict[str, list] | None = None,
     files: list[tuple[str, int, int]] | None = None,
-    misses: list[str] | None = None,
+    misses: list[tuple[str, bool]] | None = None,
 ) -> dict[str, ShardInfo]:
     """{video id: ShardInfo} of every finished shard under `store.h5.d/<folder>/`.
 
@@ -482,7 +482,7 @@ def scan_shards(
     the last scan) is not opened again: this is what keeps the index and `rcma status` fast on a
     store of 100,000 videos. Any other shard is opened and checked (`shard_problem`'s quick check).
     `files` is the folder's listing when `_walk_files` has just made it; `misses` gets the video id
-    of each shard opened.
+    of each shard opened, and whether the record had an entry for its file.
     """
     root = shard_root(store)
     out: dict[str, ShardInfo] = {}
@@ -499,7 +499,7 @@ def scan_shards(
             if any(_HASHED.search(part) for part in rel.split("/")):
                 video_id = str(attrs.get("video_id", video_id))
             if misses is not None:
-                misses.append(video_id)
+                misses.append((video_id, entry is not None))
         out[video_id] = ShardInfo(video_id, root, key, problem, attrs, size, mtime)
     return out
 
@@ -585,13 +585,14 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
             and all(_as_recorded(folder, files, cache) for folder, files in listed.items())
         ):
             return len(previous["videos"])
-        misses: list[str] = []
+        misses: list[tuple[str, bool]] = []
         grids = scan_shards(store, GRID, cache, files=listed[GRID], misses=misses)
         stages = {stage: scan_shards(store, stage, cache, listed[stage], misses) for stage in configs}
-        touched = set(misses)  # videos whose shards changed, came or went since the record
-        if sum(map(len, listed.values())) - len(misses) != len(cache):  # not every recorded one is here
+        touched = {video_id for video_id, _ in misses}  # videos whose shards changed, came or went
+        new_files = sum(1 for _, recorded in misses if not recorded)
+        if sum(map(len, listed.values())) - new_files != len(cache):  # not every recorded one is here
             here = {f"{folder}/{rel}" for folder, files in listed.items() for rel, _, _ in files}
-            touched |= {entry[2] for key, entry in cache.items() if key not in here}
+            touched |= {cache.get(key)[2] for key in list(cache.keys()) if key not in here}
         videos: dict[str, tuple[dict[str, Any], dict[str, tuple[str, str]]]] = {}
         for video_id, grid in grids.items():
             if grid.problem:
@@ -614,9 +615,7 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
             for vid, value in videos.items()
         }
         record = {
-            "shards": {
-                info.key: info.cache_entry() for infos in (grids, *stages.values()) for info in infos.values()
-            },
+            "shard_columns": _ShardCache.columns_of({GRID: grids, **stages}),
             "videos": digests,
             "links": {
                 vid: {member: link for member, (link, _) in value[1].items()} for vid, value in videos.items()
@@ -634,7 +633,7 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
             and store.stat().st_size <= REWRITE_GROWTH * fresh_size
         )
         if update and not changed and not removed and _stamped(store):  # all linked, table current
-            same_shards = not misses and sum(map(len, listed.values())) == len(cache)
+            same_shards = not misses and sum(map(len, listed.values())) == len(cache)  # all as recorded
             if same_shards and all(record[key] == previous.get(key) for key in ("links", "configs")):
                 return len(videos)
             record.update({"fresh_size": fresh_size, "index": previous["index"], "folder": root.name})
@@ -707,10 +706,8 @@ def _write_record(store: Path, record: dict[str, Any]) -> None:
     """Writes the record, its shards as columns (`_ShardCache`): JSON of 400,000 small lists and
     dicts costs seconds to write and read, of a few long lists a fraction of that."""
     root = shard_root(store)
-    out = {key: value for key, value in record.items() if key != "shards"}
-    out["shard_columns"] = _ShardCache.columns(record.get("shards", {}))
     with atomic_file(root / INDEX_RECORD, root) as tmp:
-        tmp.write_text(json.dumps(out))
+        tmp.write_text(json.dumps(record))
 
 
 class _ShardCache:
@@ -729,18 +726,18 @@ class _ShardCache:
             self.rows.update((key, (held, i)) for i, key in enumerate(keys))
 
     @staticmethod
-    def columns(shards: Any) -> dict[str, Any]:
-        folders: dict[str, list[tuple[str, list]]] = {}
-        for key, entry in shards.items():
-            folders.setdefault(key.split("/", 1)[0], []).append((key, entry))
+    def columns_of(scans: dict[str, dict[str, ShardInfo]]) -> dict[str, Any]:
+        """The columns of the shards of each folder's scan (`scan_shards`)."""
         out: dict[str, Any] = {}
-        for folder, rows in folders.items():
-            entries = [entry for _, entry in rows]
-            part: dict[str, Any] = {"key": [key for key, _ in rows]}
-            for i, name in enumerate(("size", "mtime", "video_id", "problem")):
-                part[name] = [entry[i] for entry in entries]
-            names = sorted({name for entry in entries for name in entry[4]})
-            part["attrs"] = {name: [entry[4].get(name) for entry in entries] for name in names}
+        for folder, found in scans.items():
+            infos = list(found.values())
+            part: dict[str, Any] = {"key": [info.key for info in infos]}
+            part["size"] = [info.size for info in infos]
+            part["mtime"] = [info.mtime_ns for info in infos]
+            part["video_id"] = [info.video_id for info in infos]
+            part["problem"] = [info.problem for info in infos]
+            names = sorted({name for info in infos for name in info.attrs})
+            part["attrs"] = {name: [info.attrs.get(name) for info in infos] for name in names}
             out[folder] = part
         return out
 
