@@ -115,8 +115,9 @@ def load_store(
         raise DataError(f"unknown modality {bad or modalities}; choose from {', '.join(MODALITIES)}")
     with _open(store) as f:
         groups = [f[f"videos/{v}"] for v in videos]
+        needed = {"timestamps", "labels", *(STAGE_OF[m] for m in modalities)}  # the shards it reads
         for vid, g in zip(videos, groups, strict=True):
-            _check_shards(store, vid, g, full=False)
+            _check_shards(store, vid, g, full=False, only=needed)
         lengths = np.array([int(g.attrs["n_frames"]) for g in groups], np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         n = int(offsets[-1])
@@ -190,9 +191,14 @@ def load_store(
     )
 
 
-def _check_shards(store: Path, vid: str, group: h5py.Group, full: bool, only: str | None = None) -> None:
+def _check_shards(
+    store: Path, vid: str, group: h5py.Group, full: bool, only: str | set[str] | None = None
+) -> None:
     """A one-line error naming the video and the file when one of its shards is missing or damaged."""
-    damaged = damaged_members(store, group, full, only)
+    try:
+        damaged = damaged_members(store, group, full, only)
+    except StoreError as e:  # a link out of the store's shard folder
+        raise DataError(str(e)) from None
     if damaged:
         name, problem = next(iter(damaged.items()))
         raise DataError(

@@ -14,6 +14,10 @@ from one configuration: `claim_stage_configs` refuses a run with another (unless
 index links only shards of the stage's recorded configuration. A name longer than MAX_NAME_BYTES is
 cut and hashed; the whole id stays in the shard's attrs.
 
+The index also holds its videos as a table (`/table/video_id`, `/table/links/<member>`: one
+dataset a column), which `open_store` reads instead of walking 100,000 groups when the index is
+the very file its last rebuild wrote (`INDEX_STAMP`); see docs/store.md.
+
 Damage and hostility (docs/reliability.md): every array of a shard carries a fletcher32 checksum
 (`shard_problem` reads them back); `open_store` refuses ids that are not relative paths of plain
 names, links that lead out of the store's own shard folder, groups linked into themselves, and an
@@ -37,7 +41,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from stat import S_ISLNK
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
@@ -438,10 +443,10 @@ REWRITE_SHARE = 0.2  # an index update touching more videos than this share is w
 REWRITE_GROWTH = 2.0  # ...as is one grown this many times its fresh size by updates
 
 
-@dataclass(frozen=True)
-class ShardInfo:
+class ShardInfo(NamedTuple):
     """One finished shard as a scan found it: its id, whether it opens, and the attrs the index
-    and `rcma status` need (grid and config hashes; a grid shard's video attrs)."""
+    and `rcma status` need (grid and config hashes; a grid shard's video attrs). A named tuple:
+    a scan of 100,000 videos makes 400,000 of them, and a frozen dataclass costs 4x to build."""
 
     video_id: str
     root: Path  # the store's shard folder
@@ -464,18 +469,27 @@ class ShardInfo:
         return [self.size, self.mtime_ns, self.video_id, self.problem, self.attrs]
 
 
-def scan_shards(store: Path, folder: str, cache: dict[str, list] | None = None) -> dict[str, ShardInfo]:
+def scan_shards(
+    store: Path,
+    folder: str,
+    cache: dict[str, list] | None = None,
+    files: list[tuple[str, int, int]] | None = None,
+    misses: list[tuple[str, bool]] | None = None,
+) -> dict[str, ShardInfo]:
     """{video id: ShardInfo} of every finished shard under `store.h5.d/<folder>/`.
 
     A shard whose size and modification time match its entry in `cache` (the index's record of
     the last scan) is not opened again: this is what keeps the index and `rcma status` fast on a
     store of 100,000 videos. Any other shard is opened and checked (`shard_problem`'s quick check).
+    `files` is the folder's listing when `_walk_files` has just made it; `misses` gets the video id
+    of each shard opened, and whether the record had an entry for its file.
     """
     root = shard_root(store)
     out: dict[str, ShardInfo] = {}
-    for rel, size, mtime in _walk_files(root / folder, ".h5"):
+    cache = cache or {}
+    for rel, size, mtime in _walk_files(root / folder, ".h5") if files is None else files:
         key = f"{folder}/{rel}"
-        entry = (cache or {}).get(key)
+        entry = cache.get(key)
         if entry is not None and entry[0] == size and entry[1] == mtime:
             video_id, problem, attrs = entry[2], entry[3], entry[4]
         else:
@@ -484,6 +498,8 @@ def scan_shards(store: Path, folder: str, cache: dict[str, list] | None = None) 
             problem, attrs = _scan_one(root / key, names)
             if any(_HASHED.search(part) for part in rel.split("/")):
                 video_id = str(attrs.get("video_id", video_id))
+            if misses is not None:
+                misses.append((video_id, entry is not None))
         out[video_id] = ShardInfo(video_id, root, key, problem, attrs, size, mtime)
     return out
 
@@ -494,20 +510,23 @@ SCANNED_ATTRS = ("grid_hash", "config_hash", "video_id")
 def _scan_one(path: Path, names: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
     """(problem, the attrs `names`) of a shard, in one open: the quick check of `shard_problem`
     (the file opens, its attrs and its list of arrays read), plus the share of frames present."""
-    try:
+    try:  # h5py's high-level objects cost more than the file's open: one of each, at most
         with h5py.File(path, "r") as f:
-            attrs = {k: _plain(f.attrs[k]) for k in names if k in f.attrs}
-            members: list[str] = []
-            f.visit(members.append)
-            if "present" in members and isinstance(f["present"], h5py.Dataset):
-                present = f["present"][()]
-                attrs["present_share"] = float(present.mean()) if present.size else 0.0
+            held = f.attrs
+            attrs = {k: _plain(held[k]) for k in names if h5py.h5a.exists(f.id, k.encode())}
+            members: list[bytes] = []
+            h5py.h5o.visit(f.id, members.append)
+            if b"present" in members:
+                present = f.get("present")
+                if isinstance(present, h5py.Dataset):
+                    mask = present[()]
+                    attrs["present_share"] = float(mask.mean()) if mask.size else 0.0
     except (OSError, KeyError, RuntimeError, ValueError) as e:
         return ("damaged (checksum mismatch)" if "filter returned failure" in str(e) else "damaged"), {}
     return "", attrs
 
 
-def _walk_files(folder: Path, suffix: str) -> Iterator[tuple[str, int, int]]:
+def _walk_files(folder: Path, suffix: str) -> list[tuple[str, int, int]]:
     """(path relative to `folder`, size, mtime_ns) of its files ending in `suffix`, recursively,
     in sorted order; hidden files (temporary ones, `.index.lock`) are left out."""
     stack = [("", str(folder))]
@@ -527,7 +546,8 @@ def _walk_files(folder: Path, suffix: str) -> Iterator[tuple[str, int, int]]:
                 except OSError:
                     continue
                 found.append((f"{prefix}{entry.name}", stat.st_size, stat.st_mtime_ns))
-    return iter(sorted(found))
+    found.sort()
+    return found
 
 
 def read_scan_cache(store: Path) -> dict[str, list]:
@@ -552,9 +572,27 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
     with _locked(root / ".index.lock"):  # two writers must not interleave scan and rename
         previous = _read_index_record(store)
         cache = previous.get("shards", {})
-        grids = scan_shards(store, GRID, cache)
-        stages = {stage: scan_shards(store, stage, cache) for stage in stage_names(store)}
-        configs = {stage: (stage_config(store, stage) or {}).get("config_hash") for stage in stages}
+        listed = {folder: _walk_files(root / folder, ".h5") for folder in (GRID, *stage_names(store))}
+        configs = {
+            stage: (stage_config(store, stage) or {}).get("config_hash") for stage in listed if stage != GRID
+        }
+        if (  # every shard as the record has it, and the same configs: the index links all it should
+            not fresh
+            and previous.get("configs") == configs
+            and "videos" in previous
+            and sum(map(len, listed.values())) == len(cache)
+            and _stamped(store)
+            and all(_as_recorded(folder, files, cache) for folder, files in listed.items())
+        ):
+            return len(previous["videos"])
+        misses: list[tuple[str, bool]] = []
+        grids = scan_shards(store, GRID, cache, files=listed[GRID], misses=misses)
+        stages = {stage: scan_shards(store, stage, cache, listed[stage], misses) for stage in configs}
+        touched = {video_id for video_id, _ in misses}  # videos whose shards changed, came or went
+        new_files = sum(1 for _, recorded in misses if not recorded)
+        if sum(map(len, listed.values())) - new_files != len(cache):  # not every recorded one is here
+            here = {f"{folder}/{rel}" for folder, files in listed.items() for rel, _, _ in files}
+            touched |= {cache.get(key)[2] for key in list(cache.keys()) if key not in here}
         videos: dict[str, tuple[dict[str, Any], dict[str, tuple[str, str]]]] = {}
         for video_id, grid in grids.items():
             if grid.problem:
@@ -571,15 +609,18 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
                 ):
                     links[stage] = (shard.link, "/")
             videos[video_id] = (attrs, links)
-        digests = {vid: _digest(value) for vid, value in videos.items()}
+        known = previous.get("videos", {}) if previous.get("configs") == configs else {}
+        digests = {
+            vid: known[vid] if vid in known and vid not in touched else _digest(value)
+            for vid, value in videos.items()
+        }
         record = {
-            "shards": {
-                info.key: info.cache_entry() for infos in (grids, *stages.values()) for info in infos.values()
-            },
+            "shard_columns": _ShardCache.columns_of({GRID: grids, **stages}),
             "videos": digests,
             "links": {
                 vid: {member: link for member, (link, _) in value[1].items()} for vid, value in videos.items()
             },
+            "configs": configs,
         }
         old = previous.get("videos")
         changed = [v for v in videos if old is None or old.get(v) != digests[v]]
@@ -591,33 +632,47 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
             and len(changed) + len(removed) <= REWRITE_SHARE * max(1, len(videos))
             and store.stat().st_size <= REWRITE_GROWTH * fresh_size
         )
-        if update and not changed and not removed:  # the index already links all it should
-            if record["shards"] == previous.get("shards") and record["links"] == previous.get("links"):
+        if update and not changed and not removed and _stamped(store):  # all linked, table current
+            same_shards = not misses and sum(map(len, listed.values())) == len(cache)  # all as recorded
+            if same_shards and all(record[key] == previous.get(key) for key in ("links", "configs")):
                 return len(videos)
             record.update({"fresh_size": fresh_size, "index": previous["index"], "folder": root.name})
-            with atomic_file(root / INDEX_RECORD, root) as tmp:
-                tmp.write_text(json.dumps(record))
+            _write_record(store, record)
             return len(videos)
         with atomic_file(store, root) as tmp:
             if update:
                 shutil.copyfile(store, tmp)
                 with h5py.File(tmp, "r+") as index:
+                    writer = _GroupWriter(index["videos"])
                     for video_id in removed:
                         _unlink_video(index["videos"], video_id)
                     for video_id in changed:
                         _unlink_video(index["videos"], video_id)
-                        _link_video(index["videos"], video_id, *videos[video_id])
+                        writer.link_video(video_id, *videos[video_id], fresh=False)
+                    _write_table(index, record["links"])
             else:
                 with h5py.File(tmp, "w", libver="latest") as index:
                     set_attrs(index, {"layout": INDEX_LAYOUT, "shards": root.name})
-                    group = index.create_group("videos")
+                    writer = _GroupWriter(index.create_group("videos"))
                     for video_id, (attrs, links) in videos.items():
-                        _link_video(group, video_id, attrs, links)
+                        writer.link_video(video_id, attrs, links, fresh=True)
+                    _write_table(index, record["links"])
                 fresh_size = tmp.stat().st_size
         record.update({"fresh_size": fresh_size, "index": list(_stat(store)), "folder": root.name})
-        with atomic_file(root / INDEX_RECORD, root) as tmp:
-            tmp.write_text(json.dumps(record))
+        _write_record(store, record)
+        _write_stamp(store)
     return len(videos)
+
+
+def _as_recorded(folder: str, files: list[tuple[str, int, int]], cache: Any) -> bool:
+    """Whether every file of a shard folder's listing has the size and time the record has."""
+    if isinstance(cache, _ShardCache):
+        return all(cache.stamp(f"{folder}/{rel}") == (size, mtime) for rel, size, mtime in files)
+    for rel, size, mtime in files:
+        entry = cache.get(f"{folder}/{rel}")
+        if entry is None or entry[0] != size or entry[1] != mtime:
+            return False
+    return True
 
 
 def _stat(path: Path) -> tuple[int, int]:
@@ -634,23 +689,164 @@ def _digest(value: tuple[dict[str, Any], dict[str, tuple[str, str]]]) -> str:
 
 def _read_index_record(store: Path) -> dict[str, Any]:
     """The record the index was written with; {} when the index is missing or is not the file the
-    record describes (replaced, damaged, renamed with its folder, or written by an older rcma)."""
+    record describes (replaced, damaged, renamed with its folder, or written by an older rcma).
+    Its "shards" are a `_ShardCache` (or, in a record of an older rcma, a dict of the same entries).
+    """
     try:
         record = json.loads((shard_root(store) / INDEX_RECORD).read_text())
         same = record.get("index") == list(_stat(store)) and record.get("folder") == shard_root(store).name
+        if same and "shard_columns" in record:
+            record["shards"] = _ShardCache(record.pop("shard_columns"))
         return record if same else {}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
         return {}
 
 
-def _link_video(
-    videos: h5py.Group, video_id: str, attrs: dict[str, Any], links: dict[str, tuple[str, str]]
-) -> None:
-    """A video's group: its attrs and one external link per shard."""
-    group = videos.require_group(video_id)
-    set_attrs(group, attrs)
-    for name, (filename, target) in links.items():
-        group.id.links.create_external(name.encode(), filename.encode(), target.encode())
+def _write_record(store: Path, record: dict[str, Any]) -> None:
+    """Writes the record, its shards as columns (`_ShardCache`): JSON of 400,000 small lists and
+    dicts costs seconds to write and read, of a few long lists a fraction of that."""
+    root = shard_root(store)
+    with atomic_file(root / INDEX_RECORD, root) as tmp:
+        tmp.write_text(json.dumps(record))
+
+
+class _ShardCache:
+    """The record's shards as columns, a shard's entry ([size, mtime_ns, video id, problem,
+    attrs], as `ShardInfo.cache_entry`) made only when asked for. Read-only; like a dict. The
+    columns come in one set a shard folder, each with the attrs its shards have."""
+
+    def __init__(self, columns: dict[str, Any]):
+        self.rows: dict[str, tuple[tuple, int]] = {}
+        for part in columns.values():
+            keys, attrs = part["key"], part["attrs"]
+            values = tuple(part[name] for name in ("size", "mtime", "video_id", "problem"))
+            if not all(isinstance(c, list) and len(c) == len(keys) for c in (*values, *attrs.values())):
+                raise ValueError("columns of different lengths")
+            held = (*values, tuple(attrs.items()))
+            self.rows.update((key, (held, i)) for i, key in enumerate(keys))
+
+    @staticmethod
+    def columns_of(scans: dict[str, dict[str, ShardInfo]]) -> dict[str, Any]:
+        """The columns of the shards of each folder's scan (`scan_shards`)."""
+        out: dict[str, Any] = {}
+        for folder, found in scans.items():
+            infos = list(found.values())
+            part: dict[str, Any] = {"key": [info.key for info in infos]}
+            part["size"] = [info.size for info in infos]
+            part["mtime"] = [info.mtime_ns for info in infos]
+            part["video_id"] = [info.video_id for info in infos]
+            part["problem"] = [info.problem for info in infos]
+            names = sorted({name for info in infos for name in info.attrs})
+            part["attrs"] = {name: [info.attrs.get(name) for info in infos] for name in names}
+            out[folder] = part
+        return out
+
+    def get(self, key: str, default: Any = None) -> Any:
+        row = self.rows.get(key)
+        if row is None:
+            return default
+        (size, mtime, video_id, problem, attrs), i = row
+        return [size[i], mtime[i], video_id[i], problem[i], {n: c[i] for n, c in attrs if c[i] is not None}]
+
+    def stamp(self, key: str) -> tuple[int, int] | None:
+        row = self.rows.get(key)
+        return None if row is None else (row[0][0][row[1]], row[0][1][row[1]])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.rows
+
+    def keys(self) -> Iterable[str]:
+        return self.rows.keys()
+
+    def items(self) -> Iterator[tuple[str, list]]:
+        return ((key, self.get(key)) for key in self.rows)
+
+
+class _GroupWriter:
+    """Writes videos' groups (their attrs and one external link per shard) through HDF5's
+    low-level calls: h5py's `attrs[...] = ` costs ~25 us an attribute, nine per video, which is
+    most of writing an index of 100,000 videos. The groups keep their attributes compact (in the
+    group's header, up to 16) rather than in a separate heap. Attrs read back exactly as
+    `set_attrs` writes them (the same HDF5 types)."""
+
+    def __init__(self, videos: h5py.Group):
+        self.videos = videos
+        self.gcpl = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
+        self.gcpl.set_attr_phase_change(16, 14)
+        self.space = h5py.h5s.create_simple(())
+        self.types: dict[np.dtype, tuple[h5py.h5t.TypeID, h5py.h5t.TypeID]] = {}
+
+    def link_video(
+        self, video_id: str, attrs: dict[str, Any], links: dict[str, tuple[str, str]], fresh: bool
+    ) -> None:
+        new = fresh and "/" not in video_id  # a new index: the group cannot exist yet
+        if new:
+            gid = h5py.h5g.create(self.videos.id, video_id.encode(), gcpl=self.gcpl)
+        else:
+            gid = self.videos.require_group(video_id).id
+        for key, value in attrs.items():
+            self.set_attr(gid, key, value, new)
+        for name, (filename, target) in links.items():
+            gid.links.create_external(name.encode(), filename.encode(), target.encode())
+
+    def set_attr(self, gid: h5py.h5g.GroupID, key: str, value: Any, new: bool = False) -> None:
+        if not isinstance(value, str | bool | int | float | np.bool_ | np.integer | np.floating):
+            set_attrs(h5py.Group(gid), {key: value})  # anything else: the high-level call
+            return
+        data = np.asarray(value, dtype=h5py.string_dtype() if isinstance(value, str) else None)
+        types = self.types.get(data.dtype)
+        if types is None:
+            logical, memory = h5py.h5t.py_create(data.dtype, logical=True), h5py.h5t.py_create(data.dtype)
+            types = self.types[data.dtype] = (logical, memory)
+        name = key.encode()
+        if not new and h5py.h5a.exists(gid, name):
+            h5py.h5a.delete(gid, name)
+        h5py.h5a.create(gid, name, types[0], self.space).write(data, mtype=types[1])
+
+
+TABLE = "table"  # in the index: one dataset per column, the rows sorted by video id
+
+
+def _write_table(index: h5py.File, links: dict[str, dict[str, str]]) -> None:
+    """The index's videos as columns, for `open_store` to read in one call each: `video_id`, and
+    one `links/<member>` per member ("" where a video has none). UTF-8 in fixed-length strings,
+    compressed, with checksums; written afresh on every rebuild (it is small)."""
+    if TABLE in index:
+        del index[TABLE]
+    table = index.create_group(TABLE)
+    ids = sorted(links)
+    members = sorted({member for video in links.values() for member in video})
+    columns = {"video_id": ids, **{f"links/{m}": [links[v].get(m, "") for v in ids] for m in members}}
+    for name, values in columns.items():
+        encoded = [value.encode() for value in values]
+        data = np.array(encoded, dtype=h5py.string_dtype("utf-8", max(1, *map(len, encoded), 1)))
+        filters = {"compression": "gzip", "compression_opts": 1, "shuffle": True, "fletcher32": True}
+        chunk = (max(1, min(len(data), CHUNK_BYTES // data.dtype.itemsize)),)
+        table.create_dataset(name, data=data, **({"chunks": chunk, **filters} if len(data) else {}))
+    table.attrs["rows"] = len(ids)
+
+
+INDEX_STAMP = ".index-stamp.json"  # in the shard folder: the index file (size, time) its table describes
+
+
+def _write_stamp(store: Path) -> None:
+    root = shard_root(store)
+    with atomic_file(root / INDEX_STAMP, root) as tmp:
+        tmp.write_text(json.dumps({"index": list(_stat(store)), "folder": root.name}))
+
+
+def _stamped(store: Path) -> bool:
+    """Whether the index is the very file its last rebuild wrote (same size and modification
+    time, same shard folder): only then is its table taken for the list of its videos. An index
+    changed by anything else (an older rcma, h5py, a crafted edit) is walked instead."""
+    try:
+        stamp = json.loads((shard_root(store) / INDEX_STAMP).read_text())
+        return stamp == {"index": list(_stat(store)), "folder": shard_root(store).name}
+    except (OSError, ValueError):
+        return False
 
 
 def _unlink_video(videos: h5py.Group, video_id: str) -> None:
@@ -775,7 +971,7 @@ def open_store(store: Path) -> h5py.File:
                 f"{store}: its links lead into {shards}/, not {shard_root(store).name}/ (renamed or "
                 f"moved?); run `rcma index --store {store}` to relink it"
             )
-        _opened_ids[f] = _walk_videos(f, store)
+        _opened_ids[f] = _table_ids(f, store) if TABLE in f and _stamped(store) else _walk_videos(f, store)
     except StoreError:
         f.close()
         raise
@@ -831,32 +1027,103 @@ def _walk_videos(f: h5py.File, store: Path) -> list[str]:
     return sorted(found)
 
 
+def _table_ids(f: h5py.File, store: Path) -> list[str]:
+    """The video ids of an index's table (see `_write_table`), with the checks of `_walk_videos`
+    on every id and every link it names: one read per column instead of a walk of every group."""
+    try:
+        table = f[TABLE]
+        ids = [_decode(raw) for raw in table["video_id"][()].tolist()]
+        columns = {name: table[f"links/{name}"][()].tolist() for name in table.get("links", {})}
+    except (OSError, KeyError, ValueError, TypeError, UnicodeDecodeError, AttributeError):
+        raise _damaged_table(store) from None
+    if any(len(column) != len(ids) for column in columns.values()):
+        raise _damaged_table(store)
+    for video_id in ids:
+        try:
+            check_id(video_id)
+        except ValueError as e:
+            raise StoreError(f"{store}: {e}; refusing it") from None
+    links = _LinkCheck(store, symlinks=True)
+    for name, column in columns.items():
+        for i, raw in enumerate(column):
+            if raw and not links.inside(target := _decode(raw)):
+                links.refuse(ids[i], name, target)
+    if ids != sorted(ids) or len(set(ids)) != len(ids):
+        raise _damaged_table(store)
+    return ids
+
+
+def _damaged_table(store: Path) -> StoreError:
+    return StoreError(f"{store}: its table of videos is damaged; `rcma index --store {store}` rebuilds it")
+
+
+def _decode(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
 class _LinkCheck:
     """An external link is followed only into the store's own shard folder (symlinks resolved;
-    each folder is resolved once, each file only when it is itself a link)."""
+    each folder is resolved once, each file only when it is itself a link). With `symlinks`, the
+    shard folder is listed once to find the files that are symlinks, instead of one `lstat` a file.
+    """
 
-    def __init__(self, store: Path):
+    def __init__(self, store: Path, symlinks: bool = False):
         self.store = store
         self.name = shard_root(store).name
+        self.prefix = self.name + "/"
         self.root = os.path.realpath(shard_root(store)) + os.sep
-        self.folders: dict[str, str] = {}
+        self.folders: dict[str, str | None] = {}
+        self.symlinks = _symlinked_files(shard_root(store)) if symlinks else None
 
     def check(self, video_id: str, name: str, target: str) -> None:
-        parts = target.split("/")
-        inside = not os.path.isabs(target) and ".." not in parts and len(parts) > 1 and parts[0] == self.name
-        if inside:
-            folder, base = os.path.split(target)
-            if folder not in self.folders:
-                self.folders[folder] = os.path.realpath(self.store.parent / folder) + os.sep
-            path = self.folders[folder] + base
-            if os.path.islink(path):
-                path = os.path.realpath(path)
-            inside = path.startswith(self.root)
-        if not inside:
-            raise StoreError(
-                f"{self.store}: video {video_id}: link {name} leads outside {self.name}/ "
-                f"({target}); a damaged or crafted index, refusing it (`rcma index` rebuilds it)"
-            )
+        if not self.inside(target):
+            self.refuse(video_id, name, target)
+
+    def inside(self, target: str) -> bool:
+        path = self.resolve(target)
+        if path is None:
+            return False
+        linked = path in self.symlinks if self.symlinks is not None else os.path.islink(path)
+        return not linked or self.inside_link(path)
+
+    def resolve(self, target: str) -> str | None:
+        """The link's file, its folder resolved, when the folder is inside the shard folder."""
+        # relative, first part the shard folder, no ".." part: startswith(prefix) makes the first two
+        if not target.startswith(self.prefix) or "/../" in target or target.endswith("/.."):
+            return None
+        folder, _, base = target.rpartition("/")
+        real = self.folders.get(folder, "")
+        if real == "":
+            real = os.path.realpath(self.store.parent / folder) + os.sep
+            real = self.folders[folder] = real if real.startswith(self.root) else None
+        return None if real is None else real + base
+
+    def inside_link(self, path: str) -> bool:
+        """Whether a file that is a symlink leads into the shard folder."""
+        return os.path.realpath(path).startswith(self.root)
+
+    def refuse(self, video_id: str, name: str, target: str) -> None:
+        raise StoreError(
+            f"{self.store}: video {video_id}: link {name} leads outside {self.name}/ "
+            f"({target}); a damaged or crafted index, refusing it (`rcma index` rebuilds it)"
+        )
+
+
+def _symlinked_files(root: Path) -> set[str]:
+    """Real paths (folders resolved) of the entries under `root` that are symlinks to files."""
+    found: set[str] = set()
+    stack = [os.path.realpath(root)]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_symlink():
+                found.add(entry.path)
+            elif entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+    return found
 
 
 @dataclass(frozen=True)
@@ -989,28 +1256,38 @@ def summarize(store: Path) -> list[VideoSummary]:
 
 
 def _summarize_from_record(store: Path, record: dict[str, Any]) -> list[VideoSummary]:
+    """`summarize` from the index's record: one `lstat` a shard, each link checked like the
+    index's own (the record lies beside the index, and names the files to read)."""
     shards = record["shards"]
     out = []
+    check = _LinkCheck(store)
     for video_id, links in sorted(record["links"].items()):
         present: dict[str, float] = {}
         damaged: dict[str, str] = {}
         video: dict[str, Any] = {}
         for member, link in links.items():
             key = link.split("/", 1)[1]
-            path = store.parent / link
+            real = check.resolve(link)
+            if real is None:
+                check.refuse(video_id, member, link)
             entry = shards.get(key)
             try:
-                stat = path.stat()
+                stat = os.lstat(real)
+                if S_ISLNK(stat.st_mode):
+                    if not check.inside_link(real):
+                        check.refuse(video_id, member, link)
+                    stat = os.stat(real)
                 same = entry is not None and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns
+                exists = True
             except OSError:
-                same = False
+                same = exists = False
             if same:
                 problem, attrs = entry[3], entry[4]
             else:
                 names = (*SCANNED_ATTRS, *(VIDEO_ATTRS if member == "timestamps" else ()))
-                problem, attrs = _scan_one(path, names) if path.exists() else ("missing", {})
+                problem, attrs = _scan_one(store.parent / link, names) if exists else ("missing", {})
             if problem:
-                damaged[member] = f"{path}: {problem}"
+                damaged[member] = f"{store.parent / link}: {problem}"
             elif member == "timestamps":
                 video = attrs
             elif "present_share" in attrs:
@@ -1024,14 +1301,24 @@ def _summarize_from_record(store: Path, record: dict[str, Any]) -> list[VideoSum
 
 
 def damaged_members(
-    store: Path, group: h5py.Group, full: bool = False, only: str | None = None
+    store: Path, group: h5py.Group, full: bool = False, only: str | Iterable[str] | None = None
 ) -> dict[str, str]:
     """{member: "<shard file>: <problem>"} for each shard a video group links to (or only the
-    member `only`) that is missing or damaged (see `shard_problem`; `full` reads all data)."""
+    member, or members, `only`) that is missing or damaged (see `shard_problem`; `full` reads all
+    data).
+
+    Each link is checked again before its shard is opened (a StoreError for one leading out of
+    the shard folder): an index listed from its table (`open_store`) had its table's links
+    checked, and this checks the links the groups actually hold."""
     out = {}
+    links = _LinkCheck(Path(store))
+    wanted = {only} if isinstance(only, str) else None if only is None else set(only)
     for name in group:
-        if only not in (None, name):
+        if wanted is not None and name not in wanted:
             continue
+        link = group.get(name, getlink=True)
+        if isinstance(link, h5py.ExternalLink):
+            links.check(group.name.removeprefix("/videos/"), name, link.filename)
         path = _linked_file(store, group, name)
         if path is not None and (problem := shard_problem(path, full)):
             out[name] = f"{path}: {problem}"
