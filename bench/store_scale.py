@@ -40,7 +40,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import fusion.data as fd  # noqa: E402
-from pipeline import store as st  # noqa: E402
+from pipeline.store import (  # noqa: E402
+    GRID,
+    INDEX_RECORD,
+    INDEX_STAMP,
+    claim_stage_configs,
+    grid_hash,
+    open_store,
+    rebuild_index,
+    shard_path,
+    shard_root,
+    video_ids,
+    write_shard,
+)
 
 STAGES = ("faces", "audio", "text")
 FRAMES = 8
@@ -51,31 +63,41 @@ def build(store: Path, n: int) -> None:
     """n videos: one real shard per kind, copied under each id (ids come from the file names)."""
     template = store.parent / "template.h5"
     timestamps = np.arange(FRAMES) / 30.0
-    ghash = st.grid_hash(timestamps)
-    st.write_shard(
+    digest = grid_hash(timestamps)
+    write_shard(
         template,
-        st.GRID,
+        GRID,
         "v",
         {"timestamps": timestamps},
-        {"source": "v.mp4", "n_frames": FRAMES, "fps": 30.0, "duration": FRAMES / 30, "grid_hash": ghash},
+        {
+            "source": "v.mp4",
+            "n_frames": FRAMES,
+            "fps": 30.0,
+            "duration": FRAMES / 30,
+            "grid_hash": digest,
+        },
     )
     configs = {}
     for stage in STAGES:
         rows = {"present": np.ones(FRAMES, bool), "embedding": np.zeros((FRAMES, 16), np.float16)}
         config = {"model": f"{stage}-model"}
-        chash = f"{stage}-config"
-        st.write_shard(
-            template, stage, "v", rows, {"config": config, "config_hash": chash, "grid_hash": ghash}
+        config_digest = f"{stage}-config"
+        write_shard(
+            template,
+            stage,
+            "v",
+            rows,
+            {"config": config, "config_hash": config_digest, "grid_hash": digest},
         )
-        configs[stage] = (chash, config)
-    root = st.shard_root(store)
-    for kind in (st.GRID, *STAGES):
+        configs[stage] = (config_digest, config)
+    root = shard_root(store)
+    for kind in (GRID, *STAGES):
         folder = root / kind
         folder.mkdir(parents=True, exist_ok=True)
-        source = st.shard_path(template, kind, "v")
+        source = shard_path(template, kind, "v")
         for i in range(n):
             shutil.copyfile(source, folder / f"video{i:06d}.h5")
-    st.claim_stage_configs(store, configs, force=False)
+    claim_stage_configs(store, configs, force=False)
 
 
 def timed(action) -> float:
@@ -91,13 +113,13 @@ def rcma(*args: str) -> None:
 
 
 def list_videos(store: Path) -> int:
-    with st.open_store(store) as f:
-        return len(st.video_ids(f))
+    with open_store(store) as f:
+        return len(video_ids(f))
 
 
 def touch_share(store: Path, n: int, share: float) -> None:
     """Rewrites the faces shard of `share` of the videos (a recompute), as a new file."""
-    folder = st.shard_root(store) / "faces"
+    folder = shard_root(store) / "faces"
     for i in range(0, n, max(1, round(1 / share))):
         path = folder / f"video{i:06d}.h5"
         copy = path.with_name(".copy.tmp")
@@ -109,7 +131,7 @@ def stat_every_shard(store: Path) -> int:
     """The peer of each figure: listing the shard folders and `stat`-ing every shard (what any
     tool must do at least once to know a store of this many files has not changed)."""
     count = 0
-    for folder in st.shard_root(store).iterdir():
+    for folder in shard_root(store).iterdir():
         if folder.is_dir():
             for entry in os.scandir(folder):
                 entry.stat()
@@ -119,7 +141,9 @@ def stat_every_shard(store: Path) -> int:
 
 def seed_record(store: Path) -> None:
     """The first index of a store whose shards are all copies of one: each kind read once."""
-    scan_one = st._scan_one
+    import pipeline.store
+
+    scan_one = pipeline.store._scan_one
     seen: dict[tuple[str, tuple[str, ...]], tuple[str, dict]] = {}
 
     def once(path: Path, names: tuple[str, ...]) -> tuple[str, dict]:
@@ -128,31 +152,31 @@ def seed_record(store: Path) -> None:
             seen[key] = scan_one(path, names)
         return seen[key]
 
-    st._scan_one = once
+    pipeline.store._scan_one = once  # rebuild_index looks it up in the module at each call
     try:
-        st.rebuild_index(store)
+        rebuild_index(store)
     finally:
-        st._scan_one = scan_one
+        pipeline.store._scan_one = scan_one
 
 
 def measure(folder: Path, n: int, open_all_up_to: int) -> dict[str, float]:
     store = folder / f"n{n}" / "store.h5"
     if store.parent.is_dir():  # --keep of an earlier run: the same shards, the index made again
-        for path in (store, st.shard_root(store) / st.INDEX_RECORD, st.shard_root(store) / st.INDEX_STAMP):
+        for path in (store, shard_root(store) / INDEX_RECORD, shard_root(store) / INDEX_STAMP):
             path.unlink(missing_ok=True)
     else:
         store.parent.mkdir(parents=True)
         build(store, n)
     out = {"peer: stat every shard": timed(lambda: stat_every_shard(store))}
     if n <= open_all_up_to:
-        out["index, first (opens all)"] = timed(lambda: st.rebuild_index(store))
+        out["index, first (opens all)"] = timed(lambda: rebuild_index(store))
     else:  # every shard is a copy of one: read it once (what extract runs leave in the record)
         out["index, first (opens all)"] = float("nan")
         seed_record(store)
-    out["index, written anew"] = timed(lambda: st.rebuild_index(store, fresh=True))
-    out["index, nothing changed"] = timed(lambda: st.rebuild_index(store))
+    out["index, written anew"] = timed(lambda: rebuild_index(store, fresh=True))
+    out["index, nothing changed"] = timed(lambda: rebuild_index(store))
     touch_share(store, n, 0.01)
-    out["index, 1% changed"] = timed(lambda: st.rebuild_index(store))
+    out["index, 1% changed"] = timed(lambda: rebuild_index(store))
     out["rcma status"] = timed(lambda: rcma("status", "--store", str(store)))
     out["rcma show"] = timed(lambda: rcma("show", "--store", str(store)))
     out["open + list videos"] = timed(lambda: list_videos(store))

@@ -387,20 +387,20 @@ def claim_stage_configs(store: Path, configs: dict[str, tuple[str, dict[str, Any
     root = shard_root(store)
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / ".index.lock"):
-        for stage, (chash, config) in configs.items():
-            held = stage_config(store, stage) or _config_of_shards(store, stage, chash)
-            if held and held["config_hash"] != chash and not force:
+        for stage, (config_digest, config) in configs.items():
+            held = stage_config(store, stage) or _config_of_shards(store, stage, config_digest)
+            if held and held["config_hash"] != config_digest and not force:
                 raise StoreError(
                     f"{store}: its {stage} features were made with other settings "
                     f"({config_difference(held.get('config', {}), config)}); use --force to recompute "
                     f"them with these settings, or another --store"
                 )
-        for stage, (chash, config) in configs.items():
-            if (stage_config(store, stage) or {}).get("config_hash") == chash:
+        for stage, (config_digest, config) in configs.items():
+            if (stage_config(store, stage) or {}).get("config_hash") == config_digest:
                 continue
             path = stage_config_path(store, stage)
             path.parent.mkdir(parents=True, exist_ok=True)
-            record = {"stage": stage, "config_hash": chash, "config": config}
+            record = {"stage": stage, "config_hash": config_digest, "config": config}
             with atomic_file(path, root) as tmp:
                 tmp.write_text(json.dumps(record, sort_keys=True, indent=1) + "\n")
 

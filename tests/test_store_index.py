@@ -10,41 +10,61 @@ import h5py
 import numpy as np
 import pytest
 
-import fusion.data as fd
-from pipeline import store as st
+from fusion.data import DataError, load_store, select_videos
+from pipeline.store import (
+    GRID,
+    INDEX_RECORD,
+    INDEX_STAMP,
+    VIDEO_ATTRS,
+    StoreError,
+    _read_index_record,
+    _walk_videos,
+    _write_stamp,
+    grid_hash,
+    open_store,
+    pack_store,
+    rebuild_index,
+    set_attrs,
+    shard_path,
+    shard_root,
+    stage_counts,
+    summarize,
+    video_ids,
+    write_shard,
+)
 
 FRAMES = 6
 
 
 def add_video(store, video_id, stages=("audio", "faces")):
     timestamps = np.arange(FRAMES) / 30.0
-    ghash = st.grid_hash(timestamps)
+    ghash = grid_hash(timestamps)
     grid = {"source": f"{video_id}.mp4", "n_frames": FRAMES, "fps": 30.0, "duration": FRAMES / 30}
     grid |= {"width": 64, "height": 48, "has_video": True, "has_audio": False, "grid_hash": ghash}
-    st.write_shard(store, st.GRID, video_id, {"timestamps": timestamps}, grid)
+    write_shard(store, GRID, video_id, {"timestamps": timestamps}, grid)
     for stage in stages:
         rows = {"present": np.ones(FRAMES, bool), "embedding": np.full((FRAMES, 4), 0.5, np.float16)}
-        st.write_shard(store, stage, video_id, rows, {"config_hash": f"{stage}-1", "grid_hash": ghash})
+        write_shard(store, stage, video_id, rows, {"config_hash": f"{stage}-1", "grid_hash": ghash})
 
 
 def small_store(tmp_path, ids=("a", "a/b", "c")):
     store = tmp_path / "store.h5"
     for video_id in ids:
         add_video(store, video_id)
-    st.rebuild_index(store)
+    rebuild_index(store)
     return store
 
 
 def walked(store):
     with h5py.File(store, "r") as f:
-        return st._walk_videos(f, store)
+        return _walk_videos(f, store)
 
 
 def no_walk(monkeypatch):
     def refuse(*_):
         raise AssertionError("the index was walked")
 
-    monkeypatch.setattr(st, "_walk_videos", refuse)
+    monkeypatch.setattr("pipeline.store._walk_videos", refuse)
 
 
 def test_the_table_lists_what_a_walk_finds_without_walking(tmp_path, monkeypatch):
@@ -52,21 +72,21 @@ def test_the_table_lists_what_a_walk_finds_without_walking(tmp_path, monkeypatch
     expected = walked(store)
     assert expected == ["a", "a/b", "c"]
     no_walk(monkeypatch)
-    with st.open_store(store) as f:
-        assert st.video_ids(f) == expected
+    with open_store(store) as f:
+        assert video_ids(f) == expected
         assert f["videos/a/b/audio/embedding"].shape == (FRAMES, 4)
         assert [x.decode() for x in f["table/video_id"][()]] == expected
         assert f["table/links/faces"][0].decode() == "store.h5.d/faces/a.h5"
-    assert fd.select_videos(store, None, need_labels=False) == expected
+    assert select_videos(store, None, need_labels=False) == expected
 
 
 def test_video_attrs_read_back_as_h5py_writes_them(tmp_path):
     store = small_store(tmp_path, ids=("a",))
-    with h5py.File(tmp_path / "plain.h5", "w") as plain, st.open_store(store) as f:
+    with h5py.File(tmp_path / "plain.h5", "w") as plain, open_store(store) as f:
         group = plain.create_group("a")
         attrs = dict(f["videos/a"].attrs)
-        st.set_attrs(group, attrs)
-        assert set(attrs) == set(st.VIDEO_ATTRS)
+        set_attrs(group, attrs)
+        assert set(attrs) == set(VIDEO_ATTRS)
         for key, value in attrs.items():
             assert type(value) is type(group.attrs[key]) and value == group.attrs[key], key
             assert f["videos/a"].attrs.get_id(key).dtype == group.attrs.get_id(key).dtype, key
@@ -77,33 +97,33 @@ def test_an_index_without_a_table_is_walked_and_the_next_rebuild_adds_one(tmp_pa
     store = small_store(tmp_path)
     with h5py.File(store, "r+") as f:  # an index written before tables, as an older rcma left it
         del f["table"]
-    (st.shard_root(store) / st.INDEX_STAMP).unlink()
-    with st.open_store(store) as f:
-        assert st.video_ids(f) == ["a", "a/b", "c"]
-    assert st.rebuild_index(store) == 3  # nothing changed, yet the table is written
+    (shard_root(store) / INDEX_STAMP).unlink()
+    with open_store(store) as f:
+        assert video_ids(f) == ["a", "a/b", "c"]
+    assert rebuild_index(store) == 3  # nothing changed, yet the table is written
     no_walk(monkeypatch)
-    with st.open_store(store) as f:
-        assert "table" in f and st.video_ids(f) == ["a", "a/b", "c"]
+    with open_store(store) as f:
+        assert "table" in f and video_ids(f) == ["a", "a/b", "c"]
 
 
 def test_an_index_changed_after_its_rebuild_is_walked(tmp_path):
     store = small_store(tmp_path)
     with h5py.File(store, "r+") as f:  # an id the table does not list, added by hand
         f["videos"].create_group("..").attrs["n_frames"] = 3
-    with pytest.raises(st.StoreError, match=r"'\.\.' is not a relative path"):
-        st.open_store(store)
+    with pytest.raises(StoreError, match=r"'\.\.' is not a relative path"):
+        open_store(store)
 
 
 def test_a_refresh_with_nothing_changed_leaves_the_index_alone_and_sees_a_change(tmp_path):
     store = small_store(tmp_path)
-    before = store.stat().st_mtime_ns, (st.shard_root(store) / st.INDEX_RECORD).stat().st_mtime_ns
-    assert st.rebuild_index(store) == 3
-    assert (store.stat().st_mtime_ns, (st.shard_root(store) / st.INDEX_RECORD).stat().st_mtime_ns) == before
+    before = store.stat().st_mtime_ns, (shard_root(store) / INDEX_RECORD).stat().st_mtime_ns
+    assert rebuild_index(store) == 3
+    assert (store.stat().st_mtime_ns, (shard_root(store) / INDEX_RECORD).stat().st_mtime_ns) == before
     add_video(store, "d")
-    st.shard_path(store, "faces", "a").unlink()
-    assert st.rebuild_index(store) == 4
-    with st.open_store(store) as f:
-        assert st.video_ids(f) == ["a", "a/b", "c", "d"]
+    shard_path(store, "faces", "a").unlink()
+    assert rebuild_index(store) == 4
+    with open_store(store) as f:
+        assert video_ids(f) == ["a", "a/b", "c", "d"]
         assert "faces" not in f["videos/a"] and "faces" in f["videos/d"]
 
 
@@ -113,7 +133,7 @@ def test_a_refresh_with_nothing_changed_leaves_the_index_alone_and_sees_a_change
 def forge(store, edit):
     with h5py.File(store, "r+") as f:
         edit(f)
-    st._write_stamp(store)
+    _write_stamp(store)
 
 
 def test_a_crafted_table_id_is_refused(tmp_path):
@@ -125,10 +145,10 @@ def test_a_crafted_table_id_is_refused(tmp_path):
         f["table/video_id"] = np.array(ids, dtype=h5py.string_dtype("utf-8", 16))
 
     forge(store, climb)
-    with pytest.raises(st.StoreError, match="ESCAPED' is not a relative path"):
-        st.open_store(store)
-    with pytest.raises(fd.DataError, match="ESCAPED"):
-        fd.select_videos(store, None, need_labels=False)
+    with pytest.raises(StoreError, match="ESCAPED' is not a relative path"):
+        open_store(store)
+    with pytest.raises(DataError, match="ESCAPED"):
+        select_videos(store, None, need_labels=False)
 
 
 @pytest.mark.parametrize(
@@ -143,8 +163,8 @@ def test_a_crafted_table_link_is_refused(tmp_path, target):
         f["table/links/audio"] = np.array(column, dtype=h5py.string_dtype("utf-8", 40))
 
     forge(store, relink)
-    with pytest.raises(st.StoreError, match=f"video a: link audio leads outside.*{target}"):
-        st.open_store(store)
+    with pytest.raises(StoreError, match=f"video a: link audio leads outside.*{target}"):
+        open_store(store)
 
 
 def test_a_group_linking_outside_behind_a_sound_table_is_refused_before_reading(tmp_path):
@@ -159,60 +179,60 @@ def test_a_group_linking_outside_behind_a_sound_table_is_refused_before_reading(
         f["videos/a/audio"] = h5py.ExternalLink(str(outside), "/")
 
     forge(store, relink)
-    with st.open_store(store) as f:  # the table is sound: listing reads no group
-        assert st.video_ids(f) == ["a", "a/b", "c"]
-    with pytest.raises(fd.DataError, match="video a: link audio leads outside"):
-        fd.load(store, ["audio"], ["a", "c"])
-    with pytest.raises(st.StoreError, match="leads outside"):
-        st.pack_store(store, tmp_path / "packed.h5")
+    with open_store(store) as f:  # the table is sound: listing reads no group
+        assert video_ids(f) == ["a", "a/b", "c"]
+    with pytest.raises(DataError, match="video a: link audio leads outside"):
+        load_store(store, ["audio"], ["a", "c"])
+    with pytest.raises(StoreError, match="leads outside"):
+        pack_store(store, tmp_path / "packed.h5")
     assert not (tmp_path / "packed.h5").exists()
 
 
 def test_a_shard_that_is_a_symlink_out_of_the_store_is_refused(tmp_path):
     store = small_store(tmp_path)
     outside = tmp_path / "outside.h5"
-    shard = st.shard_path(store, "audio", "c")
+    shard = shard_path(store, "audio", "c")
     os.replace(shard, outside)
     shard.symlink_to(outside)
-    with pytest.raises(st.StoreError, match="video c: link audio leads outside"):
-        st.open_store(store)
-    inside = st.shard_path(store, "audio", "copy")
+    with pytest.raises(StoreError, match="video c: link audio leads outside"):
+        open_store(store)
+    inside = shard_path(store, "audio", "copy")
     os.replace(outside, inside)
     shard.unlink()
     shard.symlink_to(inside)
-    with st.open_store(store) as f:  # a symlink within the shard folder is followed
-        assert st.video_ids(f) == ["a", "a/b", "c"]
+    with open_store(store) as f:  # a symlink within the shard folder is followed
+        assert video_ids(f) == ["a", "a/b", "c"]
         assert f["videos/c/audio/embedding"].shape == (FRAMES, 4)
 
 
 def test_show_refuses_a_record_that_links_outside(tmp_path):
     store = small_store(tmp_path)
-    path = st.shard_root(store) / st.INDEX_RECORD
+    path = shard_root(store) / INDEX_RECORD
     record = path.read_text().replace('"store.h5.d/audio/c.h5"', '"store.h5.d/../../x.h5"')
     path.write_text(record)
     os.utime(path)
-    with pytest.raises(st.StoreError, match="video c: link audio leads outside"):
-        st.summarize(store)
+    with pytest.raises(StoreError, match="video c: link audio leads outside"):
+        summarize(store)
 
 
 def test_a_record_of_an_older_rcma_is_read_without_opening_any_shard(tmp_path, monkeypatch):
     store = small_store(tmp_path)
-    path = st.shard_root(store) / st.INDEX_RECORD
+    path = shard_root(store) / INDEX_RECORD
     record = json.loads(path.read_text())
     del record["shard_columns"]  # the record as it was: one entry a shard
-    record["shards"] = dict(st._read_index_record(store)["shards"].items())
+    record["shards"] = dict(_read_index_record(store)["shards"].items())
     path.write_text(json.dumps(record))
-    expected = st.stage_counts(store)
+    expected = stage_counts(store)
 
     def opened(*_):
         raise AssertionError("a shard was opened")
 
-    monkeypatch.setattr(st, "_scan_one", opened)
-    assert st.stage_counts(store) == expected and expected["audio"].done == ["a", "a/b", "c"]
-    assert [v.present for v in st.summarize(store)] == [{"audio": 1.0, "faces": 1.0}] * 3
+    monkeypatch.setattr("pipeline.store._scan_one", opened)
+    assert stage_counts(store) == expected and expected["audio"].done == ["a", "a/b", "c"]
+    assert [v.present for v in summarize(store)] == [{"audio": 1.0, "faces": 1.0}] * 3
     add_video(store, "d", stages=())  # the next rebuild opens only the new shard, writes columns
     monkeypatch.undo()
-    assert st.rebuild_index(store) == 4
+    assert rebuild_index(store) == 4
     assert "shard_columns" in json.loads(path.read_text())
-    monkeypatch.setattr(st, "_scan_one", opened)
-    assert st.stage_counts(store)["audio"].missing == ["d"]
+    monkeypatch.setattr("pipeline.store._scan_one", opened)
+    assert stage_counts(store)["audio"].missing == ["d"]
