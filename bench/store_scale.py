@@ -39,7 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import fusion.data as fd  # noqa: E402
+from fusion.data import select_videos  # noqa: E402
 from pipeline.store import (  # noqa: E402
     GRID,
     INDEX_RECORD,
@@ -180,7 +180,7 @@ def measure(folder: Path, n: int, open_all_up_to: int) -> dict[str, float]:
     out["rcma status"] = timed(lambda: rcma("status", "--store", str(store)))
     out["rcma show"] = timed(lambda: rcma("show", "--store", str(store)))
     out["open + list videos"] = timed(lambda: list_videos(store))
-    out["training: select videos"] = timed(lambda: fd.select_videos(store, None, need_labels=False))
+    out["training: select videos"] = timed(lambda: select_videos(store, None, need_labels=False))
     assert list_videos(store) == n
     return out
 
