@@ -97,6 +97,15 @@ class Cluster:
         self.scheduler_file = folder / "scheduler.json"
         self.env = env
         self.processes: list[subprocess.Popen] = []
+        self.client = None
+        try:
+            self._start_all(protocol)
+        except BaseException:
+            self.close()  # no scheduler or worker outlives a cluster that failed to come up
+            raise
+
+    def _start_all(self, protocol: str) -> None:
+        env = self.env
         self._start(
             "distributed.cli.dask_scheduler",
             "--protocol",
@@ -150,7 +159,8 @@ class Cluster:
         return self.client.run(os.getpid)
 
     def close(self) -> None:
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
         for process in reversed(self.processes):
             process.terminate()
         for process in self.processes:
