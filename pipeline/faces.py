@@ -10,13 +10,16 @@ Per frame it writes (absent frames in brackets):
     embedding (n,D) float16   the visual embedder's output (unless --visual-model none)  [zeros]
 
 Speed: MTCNN spends most of its time running P-Net over the fine levels of a full-frame image
-pyramid. Once the subject is found, each next frame is searched only in a window around the
-last box (SEARCH_RADIUS box sizes each way) and only at the pyramid levels that fit faces from
-SEARCH_MIN_FACE times the tracked size up. Those levels are the same as the full detector's, so
-the boxes stay close to what full-frame MTCNN gives; the full frame is searched again only when
-the window holds no face that matches the track. Between two window searches, REFINE_FRAMES
-frames are tracked by O-Net alone on the last box (MTCNN's last stage, about 1 ms), which
-keeps the box and landmarks within the spread of the full detector's own results.
+pyramid. Once the subject is found, each next frame is tracked by O-Net alone (MTCNN's last
+stage, about 1 ms) on the square around the last box, as MTCNN runs it on R-Net's boxes; only
+that square is resized and converted. O-Net's own regression lags a fast-moving face and wanders
+under an occluding hand, so a tracked face that scores under TRACK_SCORE, or whose box overlaps
+the box it came from by less than TRACK_IOU (a large correction: the face moved), is searched
+for again in a window around the last box (SEARCH_RADIUS box sizes each way), at the pyramid
+levels of the full detector that fit faces from SEARCH_MIN_FACE times the tracked size up; so is
+every REFINE_FRAMES-th frame. The full frame is searched only when the window holds no face that
+matches the track. On talking heads most frames cost one O-Net pass; the boxes stay within the
+spread of the full detector's own results (bench/faces.py measures both).
 
 Subject: the largest face of the first frame with a face; then the detection that overlaps or
 is near the last box, so another face entering the frame does not take the track over. A track
@@ -37,11 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import cv2
 import numpy as np
 import torch
 
 from pipeline.align import CROP_SIZE, align_face
-from pipeline.media import VIDEO_EXTENSIONS, Media, iter_video_frames
+from pipeline.media import VIDEO_EXTENSIONS, Media, grid_rows  # noqa: F401  (grid_rows: tests)
 from pipeline.models import ModelUnavailable, sha256_file
 from pipeline.stages import Extra, Rows, Stage, library_versions
 from pipeline.visual import NONE, VGGFACE2, Embedder, build_embedder
@@ -54,7 +58,9 @@ SEARCH_MIN_FACE = 0.7  # smallest face looked for in the window, relative to the
 MATCH_IOU = 0.3  # a detection with this IoU with the last box is the same subject...
 MATCH_CENTRE = 0.5  # ...or one whose centre is within this many box sizes of the last one's
 MATCH_SCALE = 1.5  # ...and whose size is within this factor of it
-REFINE_FRAMES = 2  # frames tracked by O-Net alone on the last box between two window searches
+REFINE_FRAMES = 60  # at most this many frames tracked by O-Net alone between two window searches
+TRACK_SCORE = 0.98  # a face O-Net tracks with a lower score is searched for in its window instead...
+TRACK_IOU = 0.85  # ...and so is one whose box overlaps the box it was tracked from by less
 REACQUIRE_AFTER_S = 0.5  # a track lost this long is given up for the largest face in view
 SUBJECTS = ("largest", "left", "right")
 DECODE_BATCH = 16
@@ -105,51 +111,122 @@ class Mtcnn:
         ]
         self.device = device
 
-    def pixels(self, image: np.ndarray) -> torch.Tensor:
-        """(1,h,w,3) float view of a contiguous (1,3,h,w) tensor, the layout detect_face permutes to.
+    def tensor(self, pixels: np.ndarray) -> torch.Tensor:
+        """(b,h,w,3) uint8 as the nets' normalised (b,3,h,w) float input, channels-last in memory."""
+        images = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float()
+        return (images - 127.5) * 0.0078125
 
-        Contiguous channels make detect_face's many small crops and resizes cheaper.
-        """
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)
-        return pixels.float().contiguous()[None].permute(0, 2, 3, 1)
+    def crops(self, image: np.ndarray, squares: np.ndarray, size: int) -> tuple[np.ndarray, torch.Tensor]:
+        """The nets' input for each square (n,4) of `image`, cut as detect_face cuts it (pad():
+        1-based, clipped to the frame) and resized with INTER_AREA on the uint8 pixels; and which
+        squares kept any pixels."""
+        height, width = image.shape[:2]
+        corners = np.trunc(squares).astype(np.int64)
+        x, y = np.maximum(corners[:, 0], 1), np.maximum(corners[:, 1], 1)
+        ex, ey = np.minimum(corners[:, 2], width), np.minimum(corners[:, 3], height)
+        keep = (ey > y - 1) & (ex > x - 1)
+        pixels = np.empty((int(keep.sum()), size, size, 3), dtype=np.uint8)
+        for i, k in enumerate(np.flatnonzero(keep)):
+            cut = image[y[k] - 1 : ey[k], x[k] - 1 : ex[k]]
+            pixels[i] = cv2.resize(cut, (size, size), interpolation=cv2.INTER_AREA)
+        return keep, self.tensor(pixels)
 
     @torch.no_grad()
     def detect(self, image: np.ndarray, min_face: float) -> list[Face]:
-        from facenet_pytorch.models.utils.detect_face import detect_face
+        """MTCNN's three stages as facenet-pytorch's detect_face runs them (same pyramid and its
+        resizes, thresholds, non-maximum suppressions and box arithmetic), except that the R-Net
+        and O-Net crops are resized on their uint8 pixels by OpenCV, and box arithmetic is in
+        numpy: several times faster on a CPU."""
+        from facenet_pytorch.models.utils.detect_face import (
+            batched_nms_numpy,
+            generateBoundingBox,
+            imresample,
+        )
+        from torchvision.ops import nms
 
         min_face = pyramid_min_face(min_face)
-        if min(image.shape[:2]) < min_face:
+        height, width = image.shape[:2]
+        if min(height, width) < min_face:
             return []  # no pyramid level fits
-        boxes, points = detect_face(
-            self.pixels(image), min_face, *self.nets, THRESHOLDS, PYRAMID_FACTOR, self.device
+        image = np.ascontiguousarray(image)
+        pixels = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None].float()
+        scale, side = 12.0 / min_face, min(height, width) * 12.0 / min_face
+        proposals = []
+        while side >= 12:
+            # the pyramid resized as detect_face resizes it: the boxes found are sensitive to it
+            level = imresample(pixels, (int(height * scale + 1), int(width * scale + 1)))
+            level = level.contiguous(memory_format=torch.channels_last)
+            reg, prob = self.nets[0]((level - 127.5) * 0.0078125)
+            boxes, _ = generateBoundingBox(reg, prob[:, 1], scale, THRESHOLDS[0])
+            proposals.append(boxes[nms(boxes[:, :4], boxes[:, 4], 0.5)])
+            scale, side = scale * PYRAMID_FACTOR, side * PYRAMID_FACTOR
+        boxes = torch.cat(proposals).cpu().numpy() if proposals else np.zeros((0, 9), np.float32)
+        boxes = boxes[nms(torch.from_numpy(boxes[:, :4]), torch.from_numpy(boxes[:, 4]), 0.7).numpy()]
+        size = boxes[:, 2:4] - boxes[:, 0:2]
+        boxes = boxes[:, :4] + boxes[:, 5:9] * np.tile(size, 2)  # P-Net's regression
+        # R-Net
+        squares = np.array([square_box(b) for b in boxes], dtype=np.float32).reshape(-1, 4)
+        keep, pixels = self.crops(image, squares, 24)
+        squares = squares[keep]
+        if not len(squares):
+            return []
+        reg, prob = (t.cpu().numpy() for t in self.nets[1](pixels))
+        passed = prob[:, 1] > THRESHOLDS[1]
+        squares, score, reg = squares[passed], prob[passed, 1], reg[passed]
+        pick = nms(torch.from_numpy(squares), torch.from_numpy(score), 0.7).numpy()
+        squares, reg = squares[pick], reg[pick]
+        sides = squares[:, 2:3] - squares[:, 0:1] + 1
+        squares = np.array([square_box(b) for b in squares + reg * sides], dtype=np.float32).reshape(-1, 4)
+        # O-Net
+        keep, pixels = self.crops(image, squares, 48)
+        squares = squares[keep]
+        if not len(squares):
+            return []
+        reg, points, prob = (t.cpu().numpy() for t in self.nets[2](pixels))
+        passed = prob[:, 1] > THRESHOLDS[2]
+        squares, score, reg, points = squares[passed], prob[passed, 1], reg[passed], points[passed]
+        sides = squares[:, 2:3] - squares[:, 0:1] + 1
+        landmarks = (
+            np.stack([sides * points[:, :5], sides * points[:, 5:]], axis=2) + squares[:, None, :2] - 1
         )
-        boxes = np.asarray(boxes[0], dtype=np.float32).reshape(-1, 5)
-        points = np.asarray(points[0], dtype=np.float32).reshape(-1, 5, 2)
-        return [Face(b[:4].copy(), p, float(b[4])) for b, p in zip(boxes, points, strict=True)]
+        boxes = squares + reg * sides
+        pick = batched_nms_numpy(
+            torch.from_numpy(boxes), torch.from_numpy(score), torch.zeros(len(boxes)), 0.7, "Min"
+        ).numpy()
+        return [
+            Face(boxes[k].astype(np.float32), landmarks[k].astype(np.float32), float(score[k])) for k in pick
+        ]
 
     @torch.no_grad()
     def refine(self, image: np.ndarray, box: np.ndarray) -> Face | None:
-        """O-Net alone on the square around `box`, as MTCNN's last stage runs on R-Net's boxes."""
-        from facenet_pytorch.models.utils.detect_face import bbreg, imresample, pad, rerec
+        """O-Net alone on the square around `box`, as MTCNN's last stage runs on R-Net's boxes.
 
+        The same square, clipping and outputs as detect_face's last stage, in numpy; only the
+        square's pixels are resized (INTER_AREA on the uint8 crop) and converted.
+        """
         height, width = image.shape[:2]
-        square = rerec(torch.tensor([[*box, 0.0]], dtype=torch.float32))
-        y, ey, x, ex = pad(square.clone(), width, height)
-        if ey[0] <= y[0] - 1 or ex[0] <= x[0] - 1:
+        square = square_box(box)
+        x, y = max(int(square[0]), 1), max(int(square[1]), 1)  # pad(): 1-based, clipped to the frame
+        ex, ey = min(int(square[2]), width), min(int(square[3]), height)
+        if ey <= y - 1 or ex <= x - 1:
             return None
-        pixels = self.pixels(image).permute(0, 3, 1, 2)
-        crop = imresample(pixels[:, :, y[0] - 1 : ey[0], x[0] - 1 : ex[0]], (48, 48))
-        reg, points, prob = self.nets[2]((crop - 127.5) * 0.0078125)
+        crop = cv2.resize(image[y - 1 : ey, x - 1 : ex], (48, 48), interpolation=cv2.INTER_AREA)
+        reg, points, prob = self.nets[2](self.tensor(crop[None]))
         score = float(prob[0, 1])
         if score < THRESHOLDS[2]:
             return None
-        square = square.to(self.device)
-        side_x, side_y = square[0, 2] - square[0, 0] + 1, square[0, 3] - square[0, 1] + 1
-        xs = side_x * points[0, :5] + square[0, 0] - 1
-        ys = side_y * points[0, 5:] + square[0, 1] - 1
-        refined = bbreg(square.clone(), reg)
-        landmarks = torch.stack([xs, ys], dim=1).cpu().numpy().astype(np.float32)
-        return Face(refined[0, :4].cpu().numpy().astype(np.float32), landmarks, score)
+        reg, points = reg[0].cpu().numpy(), points[0].cpu().numpy()
+        side = square[2] - square[0] + 1
+        landmarks = np.stack([side * points[:5] + square[0] - 1, side * points[5:] + square[1] - 1], axis=1)
+        return Face((square + reg * side).astype(np.float32), landmarks.astype(np.float32), score)
+
+
+def square_box(box: np.ndarray) -> np.ndarray:
+    """The square MTCNN makes of a box before its next stage (detect_face's rerec)."""
+    width, height = box[2] - box[0], box[3] - box[1]
+    side = max(width, height)
+    x, y = box[0] + width * 0.5 - side * 0.5, box[1] + height * 0.5 - side * 0.5
+    return np.array([x, y, x + side, y + side], dtype=np.float32)
 
 
 def weights_sha256() -> dict[str, str]:
@@ -192,12 +269,13 @@ class SubjectTracker:
         self.missed = 0
         self.full_detections = 0
         self.refined = 0  # frames since the last window search
+        self.window_searches = 0
 
     def update(self, frame: np.ndarray) -> Face | None:
         everywhere = None
         if self.last is not None and self.missed == 0 and self.refined < REFINE_FRAMES:
             face = self.detector.refine(frame, self.last.box)
-            if face is not None and self._continuation([face]) is not None:
+            if self._steady(face) and self._continuation([face]) is not None:
                 self.refined += 1
                 self.last = face
                 return face
@@ -217,6 +295,11 @@ class SubjectTracker:
         start = pick_subject(everywhere, frame.shape[1], self.subject)
         return None if start is None else self._keep(start)
 
+    def _steady(self, face: Face | None) -> bool:
+        """Whether O-Net's track can be trusted: a confident face, corrected by little."""
+        assert self.last is not None
+        return face is not None and face.score >= TRACK_SCORE and iou(face.box, self.last.box) >= TRACK_IOU
+
     def _keep(self, face: Face) -> Face:
         self.last, self.missed = face, 0
         return face
@@ -227,6 +310,7 @@ class SubjectTracker:
 
     def _search_window(self, frame: np.ndarray) -> list[Face]:
         assert self.last is not None
+        self.window_searches += 1
         height, width = frame.shape[:2]
         size, (cx, cy) = self.last.size, self.last.centre
         reach = SEARCH_RADIUS * size
@@ -314,19 +398,21 @@ def torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def grid_rows(times: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """The grid row of each decoded frame time (nearest within half a frame), else -1."""
-    if len(grid) == 0:
-        return np.full(len(times), -1)
-    right = np.clip(np.searchsorted(grid, times), 0, len(grid) - 1)
-    left = np.clip(right - 1, 0, len(grid) - 1)
-    rows = np.where(np.abs(grid[left] - times) <= np.abs(grid[right] - times), left, right)
-    step = float(np.median(np.diff(grid))) if len(grid) > 1 else 1.0
-    return np.where(np.abs(grid[rows] - times) <= step / 2, rows, -1)
+@contextmanager
+def cv2_threads(count: int) -> Iterator[None]:
+    """Runs the block with OpenCV on `count` threads: its small resizes and warps lose more to
+    handing work to a pool than they gain, and the decode thread has the other core."""
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(count)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
 
 
 class FacesStage(Stage):
     name = "faces"
+    decodes_video = True  # the runner may build the frame grid in this stage's decoding pass
 
     def __init__(
         self, visual_model: str = VGGFACE2, crops: bool = True, device: str = "auto", subject: str = "largest"
@@ -360,6 +446,9 @@ class FacesStage(Stage):
                 "match_centre": MATCH_CENTRE,
                 "match_scale": MATCH_SCALE,
                 "refine_frames": REFINE_FRAMES,
+                "track_score": TRACK_SCORE,
+                "track_iou": TRACK_IOU,
+                "refine_resize": "cv2-area-uint8",
                 "reacquire_after_s": REACQUIRE_AFTER_S,
             },
         }
@@ -417,20 +506,22 @@ class FacesStage(Stage):
             reacquire_after = max(1, round(REACQUIRE_AFTER_S * media.info.fps))
             tracker = SubjectTracker(self.detector, reacquire_after, self.subject)
             threads = DETECTOR_CPU_THREADS if self.detector.device == "cpu" else None
-            for times, frames in prefetched(iter_video_frames(media.path, DECODE_BATCH)):
+            for rows, frames in prefetched(media.video_frames(DECODE_BATCH)):
                 found = []
                 stop = next_row
-                with torch_threads(threads):  # every frame, on or off the grid: the track needs each step
+                with torch_threads(threads), cv2_threads(1):  # on or off the grid: the track needs each step
                     faces = [tracker.update(frame) for frame in frames]
-                for row, frame, face in zip(grid_rows(times, media.timestamps), frames, faces, strict=True):
+                for row, frame, face in zip(rows, frames, faces, strict=True):
                     if row < next_row:
                         continue  # off the grid, or a repeated time
                     stop = max(stop, row + 1)
                     if face is not None:
                         found.append((row - next_row, frame, face))
+                with cv2_threads(1):  # the embedder, if any, keeps the caller's torch threads
+                    block = self._block(stop - next_row, found) if stop > next_row else None
                 faces_found += len(found)
-                if stop > next_row:
-                    yield Rows(next_row, self._block(stop - next_row, found))
+                if block is not None:
+                    yield Rows(next_row, block)
                     next_row = stop
         while next_row < n:
             count = min(ABSENT_BLOCK, n - next_row)

@@ -63,6 +63,10 @@ class MediaError(Exception):
     """A file that cannot be used as media; the message names the problem, not the file."""
 
 
+class GridMismatch(MediaError):
+    """More frames decode than the container's header announced: the grid needs its own pass."""
+
+
 @dataclass(frozen=True)
 class MediaInfo:
     has_video: bool
@@ -82,16 +86,63 @@ class Media:
     info: MediaInfo
     timestamps: np.ndarray  # (n,) float64 seconds; one row per frame
     _cache: dict = field(default_factory=dict, repr=False)
+    # True while the grid is still to be decoded, by the first video_frames() pass: `timestamps`
+    # then holds NaNs, as many as the container's header announces frames (see shared_grid).
+    grid_pending: bool = False
 
     @property
     def n_frames(self) -> int:
         return len(self.timestamps)
+
+    def video_frames(self, batch_size: int = 32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yields (grid rows (b,), frames (b,h,w,3) uint8 RGB) in presentation order; row -1 is
+        a decoded frame off the grid.
+
+        While `grid_pending`, this one decoding pass also builds the grid: each decoded frame is
+        the next row, and `timestamps` is set (and checked as frame_grid checks it) at the end.
+        """
+        if not self.grid_pending:
+            for times, frames in iter_video_frames(self.path, batch_size):
+                yield grid_rows(times, self.timestamps), frames
+            return
+        expected = self.n_frames
+        times: list[np.ndarray] = []
+        decoded = 0
+        for batch_times, frames in iter_video_frames(self.path, batch_size):
+            if decoded + len(batch_times) > expected:
+                raise GridMismatch(f"more than the {expected} frames the header announces decode")
+            times.append(batch_times)
+            yield np.arange(decoded, decoded + len(batch_times)), frames
+            decoded += len(batch_times)
+        self.timestamps = checked_grid(np.concatenate(times) if times else np.zeros(0), expected)
+        self.grid_pending = False
 
     def audio(self) -> np.ndarray | None:
         """The audio track as 16 kHz mono float32 from t=0, decoded once per Media."""
         if "audio" not in self._cache:
             self._cache["audio"] = read_audio(self.path) if self.info.has_audio else None
         return self._cache["audio"]
+
+
+def shared_grid(path: Path, video_id: str, info: MediaInfo) -> Media | None:
+    """A Media whose grid the first video_frames() pass decodes (one pass for grid and pixels),
+    or None when the container does not say how many frames to expect (the grid needs its own)."""
+    with _open(path) as container:
+        expected = container.streams.video[0].frames if container.streams.video else 0
+    if not expected:
+        return None
+    return Media(path, video_id, info, np.full(expected, np.nan), grid_pending=True)
+
+
+def grid_rows(times: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """The grid row of each decoded frame time (nearest within half a frame), else -1."""
+    if len(grid) == 0:
+        return np.full(len(times), -1)
+    right = np.clip(np.searchsorted(grid, times), 0, len(grid) - 1)
+    left = np.clip(right - 1, 0, len(grid) - 1)
+    rows = np.where(np.abs(grid[left] - times) <= np.abs(grid[right] - times), left, right)
+    step = float(np.median(np.diff(grid))) if len(grid) > 1 else 1.0
+    return np.where(np.abs(grid[rows] - times) <= step / 2, rows, -1)
 
 
 def _open(path: Path) -> av.container.InputContainer:
@@ -169,7 +220,12 @@ def frame_grid(
         except av.error.FFmpegError as e:
             raise _decode_error("video", e, times[-1] if times else None, info.duration) from None
         expected = stream.frames
-    if not times:
+    return checked_grid(np.asarray(times, dtype=np.float64), expected)
+
+
+def checked_grid(times: np.ndarray, expected: int) -> np.ndarray:
+    """The decoded frame times as a grid, refused when frames are missing or out of order."""
+    if not len(times):
         raise MediaError("video stream has no frames")
     if expected and len(times) < expected:
         raise MediaError(f"truncated video: {len(times)} of {expected} frames decode")
