@@ -11,15 +11,19 @@ Per frame it writes (absent frames in brackets):
 
 Speed: MTCNN spends most of its time running P-Net over the fine levels of a full-frame image
 pyramid. Once the subject is found, each next frame is tracked by O-Net alone (MTCNN's last
-stage, about 1 ms) on the square around the last box, as MTCNN runs it on R-Net's boxes; only
-that square is resized and converted. O-Net's own regression lags a fast-moving face and wanders
-under an occluding hand, so a tracked face that scores under TRACK_SCORE, or whose box overlaps
-the box it came from by less than TRACK_IOU (a large correction: the face moved), is searched
-for again in a window around the last box (SEARCH_RADIUS box sizes each way), at the pyramid
-levels of the full detector that fit faces from SEARCH_MIN_FACE times the tracked size up; so is
-every REFINE_FRAMES-th frame. The full frame is searched only when the window holds no face that
-matches the track. On talking heads most frames cost one O-Net pass; the boxes stay within the
-spread of the full detector's own results (bench/faces.py measures both).
+stage, under 1 ms) on the square around the last box, as MTCNN runs it on R-Net's boxes; only
+that square is resized and converted, and where it reaches past the frame's edge it is padded
+with zeros (as the original MTCNN pads; facenet-pytorch clips, which squashes the face O-Net
+sees and makes a track along the edge drift). O-Net's regression lags a fast-moving face and
+wanders under an occluding hand, so a tracked face that scores under TRACK_SCORE, or whose box
+overlaps the box it came from by less than TRACK_IOU (a large correction), is searched for
+again in a window around the last box (SEARCH_RADIUS box sizes each way), at the pyramid levels
+of the full detector that fit faces from SEARCH_MIN_FACE times the tracked size up; so is every
+REFINE_FRAMES-th frame. The whole frame is searched (at the same levels) only when the window
+holds no face that matches the track, and at every level only while no subject is tracked. The
+detector itself is MTCNN's three stages with their crops batched and OpenCV's area resize of
+uint8 pixels. On talking heads most frames cost one O-Net pass, and the boxes and landmarks
+stay within the spread of the full detector's own results (bench/faces.py measures both).
 
 Subject: the largest face of the first frame with a face; then the detection that overlaps or
 is near the last box, so another face entering the frame does not take the track over. A track
@@ -59,8 +63,9 @@ MATCH_IOU = 0.3  # a detection with this IoU with the last box is the same subje
 MATCH_CENTRE = 0.5  # ...or one whose centre is within this many box sizes of the last one's
 MATCH_SCALE = 1.5  # ...and whose size is within this factor of it
 REFINE_FRAMES = 60  # at most this many frames tracked by O-Net alone between two window searches
-TRACK_SCORE = 0.98  # a face O-Net tracks with a lower score is searched for in its window instead...
-TRACK_IOU = 0.85  # ...and so is one whose box overlaps the box it was tracked from by less
+TRACK_SCORE = 0.95  # a face O-Net tracks with a lower score is searched for in its window instead...
+TRACK_IOU = 0.85  # ...and so is one whose box overlaps the box it was tracked from by less...
+START_MIN_FACE = 0.1  # a track starts on faces this fraction of the short side or larger, if any
 REACQUIRE_AFTER_S = 0.5  # a track lost this long is given up for the largest face in view
 SUBJECTS = ("largest", "left", "right")
 DECODE_BATCH = 16
@@ -112,14 +117,13 @@ class Mtcnn:
         self.device = device
 
     def tensor(self, pixels: np.ndarray) -> torch.Tensor:
-        """(b,h,w,3) uint8 as the nets' normalised (b,3,h,w) float input, channels-last in memory."""
-        images = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float()
-        return (images - 127.5) * 0.0078125
+        """(b,h,w,3) pixels as the nets' normalised (b,3,h,w) float input, channels-last in memory."""
+        normalised = (np.asarray(pixels, dtype=np.float32) - 127.5) * 0.0078125
+        return torch.from_numpy(normalised).to(self.device).permute(0, 3, 1, 2)
 
     def crops(self, image: np.ndarray, squares: np.ndarray, size: int) -> tuple[np.ndarray, torch.Tensor]:
-        """The nets' input for each square (n,4) of `image`, cut as detect_face cuts it (pad():
-        1-based, clipped to the frame) and resized with INTER_AREA on the uint8 pixels; and which
-        squares kept any pixels."""
+        """The nets' input for each square (n,4) of `image`, cut and resized as detect_face does
+        (pad(): 1-based, clipped to the frame; area resize); and which squares kept any pixels."""
         height, width = image.shape[:2]
         corners = np.trunc(squares).astype(np.int64)
         x, y = np.maximum(corners[:, 0], 1), np.maximum(corners[:, 1], 1)
@@ -127,21 +131,16 @@ class Mtcnn:
         keep = (ey > y - 1) & (ex > x - 1)
         pixels = np.empty((int(keep.sum()), size, size, 3), dtype=np.uint8)
         for i, k in enumerate(np.flatnonzero(keep)):
-            cut = image[y[k] - 1 : ey[k], x[k] - 1 : ex[k]]
-            pixels[i] = cv2.resize(cut, (size, size), interpolation=cv2.INTER_AREA)
+            pixels[i] = area_resize(image[y[k] - 1 : ey[k], x[k] - 1 : ex[k]], size, size)
         return keep, self.tensor(pixels)
 
     @torch.no_grad()
     def detect(self, image: np.ndarray, min_face: float) -> list[Face]:
-        """MTCNN's three stages as facenet-pytorch's detect_face runs them (same pyramid and its
-        resizes, thresholds, non-maximum suppressions and box arithmetic), except that the R-Net
-        and O-Net crops are resized on their uint8 pixels by OpenCV, and box arithmetic is in
+        """MTCNN's three stages as facenet-pytorch's detect_face runs them (the same pyramid,
+        thresholds, non-maximum suppressions and box arithmetic), with OpenCV's resizes of the
+        uint8 pixels (area_resize), each stage's crops in one batch and the box arithmetic in
         numpy: several times faster on a CPU."""
-        from facenet_pytorch.models.utils.detect_face import (
-            batched_nms_numpy,
-            generateBoundingBox,
-            imresample,
-        )
+        from facenet_pytorch.models.utils.detect_face import batched_nms_numpy, generateBoundingBox
         from torchvision.ops import nms
 
         min_face = pyramid_min_face(min_face)
@@ -149,14 +148,11 @@ class Mtcnn:
         if min(height, width) < min_face:
             return []  # no pyramid level fits
         image = np.ascontiguousarray(image)
-        pixels = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None].float()
         scale, side = 12.0 / min_face, min(height, width) * 12.0 / min_face
         proposals = []
         while side >= 12:
-            # the pyramid resized as detect_face resizes it: the boxes found are sensitive to it
-            level = imresample(pixels, (int(height * scale + 1), int(width * scale + 1)))
-            level = level.contiguous(memory_format=torch.channels_last)
-            reg, prob = self.nets[0]((level - 127.5) * 0.0078125)
+            level = area_resize(image, int(height * scale + 1), int(width * scale + 1))
+            reg, prob = self.nets[0](self.tensor(level[None]))
             boxes, _ = generateBoundingBox(reg, prob[:, 1], scale, THRESHOLDS[0])
             proposals.append(boxes[nms(boxes[:, :4], boxes[:, 4], 0.5)])
             scale, side = scale * PYRAMID_FACTOR, side * PYRAMID_FACTOR
@@ -199,18 +195,22 @@ class Mtcnn:
 
     @torch.no_grad()
     def refine(self, image: np.ndarray, box: np.ndarray) -> Face | None:
-        """O-Net alone on the square around `box`, as MTCNN's last stage runs on R-Net's boxes.
-
-        The same square, clipping and outputs as detect_face's last stage, in numpy; only the
-        square's pixels are resized (INTER_AREA on the uint8 crop) and converted.
-        """
+        """O-Net alone on the square around `box`, as MTCNN's last stage runs on R-Net's boxes:
+        the same square and outputs as detect_face's, in numpy, with zeros past the frame's edge.
+        Only the square's pixels are resized and converted."""
         height, width = image.shape[:2]
         square = square_box(box)
         x, y = max(int(square[0]), 1), max(int(square[1]), 1)  # pad(): 1-based, clipped to the frame
         ex, ey = min(int(square[2]), width), min(int(square[3]), height)
         if ey <= y - 1 or ex <= x - 1:
             return None
-        crop = cv2.resize(image[y - 1 : ey, x - 1 : ex], (48, 48), interpolation=cv2.INTER_AREA)
+        cut = image[y - 1 : ey, x - 1 : ex]
+        x0, y0 = int(square[0]), int(square[1])
+        if (x, y, ex, ey) != (x0, y0, int(square[2]), int(square[3])):  # zeros past the frame's edge
+            padded = np.zeros((int(square[3]) - y0 + 1, int(square[2]) - x0 + 1, 3), np.uint8)
+            padded[y - y0 : y - y0 + cut.shape[0], x - x0 : x - x0 + cut.shape[1]] = cut
+            cut = padded
+        crop = area_resize(cut, 48, 48)
         reg, points, prob = self.nets[2](self.tensor(crop[None]))
         score = float(prob[0, 1])
         if score < THRESHOLDS[2]:
@@ -219,6 +219,14 @@ class Mtcnn:
         side = square[2] - square[0] + 1
         landmarks = np.stack([side * points[:5] + square[0] - 1, side * points[5:] + square[1] - 1], axis=1)
         return Face((square + reg * side).astype(np.float32), landmarks.astype(np.float32), score)
+
+
+def area_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 (h,w,3) pixels resized by pixel-area averaging, MTCNN's resize for its pyramid and
+    crops. OpenCV's INTER_AREA on the uint8 pixels: several times faster than detect_face's
+    torch "area" resize of float pixels, with the same intent (its weights are exact pixel
+    overlaps where torch's bins overlap by whole pixels, so values differ slightly)."""
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
 
 
 def square_box(box: np.ndarray) -> np.ndarray:
@@ -272,7 +280,6 @@ class SubjectTracker:
         self.window_searches = 0
 
     def update(self, frame: np.ndarray) -> Face | None:
-        everywhere = None
         if self.last is not None and self.missed == 0 and self.refined < REFINE_FRAMES:
             face = self.detector.refine(frame, self.last.box)
             if self._steady(face) and self._continuation([face]) is not None:
@@ -282,18 +289,25 @@ class SubjectTracker:
         self.refined = 0
         if self.last is not None:
             face = self._continuation(self._search_window(frame))
-            if face is None:
-                everywhere = self._detect_full(frame)
-                face = self._continuation(everywhere)
+            if face is None:  # out of the window: the whole frame, at the pyramid levels of its size
+                face = self._continuation(self._detect_full(frame, SEARCH_MIN_FACE * self.last.size))
             if face is not None:
                 return self._keep(face)
             self.missed += 1
             if self.missed < self.reacquire_after:
                 return None
-        if everywhere is None:
-            everywhere = self._detect_full(frame)
-        start = pick_subject(everywhere, frame.shape[1], self.subject)
+        start = self._start(frame)
         return None if start is None else self._keep(start)
+
+    def _start(self, frame: np.ndarray) -> Face | None:
+        """The face a track starts on. Faces from START_MIN_FACE of the frame's short side up are
+        looked for first (the pyramid's cheap tail); the fine levels only when that finds none."""
+        coarse = max(float(MIN_FACE_PX), START_MIN_FACE * min(frame.shape[:2]))
+        for min_face in dict.fromkeys((coarse, float(MIN_FACE_PX))):
+            start = pick_subject(self._detect_full(frame, min_face), frame.shape[1], self.subject)
+            if start is not None:
+                return start
+        return None
 
     def _steady(self, face: Face | None) -> bool:
         """Whether O-Net's track can be trusted: a confident face, corrected by little."""
@@ -304,9 +318,9 @@ class SubjectTracker:
         self.last, self.missed = face, 0
         return face
 
-    def _detect_full(self, frame: np.ndarray) -> list[Face]:
+    def _detect_full(self, frame: np.ndarray, min_face: float) -> list[Face]:
         self.full_detections += 1
-        return self.detector.detect(frame, MIN_FACE_PX)
+        return self.detector.detect(frame, min_face)
 
     def _search_window(self, frame: np.ndarray) -> list[Face]:
         assert self.last is not None
@@ -448,7 +462,9 @@ class FacesStage(Stage):
                 "refine_frames": REFINE_FRAMES,
                 "track_score": TRACK_SCORE,
                 "track_iou": TRACK_IOU,
-                "refine_resize": "cv2-area-uint8",
+                "resize": "opencv-inter-area-uint8",
+                "track_padding": "zeros",
+                "start_min_face": START_MIN_FACE,
                 "reacquire_after_s": REACQUIRE_AFTER_S,
             },
         }
