@@ -69,6 +69,7 @@ START_MIN_FACE = 0.1  # a track starts on faces this fraction of the short side 
 REACQUIRE_AFTER_S = 0.5  # a track lost this long is given up for the largest face in view
 SUBJECTS = ("largest", "left", "right")
 DECODE_BATCH = 16
+RGB_CONVERSION = "opencv"  # pipeline.media.RGB_CONVERSIONS: a fifth of swscale's time per frame
 PREFETCH_BATCHES = 2
 # The networks run on a small window are too small to gain from intra-op threads on a CPU (their
 # synchronisation costs more, and collapses when other processes share the cores); one thread
@@ -463,6 +464,7 @@ class FacesStage(Stage):
                 "track_score": TRACK_SCORE,
                 "track_iou": TRACK_IOU,
                 "resize": "opencv-inter-area-uint8",
+                "rgb_conversion": RGB_CONVERSION,
                 "track_padding": "zeros",
                 "start_min_face": START_MIN_FACE,
                 "reacquire_after_s": REACQUIRE_AFTER_S,
@@ -522,7 +524,7 @@ class FacesStage(Stage):
             reacquire_after = max(1, round(REACQUIRE_AFTER_S * media.info.fps))
             tracker = SubjectTracker(self.detector, reacquire_after, self.subject)
             threads = DETECTOR_CPU_THREADS if self.detector.device == "cpu" else None
-            for rows, frames in prefetched(media.video_frames(DECODE_BATCH)):
+            for rows, frames in prefetched(media.video_frames(DECODE_BATCH, RGB_CONVERSION)):
                 found = []
                 stop = next_row
                 with torch_threads(threads), cv2_threads(1):  # on or off the grid: the track needs each step

@@ -482,3 +482,19 @@ def test_similarity_transform_is_opencvs_least_squares_fit():
         assert np.abs(mapped @ ours.T - mapped @ reference.T).max() < 1e-2
     assert similarity_transform(np.full((5, 2), 7.0)) is None  # no spread: no transform
     assert similarity_transform(np.full((5, 2), np.nan)) is None
+
+
+@pytest.mark.parametrize("path", [SINGLE_FACE, HAMILTON, CREMA_FLV[0]], ids=["bt601", "bt709-tagged", "flv"])
+def test_opencv_rgb_conversion_matches_swscale(path: Path):
+    from pipeline.media import iter_video_frames
+
+    (times, ours), (reference_times, reference) = (
+        next(iter_video_frames(path, batch_size=8, conversion=conversion))
+        for conversion in ("opencv", "swscale")
+    )
+    np.testing.assert_array_equal(times, reference_times)
+    assert ours.shape == reference.shape and ours.dtype == np.uint8
+    difference = np.abs(ours.astype(int) - reference.astype(int))
+    assert difference.mean() < 2 and np.percentile(difference, 99) <= 8  # rounding and chroma siting
+    with pytest.raises(ValueError, match="unknown RGB conversion"):
+        next(iter_video_frames(path, conversion="pillow"))
