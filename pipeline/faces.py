@@ -10,11 +10,13 @@ Per frame it writes (absent frames in brackets):
     embedding (n,D) float16   the visual embedder's output (unless --visual-model none)  [zeros]
 
 Speed: MTCNN spends most of its time running P-Net over the fine levels of a full-frame image
-pyramid. Once the subject is found, each next frame is tracked by O-Net alone (MTCNN's last
-stage, under 1 ms) on the square around the last box, as MTCNN runs it on R-Net's boxes; only
-that square is resized and converted, and where it reaches past the frame's edge it is padded
-with zeros (as the original MTCNN pads; facenet-pytorch clips, which squashes the face O-Net
-sees and makes a track along the edge drift). O-Net's regression lags a fast-moving face and
+pyramid. Once the subject is found, the next frames are tracked by O-Net alone (MTCNN's last
+stage, under 1 ms a frame) on the square around the last box, as MTCNN runs it on R-Net's boxes,
+TRACK_BATCH frames in one batch on the same square while the track holds (frames after an unsure
+one go one by one, each on the box before it); only that square is resized, and where it
+reaches past the frame's edge it is padded with zeros (as the original MTCNN pads;
+facenet-pytorch clips, which squashes the face O-Net sees and makes a track along the edge
+drift). O-Net's regression lags a fast-moving face and
 wanders under an occluding hand, so a tracked face that scores under TRACK_SCORE, or whose box
 overlaps the box it came from by less than TRACK_IOU (a large correction), is searched for
 again in a window around the last box (SEARCH_RADIUS box sizes each way), at the pyramid levels
@@ -62,6 +64,7 @@ SEARCH_MIN_FACE = 0.7  # smallest face looked for in the window, relative to the
 MATCH_IOU = 0.3  # a detection with this IoU with the last box is the same subject...
 MATCH_CENTRE = 0.5  # ...or one whose centre is within this many box sizes of the last one's
 MATCH_SCALE = 1.5  # ...and whose size is within this factor of it
+TRACK_BATCH = 16  # frames O-Net tracks in one batch, all on the box before them
 REFINE_FRAMES = 60  # at most this many frames tracked by O-Net alone between two window searches
 TRACK_SCORE = 0.95  # a face O-Net tracks with a lower score is searched for in its window instead...
 TRACK_IOU = 0.85  # ...and so is one whose box overlaps the box it was tracked from by less...
@@ -194,32 +197,41 @@ class Mtcnn:
             Face(boxes[k].astype(np.float32), landmarks[k].astype(np.float32), float(score[k])) for k in pick
         ]
 
-    @torch.no_grad()
     def refine(self, image: np.ndarray, box: np.ndarray) -> Face | None:
-        """O-Net alone on the square around `box`, as MTCNN's last stage runs on R-Net's boxes:
-        the same square and outputs as detect_face's, in numpy, with zeros past the frame's edge.
-        Only the square's pixels are resized and converted."""
-        height, width = image.shape[:2]
+        """O-Net alone on the square around `box` (see refine_many)."""
+        return self.refine_many([image], box)[0]
+
+    @torch.no_grad()
+    def refine_many(self, images: list[np.ndarray], box: np.ndarray) -> list[Face | None]:
+        """O-Net alone on the square around `box` in each image, in one batch, as MTCNN's last
+        stage runs on R-Net's boxes: the same square and outputs as detect_face's, in numpy, with
+        zeros past the frame's edge (None: no face). Only the square's pixels are resized."""
+        height, width = images[0].shape[:2]
         square = square_box(box)
         x, y = max(int(square[0]), 1), max(int(square[1]), 1)  # pad(): 1-based, clipped to the frame
         ex, ey = min(int(square[2]), width), min(int(square[3]), height)
         if ey <= y - 1 or ex <= x - 1:
-            return None
-        cut = image[y - 1 : ey, x - 1 : ex]
+            return [None] * len(images)
         x0, y0 = int(square[0]), int(square[1])
-        if (x, y, ex, ey) != (x0, y0, int(square[2]), int(square[3])):  # zeros past the frame's edge
-            padded = np.zeros((int(square[3]) - y0 + 1, int(square[2]) - x0 + 1, 3), np.uint8)
-            padded[y - y0 : y - y0 + cut.shape[0], x - x0 : x - x0 + cut.shape[1]] = cut
-            cut = padded
-        crop = area_resize(cut, 48, 48)
-        reg, points, prob = self.nets[2](self.tensor(crop[None]))
-        score = float(prob[0, 1])
-        if score < THRESHOLDS[2]:
-            return None
-        reg, points = reg[0].cpu().numpy(), points[0].cpu().numpy()
+        inside = (x, y, ex, ey) == (x0, y0, int(square[2]), int(square[3]))
+        crops = np.empty((len(images), 48, 48, 3), dtype=np.uint8)
+        for i, image in enumerate(images):
+            cut = image[y - 1 : ey, x - 1 : ex]
+            if not inside:  # zeros past the frame's edge
+                padded = np.zeros((int(square[3]) - y0 + 1, int(square[2]) - x0 + 1, 3), np.uint8)
+                padded[y - y0 : y - y0 + cut.shape[0], x - x0 : x - x0 + cut.shape[1]] = cut
+                cut = padded
+            crops[i] = area_resize(cut, 48, 48)
+        reg, points, prob = (t.cpu().numpy() for t in self.nets[2](self.tensor(crops)))
         side = square[2] - square[0] + 1
-        landmarks = np.stack([side * points[:5] + square[0] - 1, side * points[5:] + square[1] - 1], axis=1)
-        return Face((square + reg * side).astype(np.float32), landmarks.astype(np.float32), score)
+        boxes = (square + reg * side).astype(np.float32)
+        landmarks = np.stack([side * points[:, :5], side * points[:, 5:]], axis=2) + square[:2] - 1
+        return [
+            Face(boxes[i], landmarks[i].astype(np.float32), float(prob[i, 1]))
+            if prob[i, 1] >= THRESHOLDS[2]
+            else None
+            for i in range(len(images))
+        ]
 
 
 def area_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -280,13 +292,41 @@ class SubjectTracker:
         self.refined = 0  # frames since the last window search
         self.window_searches = 0
 
+    def track(self, frames: np.ndarray) -> list[Face | None]:
+        """`update` over consecutive frames. While the track is steady, O-Net runs on the same
+        square (the last box before them) in all of them in one batch; from the first frame whose
+        face is not steady on it, frames go through `update` one by one until it is again."""
+        faces: list[Face | None] = []
+        while len(faces) < len(frames):
+            if self.last is not None and self.missed == 0 and self.refined < REFINE_FRAMES:
+                ahead = frames[len(faces) : len(faces) + min(TRACK_BATCH, REFINE_FRAMES - self.refined)]
+                anchor = self.last
+                done = len(faces)
+                for face in self.detector.refine_many(list(ahead), anchor.box):
+                    if not self._steady(face, anchor) or self._continuation([face]) is None:
+                        break
+                    self.refined += 1
+                    self.last = face
+                    faces.append(face)
+                else:
+                    continue
+                if len(faces) == done:  # O-Net on the last box just failed on this frame: search
+                    faces.append(self._search(frames[done]))
+                    continue
+            faces.append(self.update(frames[len(faces)]))
+        return faces
+
     def update(self, frame: np.ndarray) -> Face | None:
         if self.last is not None and self.missed == 0 and self.refined < REFINE_FRAMES:
             face = self.detector.refine(frame, self.last.box)
-            if self._steady(face) and self._continuation([face]) is not None:
+            if self._steady(face, self.last) and self._continuation([face]) is not None:
                 self.refined += 1
                 self.last = face
                 return face
+        return self._search(frame)
+
+    def _search(self, frame: np.ndarray) -> Face | None:
+        """The frame searched: in the window around the last box, else as a whole."""
         self.refined = 0
         if self.last is not None:
             face = self._continuation(self._search_window(frame))
@@ -310,10 +350,11 @@ class SubjectTracker:
                 return start
         return None
 
-    def _steady(self, face: Face | None) -> bool:
-        """Whether O-Net's track can be trusted: a confident face, corrected by little."""
-        assert self.last is not None
-        return face is not None and face.score >= TRACK_SCORE and iou(face.box, self.last.box) >= TRACK_IOU
+    @staticmethod
+    def _steady(face: Face | None, source: Face) -> bool:
+        """Whether O-Net's track can be trusted: a confident face, little corrected from the
+        box it was tracked from."""
+        return face is not None and face.score >= TRACK_SCORE and iou(face.box, source.box) >= TRACK_IOU
 
     def _keep(self, face: Face) -> Face:
         self.last, self.missed = face, 0
@@ -461,6 +502,7 @@ class FacesStage(Stage):
                 "match_centre": MATCH_CENTRE,
                 "match_scale": MATCH_SCALE,
                 "refine_frames": REFINE_FRAMES,
+                "track_batch": TRACK_BATCH,
                 "track_score": TRACK_SCORE,
                 "track_iou": TRACK_IOU,
                 "resize": "opencv-inter-area-uint8",
@@ -528,7 +570,7 @@ class FacesStage(Stage):
                 found = []
                 stop = next_row
                 with torch_threads(threads), cv2_threads(1):  # on or off the grid: the track needs each step
-                    faces = [tracker.update(frame) for frame in frames]
+                    faces = tracker.track(frames)
                 for row, frame, face in zip(rows, frames, faces, strict=True):
                     if row < next_row:
                         continue  # off the grid, or a repeated time
