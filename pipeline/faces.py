@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from pipeline.align import CROP_SIZE, align_face
-from pipeline.media import VIDEO_EXTENSIONS, Media, grid_rows  # noqa: F401  (grid_rows: tests)
+from pipeline.media import VIDEO_EXTENSIONS, Media
 from pipeline.models import ModelUnavailable, sha256_file
 from pipeline.stages import Extra, Rows, Stage, library_versions
 from pipeline.visual import NONE, VGGFACE2, Embedder, build_embedder

@@ -12,8 +12,8 @@ from conftest import CREMA_FLV, CREMA_MP4, HAMILTON, JFK, PEXELS, SINGLE_FACE
 
 from pipeline import visual
 from pipeline.align import ARCFACE_TEMPLATE, CROP_SIZE, similarity_transform
-from pipeline.faces import FacesStage, Mtcnn, grid_rows
-from pipeline.media import Media, frame_grid, probe
+from pipeline.faces import FacesStage, Mtcnn
+from pipeline.media import Media, frame_grid, grid_rows, probe
 from pipeline.models import CACHE_ENV, ModelUnavailable
 from pipeline.runner import Extractor, FatalError, discover, run_local
 from pipeline.stages import Rows, build_stage
