@@ -1,10 +1,14 @@
 """Speed, accuracy and memory of the faces stage, against a naive full-resolution MTCNN loop.
 
 Per clip set, in the same run and with the same torch thread count:
-- decode: PyAV decoding alone (iter_video_frames), the floor for any stage;
+- decode: PyAV decoding to RGB alone (iter_video_frames, swscale's conversion), the floor for a
+  stage that reads frames as PyAV gives them; *dec cv*: the same with the OpenCV conversion the
+  faces stage uses (pipeline.faces.RGB_CONVERSION), the floor for this stage;
 - naive: decode, then facenet-pytorch `MTCNN()` with default settings, `detect` on one
   full-resolution frame at a time, timed with 1 and with 2 torch threads, keeping the faster;
-- stage: FacesStage(visual_model="none") as the runner drives it: tracking, alignment, 112x112 crops.
+- stage: FacesStage(visual_model="none") as the runner drives it: tracking, alignment, 112x112 crops
+  (the runner builds the frame grid in the same decoding pass; here the grid is decoded beforehand,
+  untimed, so *stage* is the stage's own time, decoding included).
 `--repeat` rounds run every workload once per clip set; each keeps its best time. The stage
 runs its detector on one thread (DETECTOR_CPU_THREADS) and decodes on another.
 
@@ -25,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -41,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 import av  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.faces import FacesStage, iou  # noqa: E402
+from pipeline.faces import RGB_CONVERSION, FacesStage, iou  # noqa: E402
 from pipeline.media import Media, frame_grid, iter_video_frames, probe  # noqa: E402
 
 DATA = ROOT / "data"
@@ -61,8 +64,8 @@ def media_for(path: Path) -> Media:
     return Media(path, path.stem, info, frame_grid(path, info))
 
 
-def decode_only(paths: list[Path]) -> int:
-    return sum(len(times) for path in paths for times, _ in iter_video_frames(path))
+def decode_only(paths: list[Path], conversion: str = "swscale") -> int:
+    return sum(len(times) for path in paths for times, _ in iter_video_frames(path, conversion=conversion))
 
 
 def naive(paths: list[Path], mtcnn) -> list[list]:
@@ -132,12 +135,14 @@ def speed_and_accuracy(repeat: int, stage_threads: int) -> list[dict]:
     naive(warm, mtcnn), stage_run(warm, stage), decode_only(warm)
     rows = []
     for label, paths in SETS.items():
-        best = {"decode": np.inf, "naive": np.inf, "stage": np.inf}
+        best = {"decode": np.inf, "decode_cv": np.inf, "naive": np.inf, "stage": np.inf}
         reference = ours = None
         n = 0
         for _ in range(repeat):
             seconds, n = timed(decode_only, paths)
             best["decode"] = min(best["decode"], seconds)
+            seconds, _ = timed(decode_only, paths, RGB_CONVERSION)
+            best["decode_cv"] = min(best["decode_cv"], seconds)
             for threads in NAIVE_THREADS:  # the naive loop gets whichever thread count suits it best
                 torch.set_num_threads(threads)
                 seconds, reference = timed(naive, paths, mtcnn)
@@ -154,8 +159,9 @@ def speed_and_accuracy(repeat: int, stage_threads: int) -> list[dict]:
 def print_row(row: dict) -> None:
     fps = row["fps"]
     print(
-        f"{row['set']:<27} {row['frames']:>6} {fps['decode']:>8.0f} {fps['naive']:>7.1f} "
-        f"{fps['stage']:>7.1f} {fps['stage'] / fps['naive']:>7.2f}x {fps['stage'] / fps['decode']:>6.2f} "
+        f"{row['set']:<27} {row['frames']:>6} {fps['decode']:>7.0f} {fps['decode_cv']:>7.0f} "
+        f"{fps['naive']:>6.1f} {fps['stage']:>6.1f} {fps['stage'] / fps['naive']:>7.2f}x "
+        f"{fps['stage'] / fps['decode']:>5.2f} {fps['stage'] / fps['decode_cv']:>5.2f} "
         f"{row['iou_mean']:>6.3f} {row['iou_p5']:>6.3f} {row['landmark_err_mean']:>6.3f} "
         f"{row['landmark_err_p95']:>6.3f} {row['frames_default_only']:>4} {row['frames_stage_only']:>4}",
         flush=True,
@@ -215,12 +221,18 @@ def memory_child(path: str, threads: int) -> None:
 
 
 def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS. VmHWM, not getrusage's ru_maxrss: a child started by vfork and
+    exec (as subprocess starts it) can inherit the parent's peak in ru_maxrss."""
+    return _status_mib("VmHWM:")
 
 
 def _rss_mib() -> float:
+    return _status_mib("VmRSS:")
+
+
+def _status_mib(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -272,16 +284,25 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{args.threads} torch threads, CUDA {'yes' if torch.cuda.is_available() else 'no'}"
+        f"{args.threads} torch threads, CUDA {'yes' if torch.cuda.is_available() else 'no'}, "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} (other processes skew timings)"
     )
-    report: dict = {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads}
+    report: dict = {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": args.threads,
+        "load_before": os.getloadavg(),
+    }
     if not args.skip_speed:
         print(
-            f"\n{'set':<27} {'frames':>6} {'decode':>8} {'naive':>7} {'stage':>7} {'vs naive':>8} "
-            f"{'/dec':>6} {'IoU':>6} {'IoU p5':>6} {'lm err':>6} {'lm p95':>6} {'ref+':>4} {'ours+':>4}"
+            f"\n{'set':<27} {'frames':>6} {'decode':>7} {'dec cv':>7} {'naive':>6} {'stage':>6} "
+            f"{'vs naive':>8} {'/dec':>5} {'/cv':>5} {'IoU':>6} {'IoU p5':>6} {'lm err':>6} {'lm p95':>6} "
+            f"{'ref+':>4} {'ours+':>4}"
         )
-        print(f"{'':<27} {'':>6} {'fps':>8} {'fps':>7} {'fps':>7}")
+        print(f"{'':<27} {'':>6} {'fps':>7} {'fps':>7} {'fps':>6} {'fps':>6}")
         report["speed"] = speed_and_accuracy(args.repeat, args.threads)
+        report["load_after_speed"] = os.getloadavg()
+        print(f"load average after the speed runs: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if not args.skip_memory:
         print(
             f"\n{'memory (fresh process per video)':<52} {'frames':>6} {'loaded':>8} {'peak':>8} "

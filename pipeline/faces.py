@@ -10,13 +10,22 @@ Per frame it writes (absent frames in brackets):
     embedding (n,D) float16   the visual embedder's output (unless --visual-model none)  [zeros]
 
 Speed: MTCNN spends most of its time running P-Net over the fine levels of a full-frame image
-pyramid. Once the subject is found, each next frame is searched only in a window around the
-last box (SEARCH_RADIUS box sizes each way) and only at the pyramid levels that fit faces from
-SEARCH_MIN_FACE times the tracked size up. Those levels are the same as the full detector's, so
-the boxes stay close to what full-frame MTCNN gives; the full frame is searched again only when
-the window holds no face that matches the track. Between two window searches, REFINE_FRAMES
-frames are tracked by O-Net alone on the last box (MTCNN's last stage, about 1 ms), which
-keeps the box and landmarks within the spread of the full detector's own results.
+pyramid. Once the subject is found, the next frames are tracked by O-Net alone (MTCNN's last
+stage, under 1 ms a frame) on the square around the last box, as MTCNN runs it on R-Net's boxes,
+TRACK_BATCH frames in one batch on the same square while the track holds (frames after an unsure
+one go one by one, each on the box before it); only that square is resized, and where it
+reaches past the frame's edge it is padded with zeros (as the original MTCNN pads;
+facenet-pytorch clips, which squashes the face O-Net sees and makes a track along the edge
+drift). O-Net's regression lags a fast-moving face and
+wanders under an occluding hand, so a tracked face that scores under TRACK_SCORE, or whose box
+overlaps the box it came from by less than TRACK_IOU (a large correction), is searched for
+again in a window around the last box (SEARCH_RADIUS box sizes each way), at the pyramid levels
+of the full detector that fit faces from SEARCH_MIN_FACE times the tracked size up; so is every
+REFINE_FRAMES-th frame. The whole frame is searched (at the same levels) only when the window
+holds no face that matches the track, and at every level only while no subject is tracked. The
+detector itself is MTCNN's three stages with their crops batched and OpenCV's area resize of
+uint8 pixels. On talking heads most frames cost one O-Net pass, and the boxes and landmarks
+stay within the spread of the full detector's own results (bench/faces.py measures both).
 
 Subject: the largest face of the first frame with a face; then the detection that overlaps or
 is near the last box, so another face entering the frame does not take the track over. A track
@@ -37,12 +46,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import cv2
 import numpy as np
 import torch
 
 from pipeline.align import CROP_SIZE, align_face
 from pipeline.errors import resolve_device
-from pipeline.media import VIDEO_EXTENSIONS, Media, iter_video_frames, nearest_rows
+from pipeline.media import VIDEO_EXTENSIONS, Media
 from pipeline.stages import Extra, Rows, Stage, library_versions
 from pipeline.visual import NONE, VGGFACE2, Embedder, build_embedder
 from pipeline.weights import sha256_file
@@ -55,10 +65,15 @@ SEARCH_MIN_FACE = 0.7  # smallest face looked for in the window, relative to the
 MATCH_IOU = 0.3  # a detection with this IoU with the last box is the same subject...
 MATCH_CENTRE = 0.5  # ...or one whose centre is within this many box sizes of the last one's
 MATCH_SCALE = 1.5  # ...and whose size is within this factor of it
-REFINE_FRAMES = 2  # frames tracked by O-Net alone on the last box between two window searches
+TRACK_BATCH = 16  # frames O-Net tracks in one batch, all on the box before them
+REFINE_FRAMES = 120  # at most this many frames tracked by O-Net alone between two window searches
+TRACK_SCORE = 0.95  # a face O-Net tracks with a lower score is searched for in its window instead...
+TRACK_IOU = 0.85  # ...and so is one whose box overlaps the box it was tracked from by less...
+START_MIN_FACE = 0.1  # a track starts on faces this fraction of the short side or larger, if any
 REACQUIRE_AFTER_S = 0.5  # a track lost this long is given up for the largest face in view
 SUBJECTS = ("largest", "left", "right")
 DECODE_BATCH = 16
+RGB_CONVERSION = "opencv"  # pipeline.media.RGB_CONVERSIONS: a fifth of swscale's time per frame
 PREFETCH_BATCHES = 2
 # The networks run on a small window are too small to gain from intra-op threads on a CPU (their
 # synchronisation costs more, and collapses when other processes share the cores); one thread
@@ -105,51 +120,134 @@ class Mtcnn:
         ]
         self.device = device
 
-    def pixels(self, image: np.ndarray) -> torch.Tensor:
-        """(1,h,w,3) float view of a contiguous (1,3,h,w) tensor, the layout detect_face permutes to.
+    def tensor(self, pixels: np.ndarray) -> torch.Tensor:
+        """(b,h,w,3) pixels as the nets' normalised (b,3,h,w) float input, channels-last in memory."""
+        normalised = (np.asarray(pixels, dtype=np.float32) - 127.5) * 0.0078125
+        return torch.from_numpy(normalised).to(self.device).permute(0, 3, 1, 2)
 
-        Contiguous channels make detect_face's many small crops and resizes cheaper.
-        """
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)
-        return pixels.float().contiguous()[None].permute(0, 2, 3, 1)
+    def crops(self, image: np.ndarray, squares: np.ndarray, size: int) -> tuple[np.ndarray, torch.Tensor]:
+        """The nets' input for each square (n,4) of `image`, cut and resized as detect_face does
+        (pad(): 1-based, clipped to the frame; area resize); and which squares kept any pixels."""
+        height, width = image.shape[:2]
+        corners = np.trunc(squares).astype(np.int64)
+        x, y = np.maximum(corners[:, 0], 1), np.maximum(corners[:, 1], 1)
+        ex, ey = np.minimum(corners[:, 2], width), np.minimum(corners[:, 3], height)
+        keep = (ey > y - 1) & (ex > x - 1)
+        pixels = np.empty((int(keep.sum()), size, size, 3), dtype=np.uint8)
+        for i, k in enumerate(np.flatnonzero(keep)):
+            pixels[i] = area_resize(image[y[k] - 1 : ey[k], x[k] - 1 : ex[k]], size, size)
+        return keep, self.tensor(pixels)
 
     @torch.no_grad()
     def detect(self, image: np.ndarray, min_face: float) -> list[Face]:
-        from facenet_pytorch.models.utils.detect_face import detect_face
+        """MTCNN's three stages as facenet-pytorch's detect_face runs them (the same pyramid,
+        thresholds, non-maximum suppressions and box arithmetic), with OpenCV's resizes of the
+        uint8 pixels (area_resize), each stage's crops in one batch and the box arithmetic in
+        numpy: several times faster on a CPU."""
+        from facenet_pytorch.models.utils.detect_face import batched_nms_numpy, generateBoundingBox
+        from torchvision.ops import nms
 
         min_face = pyramid_min_face(min_face)
-        if min(image.shape[:2]) < min_face:
+        height, width = image.shape[:2]
+        if min(height, width) < min_face:
             return []  # no pyramid level fits
-        boxes, points = detect_face(
-            self.pixels(image), min_face, *self.nets, THRESHOLDS, PYRAMID_FACTOR, self.device
+        image = np.ascontiguousarray(image)
+        scale, side = 12.0 / min_face, min(height, width) * 12.0 / min_face
+        proposals = []
+        while side >= 12:
+            level = area_resize(image, int(height * scale + 1), int(width * scale + 1))
+            reg, prob = self.nets[0](self.tensor(level[None]))
+            boxes, _ = generateBoundingBox(reg, prob[:, 1], scale, THRESHOLDS[0])
+            proposals.append(boxes[nms(boxes[:, :4], boxes[:, 4], 0.5)])
+            scale, side = scale * PYRAMID_FACTOR, side * PYRAMID_FACTOR
+        boxes = torch.cat(proposals).cpu().numpy() if proposals else np.zeros((0, 9), np.float32)
+        boxes = boxes[nms(torch.from_numpy(boxes[:, :4]), torch.from_numpy(boxes[:, 4]), 0.7).numpy()]
+        size = boxes[:, 2:4] - boxes[:, 0:2]
+        boxes = boxes[:, :4] + boxes[:, 5:9] * np.tile(size, 2)  # P-Net's regression
+        # R-Net
+        squares = np.array([square_box(b) for b in boxes], dtype=np.float32).reshape(-1, 4)
+        keep, pixels = self.crops(image, squares, 24)
+        squares = squares[keep]
+        if not len(squares):
+            return []
+        reg, prob = (t.cpu().numpy() for t in self.nets[1](pixels))
+        passed = prob[:, 1] > THRESHOLDS[1]
+        squares, score, reg = squares[passed], prob[passed, 1], reg[passed]
+        pick = nms(torch.from_numpy(squares), torch.from_numpy(score), 0.7).numpy()
+        squares, reg = squares[pick], reg[pick]
+        sides = squares[:, 2:3] - squares[:, 0:1] + 1
+        squares = np.array([square_box(b) for b in squares + reg * sides], dtype=np.float32).reshape(-1, 4)
+        # O-Net
+        keep, pixels = self.crops(image, squares, 48)
+        squares = squares[keep]
+        if not len(squares):
+            return []
+        reg, points, prob = (t.cpu().numpy() for t in self.nets[2](pixels))
+        passed = prob[:, 1] > THRESHOLDS[2]
+        squares, score, reg, points = squares[passed], prob[passed, 1], reg[passed], points[passed]
+        sides = squares[:, 2:3] - squares[:, 0:1] + 1
+        landmarks = (
+            np.stack([sides * points[:, :5], sides * points[:, 5:]], axis=2) + squares[:, None, :2] - 1
         )
-        boxes = np.asarray(boxes[0], dtype=np.float32).reshape(-1, 5)
-        points = np.asarray(points[0], dtype=np.float32).reshape(-1, 5, 2)
-        return [Face(b[:4].copy(), p, float(b[4])) for b, p in zip(boxes, points, strict=True)]
+        boxes = squares + reg * sides
+        pick = batched_nms_numpy(
+            torch.from_numpy(boxes), torch.from_numpy(score), torch.zeros(len(boxes)), 0.7, "Min"
+        ).numpy()
+        return [
+            Face(boxes[k].astype(np.float32), landmarks[k].astype(np.float32), float(score[k])) for k in pick
+        ]
+
+    def refine(self, image: np.ndarray, box: np.ndarray) -> Face | None:
+        """O-Net alone on the square around `box` (see refine_many)."""
+        return self.refine_many([image], box)[0]
 
     @torch.no_grad()
-    def refine(self, image: np.ndarray, box: np.ndarray) -> Face | None:
-        """O-Net alone on the square around `box`, as MTCNN's last stage runs on R-Net's boxes."""
-        from facenet_pytorch.models.utils.detect_face import bbreg, imresample, pad, rerec
+    def refine_many(self, images: list[np.ndarray], box: np.ndarray) -> list[Face | None]:
+        """O-Net alone on the square around `box` in each image, in one batch, as MTCNN's last
+        stage runs on R-Net's boxes: the same square and outputs as detect_face's, in numpy, with
+        zeros past the frame's edge (None: no face). Only the square's pixels are resized."""
+        height, width = images[0].shape[:2]
+        square = square_box(box)
+        x, y = max(int(square[0]), 1), max(int(square[1]), 1)  # pad(): 1-based, clipped to the frame
+        ex, ey = min(int(square[2]), width), min(int(square[3]), height)
+        if ey <= y - 1 or ex <= x - 1:
+            return [None] * len(images)
+        x0, y0 = int(square[0]), int(square[1])
+        inside = (x, y, ex, ey) == (x0, y0, int(square[2]), int(square[3]))
+        crops = np.empty((len(images), 48, 48, 3), dtype=np.uint8)
+        for i, image in enumerate(images):
+            cut = image[y - 1 : ey, x - 1 : ex]
+            if not inside:  # zeros past the frame's edge
+                padded = np.zeros((int(square[3]) - y0 + 1, int(square[2]) - x0 + 1, 3), np.uint8)
+                padded[y - y0 : y - y0 + cut.shape[0], x - x0 : x - x0 + cut.shape[1]] = cut
+                cut = padded
+            crops[i] = area_resize(cut, 48, 48)
+        reg, points, prob = (t.cpu().numpy() for t in self.nets[2](self.tensor(crops)))
+        side = square[2] - square[0] + 1
+        boxes = (square + reg * side).astype(np.float32)
+        landmarks = np.stack([side * points[:, :5], side * points[:, 5:]], axis=2) + square[:2] - 1
+        return [
+            Face(boxes[i], landmarks[i].astype(np.float32), float(prob[i, 1]))
+            if prob[i, 1] >= THRESHOLDS[2]
+            else None
+            for i in range(len(images))
+        ]
 
-        height, width = image.shape[:2]
-        square = rerec(torch.tensor([[*box, 0.0]], dtype=torch.float32))
-        y, ey, x, ex = pad(square.clone(), width, height)
-        if ey[0] <= y[0] - 1 or ex[0] <= x[0] - 1:
-            return None
-        pixels = self.pixels(image).permute(0, 3, 1, 2)
-        crop = imresample(pixels[:, :, y[0] - 1 : ey[0], x[0] - 1 : ex[0]], (48, 48))
-        reg, points, prob = self.nets[2]((crop - 127.5) * 0.0078125)
-        score = float(prob[0, 1])
-        if score < THRESHOLDS[2]:
-            return None
-        square = square.to(self.device)
-        side_x, side_y = square[0, 2] - square[0, 0] + 1, square[0, 3] - square[0, 1] + 1
-        xs = side_x * points[0, :5] + square[0, 0] - 1
-        ys = side_y * points[0, 5:] + square[0, 1] - 1
-        refined = bbreg(square.clone(), reg)
-        landmarks = torch.stack([xs, ys], dim=1).cpu().numpy().astype(np.float32)
-        return Face(refined[0, :4].cpu().numpy().astype(np.float32), landmarks, score)
+
+def area_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 (h,w,3) pixels resized by pixel-area averaging, MTCNN's resize for its pyramid and
+    crops. OpenCV's INTER_AREA on the uint8 pixels: several times faster than detect_face's
+    torch "area" resize of float pixels, with the same intent (its weights are exact pixel
+    overlaps where torch's bins overlap by whole pixels, so values differ slightly)."""
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def square_box(box: np.ndarray) -> np.ndarray:
+    """The square MTCNN makes of a box before its next stage (detect_face's rerec)."""
+    width, height = box[2] - box[0], box[3] - box[1]
+    side = max(width, height)
+    x, y = box[0] + width * 0.5 - side * 0.5, box[1] + height * 0.5 - side * 0.5
+    return np.array([x, y, x + side, y + side], dtype=np.float32)
 
 
 def weights_sha256() -> dict[str, str]:
@@ -192,41 +290,83 @@ class SubjectTracker:
         self.missed = 0
         self.full_detections = 0
         self.refined = 0  # frames since the last window search
+        self.window_searches = 0
+
+    def track(self, frames: np.ndarray) -> list[Face | None]:
+        """`update` over consecutive frames. While the track is steady, O-Net runs on the same
+        square (the last box before them) in all of them in one batch; from the first frame whose
+        face is not steady on it, frames go through `update` one by one until it is again."""
+        faces: list[Face | None] = []
+        while len(faces) < len(frames):
+            if self.last is not None and self.missed == 0 and self.refined < REFINE_FRAMES:
+                ahead = frames[len(faces) : len(faces) + min(TRACK_BATCH, REFINE_FRAMES - self.refined)]
+                anchor = self.last
+                done = len(faces)
+                for face in self.detector.refine_many(list(ahead), anchor.box):
+                    if not self._steady(face, anchor) or self._continuation([face]) is None:
+                        break
+                    self.refined += 1
+                    self.last = face
+                    faces.append(face)
+                else:
+                    continue
+                if len(faces) == done:  # O-Net on the last box just failed on this frame: search
+                    faces.append(self._search(frames[done]))
+                    continue
+            faces.append(self.update(frames[len(faces)]))
+        return faces
 
     def update(self, frame: np.ndarray) -> Face | None:
-        everywhere = None
         if self.last is not None and self.missed == 0 and self.refined < REFINE_FRAMES:
             face = self.detector.refine(frame, self.last.box)
-            if face is not None and self._continuation([face]) is not None:
+            if self._steady(face, self.last) and self._continuation([face]) is not None:
                 self.refined += 1
                 self.last = face
                 return face
+        return self._search(frame)
+
+    def _search(self, frame: np.ndarray) -> Face | None:
+        """The frame searched: in the window around the last box, else as a whole."""
         self.refined = 0
         if self.last is not None:
             face = self._continuation(self._search_window(frame))
-            if face is None:
-                everywhere = self._detect_full(frame)
-                face = self._continuation(everywhere)
+            if face is None:  # out of the window: the whole frame, at the pyramid levels of its size
+                face = self._continuation(self._detect_full(frame, SEARCH_MIN_FACE * self.last.size))
             if face is not None:
                 return self._keep(face)
             self.missed += 1
             if self.missed < self.reacquire_after:
                 return None
-        if everywhere is None:
-            everywhere = self._detect_full(frame)
-        start = pick_subject(everywhere, frame.shape[1], self.subject)
+        start = self._start(frame)
         return None if start is None else self._keep(start)
+
+    def _start(self, frame: np.ndarray) -> Face | None:
+        """The face a track starts on. Faces from START_MIN_FACE of the frame's short side up are
+        looked for first (the pyramid's cheap tail); the fine levels only when that finds none."""
+        coarse = max(float(MIN_FACE_PX), START_MIN_FACE * min(frame.shape[:2]))
+        for min_face in dict.fromkeys((coarse, float(MIN_FACE_PX))):
+            start = pick_subject(self._detect_full(frame, min_face), frame.shape[1], self.subject)
+            if start is not None:
+                return start
+        return None
+
+    @staticmethod
+    def _steady(face: Face | None, source: Face) -> bool:
+        """Whether O-Net's track can be trusted: a confident face, little corrected from the
+        box it was tracked from."""
+        return face is not None and face.score >= TRACK_SCORE and iou(face.box, source.box) >= TRACK_IOU
 
     def _keep(self, face: Face) -> Face:
         self.last, self.missed = face, 0
         return face
 
-    def _detect_full(self, frame: np.ndarray) -> list[Face]:
+    def _detect_full(self, frame: np.ndarray, min_face: float) -> list[Face]:
         self.full_detections += 1
-        return self.detector.detect(frame, MIN_FACE_PX)
+        return self.detector.detect(frame, min_face)
 
     def _search_window(self, frame: np.ndarray) -> list[Face]:
         assert self.last is not None
+        self.window_searches += 1
         height, width = frame.shape[:2]
         size, (cx, cy) = self.last.size, self.last.centre
         reach = SEARCH_RADIUS * size
@@ -314,17 +454,21 @@ def torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def grid_rows(times: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """The grid row of each decoded frame time (nearest within half a frame), else -1."""
-    if len(grid) == 0:
-        return np.full(len(times), -1)
-    rows = nearest_rows(times, grid)
-    step = float(np.median(np.diff(grid))) if len(grid) > 1 else 1.0
-    return np.where(np.abs(grid[rows] - times) <= step / 2, rows, -1)
+@contextmanager
+def cv2_threads(count: int) -> Iterator[None]:
+    """Runs the block with OpenCV on `count` threads: its small resizes and warps lose more to
+    handing work to a pool than they gain, and the decode thread has the other core."""
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(count)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
 
 
 class FacesStage(Stage):
     name = "faces"
+    decodes_video = True  # the runner may build the frame grid in this stage's decoding pass
 
     def __init__(
         self, visual_model: str = VGGFACE2, crops: bool = True, device: str = "auto", subject: str = "largest"
@@ -364,6 +508,13 @@ class FacesStage(Stage):
                 "match_centre": MATCH_CENTRE,
                 "match_scale": MATCH_SCALE,
                 "refine_frames": REFINE_FRAMES,
+                "track_batch": TRACK_BATCH,
+                "track_score": TRACK_SCORE,
+                "track_iou": TRACK_IOU,
+                "resize": "opencv-inter-area-uint8",
+                "rgb_conversion": RGB_CONVERSION,
+                "track_padding": "zeros",
+                "start_min_face": START_MIN_FACE,
                 "reacquire_after_s": REACQUIRE_AFTER_S,
             },
         }
@@ -409,20 +560,22 @@ class FacesStage(Stage):
             reacquire_after = max(1, round(REACQUIRE_AFTER_S * media.info.fps))
             tracker = SubjectTracker(self.detector, reacquire_after, self.subject)
             threads = DETECTOR_CPU_THREADS if self.detector.device == "cpu" else None
-            for times, frames in prefetched(iter_video_frames(media.path, DECODE_BATCH)):
+            for rows, frames in prefetched(media.video_frames(DECODE_BATCH, RGB_CONVERSION)):
                 found = []
                 stop = next_row
-                with torch_threads(threads):  # every frame, on or off the grid: the track needs each step
-                    faces = [tracker.update(frame) for frame in frames]
-                for row, frame, face in zip(grid_rows(times, media.timestamps), frames, faces, strict=True):
+                with torch_threads(threads), cv2_threads(1):  # on or off the grid: the track needs each step
+                    faces = tracker.track(frames)
+                for row, frame, face in zip(rows, frames, faces, strict=True):
                     if row < next_row:
                         continue  # off the grid, or a repeated time
                     stop = max(stop, row + 1)
                     if face is not None:
                         found.append((row - next_row, frame, face))
+                with cv2_threads(1):  # the embedder, if any, keeps the caller's torch threads
+                    block = self._block(stop - next_row, found) if stop > next_row else None
                 faces_found += len(found)
-                if stop > next_row:
-                    yield Rows(next_row, self._block(stop - next_row, found))
+                if block is not None:
+                    yield Rows(next_row, block)
                     next_row = stop
         while next_row < n:
             count = min(ABSENT_BLOCK, n - next_row)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 
 DEFAULT_FPS = 30.0
@@ -18,6 +19,11 @@ SAMPLE_RATE = 16_000
 # Frame threading hides a damaged packet's decode error (the stream just ends early); slice
 # threading reports it, at almost the same speed.
 DECODE_THREADING = "SLICE"
+# How frames become RGB: "swscale" (PyAV's to_ndarray) or "opencv": the decoder's yuv420p planes
+# through OpenCV's BT.601 limited-range conversion, about a fifth of swscale's time; the pixels
+# differ by about one level on average (rounding, and chroma upsampled by repetition rather than
+# interpolation). Other pixel formats and full-range video always go through swscale.
+RGB_CONVERSIONS = ("swscale", "opencv")
 IMAGE_FORMATS = ("image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "gif", "tiff_pipe")
 TEXT_FORMATS = ("tty",)  # FFmpeg renders any text file as a "video" of ANSI art
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".avi", ".mov", ".webm", ".flv", ".m4v", ".mpg", ".mpeg", ".ts", ".wmv"}
@@ -63,6 +69,10 @@ class MediaError(Exception):
     """A file that cannot be used as media; the message names the problem, not the file."""
 
 
+class GridMismatch(MediaError):
+    """More frames decode than the container's header announced: the grid needs its own pass."""
+
+
 @dataclass(frozen=True)
 class MediaInfo:
     has_video: bool
@@ -82,16 +92,63 @@ class Media:
     info: MediaInfo
     timestamps: np.ndarray  # (n,) float64 seconds; one row per frame
     _cache: dict = field(default_factory=dict, repr=False)
+    # True while the grid is still to be decoded, by the first video_frames() pass: `timestamps`
+    # then holds NaNs, as many as the container's header announces frames (see shared_grid).
+    grid_pending: bool = False
 
     @property
     def n_frames(self) -> int:
         return len(self.timestamps)
+
+    def video_frames(
+        self, batch_size: int = 32, conversion: str = "swscale"
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yields (grid rows (b,), frames (b,h,w,3) uint8 RGB) in presentation order; row -1 is
+        a decoded frame off the grid.
+
+        While `grid_pending`, this one decoding pass also builds the grid: each decoded frame is
+        the next row, and `timestamps` is set (and checked as frame_grid checks it) at the end.
+        """
+        if not self.grid_pending:
+            for times, frames in iter_video_frames(self.path, batch_size, conversion=conversion):
+                yield grid_rows(times, self.timestamps), frames
+            return
+        expected = self.n_frames
+        times: list[np.ndarray] = []
+        decoded = 0
+        for batch_times, frames in iter_video_frames(self.path, batch_size, conversion=conversion):
+            if decoded + len(batch_times) > expected:
+                raise GridMismatch(f"more than the {expected} frames the header announces decode")
+            times.append(batch_times)
+            yield np.arange(decoded, decoded + len(batch_times)), frames
+            decoded += len(batch_times)
+        self.timestamps = checked_grid(np.concatenate(times) if times else np.zeros(0), expected)
+        self.grid_pending = False
 
     def audio(self) -> np.ndarray | None:
         """The audio track as 16 kHz mono float32 from t=0, decoded once per Media."""
         if "audio" not in self._cache:
             self._cache["audio"] = read_audio(self.path) if self.info.has_audio else None
         return self._cache["audio"]
+
+
+def shared_grid(path: Path, video_id: str, info: MediaInfo) -> Media | None:
+    """A Media whose grid the first video_frames() pass decodes (one pass for grid and pixels),
+    or None when the container does not say how many frames to expect (the grid needs its own)."""
+    with _open(path) as container:
+        expected = container.streams.video[0].frames if container.streams.video else 0
+    if not expected:
+        return None
+    return Media(path, video_id, info, np.full(expected, np.nan), grid_pending=True)
+
+
+def grid_rows(times: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """The grid row of each decoded frame time (nearest within half a frame), else -1."""
+    if len(grid) == 0:
+        return np.full(len(times), -1)
+    rows = nearest_rows(times, grid)
+    step = float(np.median(np.diff(grid))) if len(grid) > 1 else 1.0
+    return np.where(np.abs(grid[rows] - times) <= step / 2, rows, -1)
 
 
 def _open(path: Path) -> av.container.InputContainer:
@@ -169,7 +226,12 @@ def frame_grid(
         except av.error.FFmpegError as e:
             raise _decode_error("video", e, times[-1] if times else None, info.duration) from None
         expected = stream.frames
-    if not times:
+    return checked_grid(np.asarray(times, dtype=np.float64), expected)
+
+
+def checked_grid(times: np.ndarray, expected: int) -> np.ndarray:
+    """The decoded frame times as a grid, refused when frames are missing or out of order."""
+    if not len(times):
         raise MediaError("video stream has no frames")
     if expected and len(times) < expected:
         raise MediaError(f"truncated video: {len(times)} of {expected} frames decode")
@@ -197,12 +259,15 @@ def _frame_time(frame: av.VideoFrame, start: float, index: int, fps: float) -> f
 
 
 def iter_video_frames(
-    path: Path, batch_size: int = 32, max_side: int | None = None
+    path: Path, batch_size: int = 32, max_side: int | None = None, conversion: str = "swscale"
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yields (timestamps (b,), frames (b,h,w,3) uint8 RGB) in presentation order.
 
-    `max_side` downscales frames whose longer side exceeds it, during conversion.
+    `max_side` downscales frames whose longer side exceeds it, during conversion (by swscale);
+    `conversion` is one of RGB_CONVERSIONS.
     """
+    if conversion not in RGB_CONVERSIONS:
+        raise ValueError(f"unknown RGB conversion {conversion!r}; choose from {', '.join(RGB_CONVERSIONS)}")
     with _open(path) as container:
         start = _start_time(container)
         stream = container.streams.video[0]
@@ -214,7 +279,7 @@ def iter_video_frames(
         try:
             for frame in container.decode(stream):
                 times.append(_frame_time(frame, start, index, fps))
-                frames.append(_to_rgb(frame, max_side))
+                frames.append(_to_rgb(frame, max_side, conversion))
                 index += 1
                 if len(frames) == batch_size:
                     yield np.asarray(times), np.stack(frames)
@@ -228,16 +293,25 @@ def iter_video_frames(
             yield np.asarray(times), np.stack(frames)
 
 
-def _to_rgb(frame: av.VideoFrame, max_side: int | None) -> np.ndarray:
+def _to_rgb(frame: av.VideoFrame, max_side: int | None, conversion: str = "swscale") -> np.ndarray:
     """The frame as displayed: phone videos store a display rotation instead of rotated pixels."""
     if max_side and max(frame.width, frame.height) > max_side:
         scale = max_side / max(frame.width, frame.height)
         width, height = round(frame.width * scale), round(frame.height * scale)
         image = frame.to_ndarray(format="rgb24", width=width, height=height)
+    elif conversion == "opencv" and _opencv_converts(frame):
+        image = cv2.cvtColor(frame.to_ndarray(format="yuv420p"), cv2.COLOR_YUV2RGB_I420)
     else:
         image = frame.to_ndarray(format="rgb24")
     quarter_turns = round(frame.rotation / 90) % 4  # counter-clockwise, as np.rot90 turns them
     return np.ascontiguousarray(np.rot90(image, quarter_turns)) if quarter_turns else image
+
+
+def _opencv_converts(frame: av.VideoFrame) -> bool:
+    """Whether OpenCV's I420 conversion fits the frame: limited-range yuv420p of even size."""
+    limited = frame.color_range != 2  # 2: full ("JPEG") range
+    even = frame.width % 2 == 0 and frame.height % 2 == 0
+    return frame.format.name == "yuv420p" and limited and even
 
 
 def read_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

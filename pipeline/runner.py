@@ -31,12 +31,14 @@ from pipeline.media import (
     DEFAULT_FPS,
     MEDIA_EXTENSIONS,
     NOT_MEDIA_EXTENSIONS,
+    GridMismatch,
     Media,
     MediaError,
     MediaInfo,
     frame_grid,
     probe,
     read_audio,
+    shared_grid,
 )
 from pipeline.stages import Extra, Rows, Stage, build_stage, config_hash, library_versions
 from pipeline.store import (
@@ -203,43 +205,70 @@ class Extractor:
         self._configs: dict[str, tuple[str, dict[str, Any]]] | None = None
 
     def run_job(self, job: Job, progress: Progress | None = None) -> list[Outcome]:
-        source = str(job.path)
         configs = self.prepare()
         try:
-            media = self._media(job)
+            media, identity = self._media(job, share=True)
         except (MediaError, OSError) as e:
             return [self._fail(job, stage.name, _one_line(e)) for stage in self.stages]
-        outcomes = []
-        grid_digest = grid_hash(media.timestamps)
+        outcomes: dict[str, Outcome] = {}
+        if media.grid_pending:  # one decoding pass gives the grid and the first video stage's frames
+            stage = next(s for s in self.stages if getattr(s, "decodes_video", False))
+            try:
+                outcomes[stage.name] = self._run_stage(job, stage, media, configs[stage.name], progress)
+            except GridMismatch:  # the header undercounts: the grid gets its own pass, as unshared
+                pass
+            except MediaError as e:  # a damaged video fails whole, as its grid pass would have
+                return [self._fail(job, stage.name, _one_line(e)) for stage in self.stages]
+            if media.grid_pending:  # the stage stopped before the end: the grid gets its own pass
+                try:
+                    media, _ = self._media(job, share=False)
+                except (MediaError, OSError) as e:
+                    return [self._fail(job, stage.name, _one_line(e)) for stage in self.stages]
+            else:
+                self._write_grid(job, media, identity)
         for stage in self.stages:
-            config_digest, config = configs[stage.name]
-            shard = shard_path(self.store, stage.name, job.video_id)
+            if stage.name not in outcomes:
+                outcomes[stage.name] = self._run_stage(job, stage, media, configs[stage.name], progress)
+        return [outcomes[stage.name] for stage in self.stages]
+
+    def _run_stage(
+        self,
+        job: Job,
+        stage: Stage,
+        media: Media,
+        resolved: tuple[str, dict[str, Any]],
+        progress: Progress | None,
+    ) -> Outcome:
+        source = str(job.path)
+        config_digest, config = resolved
+        shard = shard_path(self.store, stage.name, job.video_id)
+        if not media.grid_pending:
+            grid_digest = grid_hash(media.timestamps)
             attrs = read_shard_attrs(shard) if not self.force else None
             current = (
                 attrs and attrs.get("config_hash") == config_digest and attrs.get("grid_hash") == grid_digest
             )
             if current and not shard_problem(shard, full=True):  # a damaged shard is recomputed
-                outcomes.append(Outcome(job.video_id, source, stage.name, "skipped"))
-                continue
-            started = time.perf_counter()
-            try:
-                with MODEL_LOCK:
-                    self._load(stage)
-                    warning = self._write(stage, media, config, config_digest, grid_digest, progress)
-            except FatalError:
+                return Outcome(job.video_id, source, stage.name, "skipped")
+        started = time.perf_counter()
+        try:
+            with MODEL_LOCK:
+                self._load(stage)
+                warning = self._write(stage, media, config, config_digest, progress)
+        except FatalError:
+            raise
+        except MediaError as e:
+            if media.grid_pending:  # the grid's own failure: the caller fails the whole file
                 raise
-            except Exception as e:  # one bad video must never stop the others
-                # The shard already there is kept: a good one of this config and grid stays
-                # linked (a failed --force recompute loses nothing); one of another config or
-                # grid is never linked by the index.
-                outcomes.append(self._fail(job, stage.name, _one_line(e)))
-                continue
-            clear_failure(self.store, stage.name, job.video_id)
-            seconds = time.perf_counter() - started
-            outcomes.append(
-                Outcome(job.video_id, source, stage.name, "done", "", warning, media.n_frames, seconds)
-            )
-        return outcomes
+            return self._fail(job, stage.name, _one_line(e))
+        except Exception as e:  # one bad video must never stop the others
+            # The shard already there is kept: a good one of this config and grid stays
+            # linked (a failed --force recompute loses nothing); one of another config or
+            # grid is never linked by the index.
+            return self._fail(job, stage.name, _one_line(e))
+        clear_failure(self.store, stage.name, job.video_id)
+        seconds = time.perf_counter() - started
+        return Outcome(job.video_id, source, stage.name, "done", "", warning, media.n_frames, seconds)
 
     def prepare(self) -> dict[str, tuple[str, dict[str, Any]]]:
         """Resolves every stage (models, device, weights' checksums) once, before the first job, so
@@ -274,8 +303,14 @@ class Extractor:
             raise FatalError(self._unloadable[stage.name]) from None
         self._loaded.add(stage.name)
 
-    def _media(self, job: Job) -> Media:
-        """The job's frame grid, from its grid shard when the file is unchanged, else decoded anew."""
+    def _media(self, job: Job, share: bool) -> tuple[Media, dict[str, Any]]:
+        """The job's frame grid, from its grid shard when the file is unchanged, else decoded
+        anew; and the file's identity (size, mtime) the grid shard records.
+
+        With `share`, a grid that must be decoded is left to the decoding pass of the first stage
+        that reads the frames (Media.grid_pending), when that stage has work to do here: one
+        decode per file instead of two. The caller then writes the grid shard (_write_grid).
+        """
         try:
             stat = job.path.stat()
         except FileNotFoundError:
@@ -292,7 +327,7 @@ class Extractor:
         if same and not shard_problem(grid, full=True):
             timestamps = read_rows(grid, "timestamps")
             info = MediaInfo(**{k: attrs[k] for k in MediaInfo.__dataclass_fields__})
-            return Media(job.path, job.video_id, info, timestamps)
+            return Media(job.path, job.video_id, info, timestamps), identity
         if attrs and attrs.get("source") != source and not self.force:
             raise MediaError(
                 f"video id {job.video_id!r} already holds {attrs.get('source')} in this store; extract "
@@ -301,23 +336,42 @@ class Extractor:
         info = probe(job.path)
         if not info.has_video:
             info = replace(info, fps=self.fps)
+        if share and info.has_video and self._video_stage_to_run(job):
+            media = shared_grid(job.path, job.video_id, info)
+            if media is not None:
+                return media, identity
         audio = read_audio(job.path) if not info.has_video else None  # the grid's and the stages'
         timestamps = frame_grid(job.path, info, self.fps, audio)
-        fields = {k: getattr(info, k) for k in MediaInfo.__dataclass_fields__}
+        media = Media(job.path, job.video_id, info, timestamps, {} if audio is None else {"audio": audio})
+        self._write_grid(job, media, identity)
+        return media, identity
+
+    def _video_stage_to_run(self, job: Job) -> bool:
+        """Whether the first stage that decodes frames has no shard of its current config here:
+        it will run, whatever the grid (one that has such a shard needs the grid to tell)."""
+        stage = next((s for s in self.stages if getattr(s, "decodes_video", False)), None)
+        if stage is None:
+            return False
+        if self.force:
+            return True
+        attrs = read_shard_attrs(shard_path(self.store, stage.name, job.video_id))
+        return not attrs or attrs.get("config_hash") != self.prepare()[stage.name][0]
+
+    def _write_grid(self, job: Job, media: Media, identity: dict[str, Any]) -> None:
+        fields = {k: getattr(media.info, k) for k in MediaInfo.__dataclass_fields__}
         write_shard(
             self.store,
             GRID,
             job.video_id,
-            {"timestamps": timestamps},
+            {"timestamps": media.timestamps},
             {
-                "source": source,
-                "n_frames": len(timestamps),
+                "source": str(job.path.absolute()),
+                "n_frames": media.n_frames,
                 "identity": identity,
-                "grid_hash": grid_hash(timestamps),
+                "grid_hash": grid_hash(media.timestamps),
                 **fields,
             },
         )
-        return Media(job.path, job.video_id, info, timestamps, {} if audio is None else {"audio": audio})
 
     def _write(
         self,
@@ -325,10 +379,11 @@ class Extractor:
         media: Media,
         config: dict[str, Any],
         config_digest: str,
-        grid_digest: str,
         progress: Progress | None,
     ) -> str:
-        """Runs the stage into its shard; returns the stage's warning, if it gave one."""
+        """Runs the stage into its shard; returns the stage's warning, if it gave one.
+
+        The grid hash is recorded at the end: a pending grid is complete only then."""
         provenance = dict(stage.provenance())
         versions = {**RUNNER_LIBRARIES, **provenance.pop("versions", {})}
         attrs: dict[str, Any] = {
@@ -337,7 +392,6 @@ class Extractor:
             "source": str(media.path.absolute()),
             "config": config,
             "config_hash": config_digest,
-            "grid_hash": grid_digest,
             **provenance,
             "versions": versions,
         }
@@ -362,7 +416,12 @@ class Extractor:
                 elif isinstance(item, Extra):
                     writer.write_extra(item.arrays, item.attrs)
                     warning = item.attrs.get("warning", warning)
-            set_attrs(writer.file, {"seconds": time.perf_counter() - started})
+            if media.grid_pending:
+                raise RuntimeError(f"stage {stage.name} did not decode the whole video")
+            set_attrs(
+                writer.file,
+                {"grid_hash": grid_hash(media.timestamps), "seconds": time.perf_counter() - started},
+            )
         return warning
 
 

@@ -13,8 +13,8 @@ from conftest import CREMA_FLV, CREMA_MP4, HAMILTON, JFK, PEXELS, SINGLE_FACE
 from pipeline import visual
 from pipeline.align import ARCFACE_TEMPLATE, CROP_SIZE, similarity_transform
 from pipeline.errors import ModelUnavailable
-from pipeline.faces import FacesStage, Mtcnn, grid_rows
-from pipeline.media import Media, frame_grid, probe
+from pipeline.faces import FacesStage, Mtcnn
+from pipeline.media import Media, frame_grid, grid_rows, probe
 from pipeline.runner import Extractor, FatalError, discover, run_local
 from pipeline.stages import Rows, build_stage, resolved
 from pipeline.store import open_store
@@ -378,3 +378,129 @@ def test_subject_option_tracks_the_left_or_the_right_person(tmp_path: Path):
     assert resolved(FacesStage(device="cpu", subject="left")).config()["subject"] == "left"
     with pytest.raises(ValueError, match="unknown --subject 'middle'"):
         FacesStage(device="cpu", subject="middle")
+
+
+class CountingContainer:
+    """A PyAV input container that counts the video and audio frames decoded from it."""
+
+    def __init__(self, container):
+        self._container = container
+        self.video_frames = self.audio_frames = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._container, name)
+
+    def __enter__(self):
+        self._container.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._container.__exit__(*exc)
+
+    def decode(self, *args, **kwargs):
+        for frame in self._container.decode(*args, **kwargs):
+            self.video_frames += isinstance(frame, av.VideoFrame)
+            self.audio_frames += isinstance(frame, av.AudioFrame)
+            yield frame
+
+
+@pytest.fixture
+def opened(monkeypatch) -> list[CountingContainer]:
+    """Every container av.open opens for reading from now on, counting what is decoded from it."""
+    containers: list[CountingContainer] = []
+    real_open = av.open
+
+    def counting_open(*args, **kwargs):
+        container = real_open(*args, **kwargs)
+        if len(args) > 1 or kwargs.get("mode", "r") != "r":
+            return container  # written files are not decodes
+        containers.append(CountingContainer(container))
+        return containers[-1]
+
+    monkeypatch.setattr(av, "open", counting_open)
+    return containers
+
+
+def decode_passes(containers: list[CountingContainer]) -> tuple[int, int]:
+    """(passes over the video's frames, passes over the audio): probe's one-frame peek is no pass."""
+    return sum(c.video_frames > 1 for c in containers), sum(c.audio_frames > 0 for c in containers)
+
+
+def test_one_video_decode_per_file_for_grid_and_faces(opened, store: Path):
+    jobs, _ = discover([SINGLE_FACE])
+    stages = [
+        FacesStage(visual_model="none", crops=True, device="cpu"),
+        build_stage("audio", {"audio_model": "logmel", "device": "cpu"}),
+    ]
+    n = decoded_frame_count(SINGLE_FACE)
+    opened.clear()
+    outcomes = run_local(jobs, Extractor(store, stages))
+    assert [o.status for o in outcomes] == ["done", "done"]
+    assert decode_passes(opened) == (1, 1)  # the grid and the faces from one pass; the audio once
+    assert sum(c.video_frames for c in opened) <= n + 1  # + probe's peek at the first frame
+    expected = collect(FacesStage(visual_model="none", crops=True, device="cpu"), media_for(SINGLE_FACE))
+    with open_store(store) as f:
+        video = f[f"videos/{SINGLE_FACE.stem}"]
+        np.testing.assert_array_equal(video["timestamps"][:], frame_grid(SINGLE_FACE, probe(SINGLE_FACE)))
+        for name in ("present", "boxes", "landmarks", "crops"):
+            np.testing.assert_array_equal(video[f"faces/{name}"][:], expected[name])
+    opened.clear()
+    outcomes = run_local(jobs, Extractor(store, stages))
+    assert [o.status for o in outcomes] == ["skipped", "skipped"]
+    assert decode_passes(opened) == (0, 0)  # the stored grid, and both stages done
+
+
+def test_a_header_that_undercounts_gets_the_grid_its_own_pass(opened, store: Path, monkeypatch):
+    from pipeline import runner
+
+    n = decoded_frame_count(SINGLE_FACE)
+
+    def undercounted(path: Path, video_id: str, info) -> Media:
+        return Media(path, video_id, info, np.full(n - 1, np.nan), grid_pending=True)
+
+    monkeypatch.setattr(runner, "shared_grid", undercounted)
+    jobs, _ = discover([SINGLE_FACE])
+    opened.clear()
+    outcomes = run_local(jobs, Extractor(store, [FacesStage(visual_model="none", crops=False, device="cpu")]))
+    assert [o.status for o in outcomes] == ["done"]
+    assert decode_passes(opened)[0] == 3  # the shared pass, given up; then the grid's and the faces' own
+    with open_store(store) as f:
+        video = f[f"videos/{SINGLE_FACE.stem}"]
+        assert len(video["timestamps"]) == len(video["faces/present"]) == n
+        assert video["faces/present"][:].mean() > 0.95
+
+
+def test_similarity_transform_is_opencvs_least_squares_fit():
+    import cv2
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scale, angle = rng.uniform(0.2, 3), rng.uniform(-0.6, 0.6)
+        turn = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        points = ARCFACE_TEMPLATE @ turn.T + rng.uniform(-300, 300, 2) + rng.normal(0, 3, (5, 2))
+        points = points.astype(np.float32)
+        # every point an inlier: OpenCV's refinement ends at the least-squares similarity
+        reference, _ = cv2.estimateAffinePartial2D(
+            points, ARCFACE_TEMPLATE, method=cv2.RANSAC, ransacReprojThreshold=1e6
+        )
+        ours = similarity_transform(points)
+        mapped = np.c_[points, np.ones(5)]
+        assert np.abs(mapped @ ours.T - mapped @ reference.T).max() < 1e-2
+    assert similarity_transform(np.full((5, 2), 7.0)) is None  # no spread: no transform
+    assert similarity_transform(np.full((5, 2), np.nan)) is None
+
+
+@pytest.mark.parametrize("path", [SINGLE_FACE, HAMILTON, CREMA_FLV[0]], ids=["bt601", "bt709-tagged", "flv"])
+def test_opencv_rgb_conversion_matches_swscale(path: Path):
+    from pipeline.media import iter_video_frames
+
+    (times, ours), (reference_times, reference) = (
+        next(iter_video_frames(path, batch_size=8, conversion=conversion))
+        for conversion in ("opencv", "swscale")
+    )
+    np.testing.assert_array_equal(times, reference_times)
+    assert ours.shape == reference.shape and ours.dtype == np.uint8
+    difference = np.abs(ours.astype(int) - reference.astype(int))
+    assert difference.mean() < 2 and np.percentile(difference, 99) <= 8  # rounding and chroma siting
+    with pytest.raises(ValueError, match="unknown RGB conversion"):
+        next(iter_video_frames(path, conversion="pillow"))
