@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +29,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[0] = str(REPO)  # so that bench/fusion.py is not `fusion`
 sys.path.insert(1, str(REPO / "tests"))
+sys.path.insert(2, str(REPO / "bench"))  # after the repository, so that `fusion` is the package
 
 from conftest import CREMA_MP4, HAMILTON, PEXELS, SINGLE_FACE  # noqa: E402
+from scaling import extract  # noqa: E402
 
 from pipeline.faces import FacesStage, iou  # noqa: E402
 from pipeline.media import Media, frame_grid, iter_video_frames, probe  # noqa: E402
@@ -130,10 +130,6 @@ def extraction(copies: int) -> dict:
         for path in sources:
             shutil.copy(path, clips / f"{path.stem}-{k}{path.suffix}")
     frames = copies * decode(sources)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
     runs = {}
     try:
         for name, extra in (
@@ -142,18 +138,7 @@ def extraction(copies: int) -> dict:
             ("--workers auto (CUDA)", ["--workers", "auto", "--device", "cuda"]),
         ):
             store = folder / name.split()[1] / name.split()[-1].strip("()").lower() / "store.h5"
-            store.parent.mkdir(parents=True)
-            started = time.perf_counter()
-            result = subprocess.run(
-                [sys.executable, "-m", "cli", "extract", str(clips), "--store", str(store), *EXTRACT, *extra],
-                cwd=REPO,
-                env=env,
-                capture_output=True,
-                text=True,
-            )
-            wall = time.perf_counter() - started
-            if result.returncode != 0:
-                raise SystemExit(f"extract {name} failed:\n{result.stdout}\n{result.stderr}")
+            wall, _ = extract(clips, store, *extra, options=EXTRACT)
             run = runs[name] = {"wall_s": wall, "frames_per_s": frames / wall}
             run["vs_workers_1_cpu"] = runs["--workers 1 --device cpu"]["wall_s"] / wall
             print(

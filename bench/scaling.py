@@ -51,12 +51,12 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def extract(clips: Path, store: Path, *extra: str) -> tuple[float, float]:
+def extract(clips: Path, store: Path, *extra: str, options: list[str] = OPTIONS) -> tuple[float, float]:
     """(wall seconds, busy core-seconds) of one `rcma extract`."""
     store.parent.mkdir(parents=True)
     cpu, started = children_cpu(), time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "cli", "extract", str(clips), "--store", str(store), *OPTIONS, *extra],
+        [sys.executable, "-m", "cli", "extract", str(clips), "--store", str(store), *options, *extra],
         cwd=REPO,
         env=ENV,
         capture_output=True,
