@@ -23,6 +23,7 @@ DEMO_STORE := $(DEMO)/store.h5
 # trained on: `rcma predict FILES --model ... --store ...` extracts what the checkpoint needs (here
 # already in the demo store, so it is reused) and writes CSVs, plots and report.html.
 demo: setup
+	rm -rf $(DEMO)  # a fresh store: one made by an older rcma may hold other stage settings
 	mkdir -p $(DEMO)
 	$(BIN)/rcma extract data/crema-d/mp4 data/pexels data/hamilton data/jfk data/speech-va \
 	  --stage all --visual-model none --store $(DEMO_STORE)
