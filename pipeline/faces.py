@@ -73,6 +73,7 @@ START_MIN_FACE = 0.1  # a track starts on faces this fraction of the short side 
 REACQUIRE_AFTER_S = 0.5  # a track lost this long is given up for the largest face in view
 SUBJECTS = ("largest", "left", "right")
 DECODE_BATCH = 16
+FIRST_DECODE_BATCH = 4  # detection starts after 4 decoded frames, not 16: short clips wait less
 RGB_CONVERSION = "opencv"  # pipeline.media.RGB_CONVERSIONS: a fifth of swscale's time per frame
 PREFETCH_BATCHES = 2
 # The networks run on a small window are too small to gain from intra-op threads on a CPU (their
@@ -509,6 +510,7 @@ class FacesStage(Stage):
                 "match_scale": MATCH_SCALE,
                 "refine_frames": REFINE_FRAMES,
                 "track_batch": TRACK_BATCH,
+                "first_decode_batch": FIRST_DECODE_BATCH,
                 "track_score": TRACK_SCORE,
                 "track_iou": TRACK_IOU,
                 "resize": "opencv-inter-area-uint8",
@@ -560,7 +562,9 @@ class FacesStage(Stage):
             reacquire_after = max(1, round(REACQUIRE_AFTER_S * media.info.fps))
             tracker = SubjectTracker(self.detector, reacquire_after, self.subject)
             threads = DETECTOR_CPU_THREADS if self.detector.device == "cpu" else None
-            for rows, frames in prefetched(media.video_frames(DECODE_BATCH, RGB_CONVERSION)):
+            for rows, frames in prefetched(
+                media.video_frames(DECODE_BATCH, RGB_CONVERSION, FIRST_DECODE_BATCH)
+            ):
                 found = []
                 stop = next_row
                 with torch_threads(threads), cv2_threads(1):  # on or off the grid: the track needs each step

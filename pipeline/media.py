@@ -101,7 +101,7 @@ class Media:
         return len(self.timestamps)
 
     def video_frames(
-        self, batch_size: int = 32, conversion: str = "swscale"
+        self, batch_size: int = 32, conversion: str = "swscale", first_batch: int = 0
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yields (grid rows (b,), frames (b,h,w,3) uint8 RGB) in presentation order; row -1 is
         a decoded frame off the grid.
@@ -110,13 +110,17 @@ class Media:
         the next row, and `timestamps` is set (and checked as frame_grid checks it) at the end.
         """
         if not self.grid_pending:
-            for times, frames in iter_video_frames(self.path, batch_size, conversion=conversion):
+            for times, frames in iter_video_frames(
+                self.path, batch_size, conversion=conversion, first_batch=first_batch
+            ):
                 yield grid_rows(times, self.timestamps), frames
             return
         expected = self.n_frames
         times: list[np.ndarray] = []
         decoded = 0
-        for batch_times, frames in iter_video_frames(self.path, batch_size, conversion=conversion):
+        for batch_times, frames in iter_video_frames(
+            self.path, batch_size, conversion=conversion, first_batch=first_batch
+        ):
             if decoded + len(batch_times) > expected:
                 raise GridMismatch(f"more than the {expected} frames the header announces decode")
             times.append(batch_times)
@@ -259,9 +263,14 @@ def _frame_time(frame: av.VideoFrame, start: float, index: int, fps: float) -> f
 
 
 def iter_video_frames(
-    path: Path, batch_size: int = 32, max_side: int | None = None, conversion: str = "swscale"
+    path: Path,
+    batch_size: int = 32,
+    max_side: int | None = None,
+    conversion: str = "swscale",
+    first_batch: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields (timestamps (b,), frames (b,h,w,3) uint8 RGB) in presentation order.
+    """Yields (timestamps (b,), frames (b,h,w,3) uint8 RGB) in presentation order; the first
+    batch holds `first_batch` frames when given (a consumer can start before a full batch decodes).
 
     `max_side` downscales frames whose longer side exceeds it, during conversion (by swscale);
     `conversion` is one of RGB_CONVERSIONS.
@@ -281,7 +290,7 @@ def iter_video_frames(
                 times.append(_frame_time(frame, start, index, fps))
                 frames.append(_to_rgb(frame, max_side, conversion))
                 index += 1
-                if len(frames) == batch_size:
+                if len(frames) == (first_batch if first_batch and index == len(frames) else batch_size):
                     yield np.asarray(times), np.stack(frames)
                     times, frames = [], []
         except av.error.FFmpegError as e:

@@ -14,7 +14,7 @@ from pipeline import visual
 from pipeline.align import ARCFACE_TEMPLATE, CROP_SIZE, similarity_transform
 from pipeline.errors import ModelUnavailable
 from pipeline.faces import FacesStage, Mtcnn
-from pipeline.media import Media, frame_grid, grid_rows, probe
+from pipeline.media import Media, frame_grid, grid_rows, iter_video_frames, probe
 from pipeline.runner import Extractor, FatalError, discover, run_local
 from pipeline.stages import Rows, build_stage, resolved
 from pipeline.store import open_store
@@ -504,3 +504,12 @@ def test_opencv_rgb_conversion_matches_swscale(path: Path):
     assert difference.mean() < 2 and np.percentile(difference, 99) <= 8  # rounding and chroma siting
     with pytest.raises(ValueError, match="unknown RGB conversion"):
         next(iter_video_frames(path, conversion="pillow"))
+
+
+def test_a_small_first_decode_batch_gives_the_same_frames_sooner():
+    plain = list(iter_video_frames(SINGLE_FACE, 16))
+    early = list(iter_video_frames(SINGLE_FACE, 16, first_batch=4))
+    assert [len(t) for t, _ in early][:3] == [4, 16, 16]
+    for part in (0, 1):  # timestamps, then pixels
+        whole = [np.concatenate([batch[part] for batch in run]) for run in (plain, early)]
+        np.testing.assert_array_equal(*whole)
