@@ -32,10 +32,10 @@ sys.path.insert(1, str(REPO / "tests"))
 sys.path.insert(2, str(REPO / "bench"))  # after the repository, so that `fusion` is the package
 
 from conftest import CREMA_MP4, HAMILTON, PEXELS, SINGLE_FACE  # noqa: E402
+from faces import decode_only, stage_run  # noqa: E402
 from scaling import extract  # noqa: E402
 
 from pipeline.faces import FacesStage, iou  # noqa: E402
-from pipeline.media import Media, frame_grid, iter_video_frames, probe  # noqa: E402
 from pipeline.runner import cpu_count  # noqa: E402
 
 SETS = {
@@ -45,21 +45,6 @@ SETS = {
     "hamilton (640x360, cuts)": [HAMILTON],
 }
 EXTRACT = ["--stage", "faces,audio", "--audio-model", "logmel", "--visual-model", "none", "--quiet"]
-
-
-def decode(paths: list[Path]) -> int:
-    return sum(len(times) for path in paths for times, _ in iter_video_frames(path))
-
-
-def faces(paths: list[Path], stage: FacesStage) -> list[dict[str, np.ndarray]]:
-    out = []
-    for path in paths:
-        info = probe(path)
-        blocks = list(stage.run(Media(path, path.stem, info, frame_grid(path, info))))
-        out.append(
-            {k: np.concatenate([b.arrays[k] for b in blocks]) for k in ("present", "boxes", "landmarks")}
-        )
-    return out
 
 
 def best_of(repeat: int, fn, *args) -> tuple[float, object]:
@@ -92,12 +77,12 @@ def faces_speed(repeat: int) -> list[dict]:
     }
     for stage in stages.values():
         stage.load()
-        faces([SINGLE_FACE], stage)  # warm-up: kernels, cudnn autotuning
+        stage_run([SINGLE_FACE], stage)  # warm-up: kernels, cudnn autotuning
     rows = []
     for label, paths in SETS.items():
-        decode_s, n = best_of(repeat, decode, paths)
-        cpu_s, on_cpu = best_of(repeat, faces, paths, stages["cpu"])
-        cuda_s, on_cuda = best_of(repeat, faces, paths, stages["cuda"])
+        decode_s, n = best_of(repeat, decode_only, paths)
+        cpu_s, on_cpu = best_of(repeat, stage_run, paths, stages["cpu"])
+        cuda_s, on_cuda = best_of(repeat, stage_run, paths, stages["cuda"])
         row = {
             "clips": label,
             "frames": n,
@@ -129,7 +114,7 @@ def extraction(copies: int) -> dict:
     for k in range(copies):
         for path in sources:
             shutil.copy(path, clips / f"{path.stem}-{k}{path.suffix}")
-    frames = copies * decode(sources)
+    frames = copies * decode_only(sources)
     runs = {}
     try:
         for name, extra in (

@@ -285,14 +285,15 @@ def iter_video_frames(
         times: list[float] = []
         frames: list[np.ndarray] = []
         index = 0
+        size = first_batch or batch_size
         try:
             for frame in container.decode(stream):
                 times.append(_frame_time(frame, start, index, fps))
                 frames.append(_to_rgb(frame, max_side, conversion))
                 index += 1
-                if len(frames) == (first_batch if first_batch and index == len(frames) else batch_size):
+                if len(frames) == size:
                     yield np.asarray(times), np.stack(frames)
-                    times, frames = [], []
+                    times, frames, size = [], [], batch_size
         except av.error.FFmpegError as e:
             last = times[-1] if times else None
             raise _decode_error(

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import CREMA_MP4, SINGLE_FACE
 from synthetic import interaction_store
+from test_faces import collect, media_for
 from typer.testing import CliRunner
 
 from cli import app
@@ -15,7 +16,6 @@ from fusion.model import load_checkpoint
 from fusion.predict import evaluate
 from fusion.train import TrainConfig, train
 from pipeline.faces import FacesStage, iou
-from pipeline.media import Media, frame_grid, probe
 from pipeline.store import open_store
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
@@ -26,9 +26,7 @@ SMALL = dict(window=32, hop=16, eval_hop=16, width=32, batch_size=16, warmup_ste
 def faces_of(path: Path, device: str) -> dict[str, np.ndarray]:
     stage = FacesStage(visual_model="none", crops=True, device=device)
     stage.load()
-    info = probe(path)
-    blocks = list(stage.run(Media(path, path.stem, info, frame_grid(path, info))))
-    return {k: np.concatenate([b.arrays[k] for b in blocks]) for k in ("present", "boxes", "landmarks")}
+    return collect(stage, media_for(path))
 
 
 def faces_in(store: Path, vid: str) -> dict[str, np.ndarray]:
