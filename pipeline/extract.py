@@ -89,6 +89,7 @@ def extract(settings: ExtractSettings, console: Any) -> bool:
                 settings.scheduler,
                 on_frames,
                 on_job,
+                lambda line: _say(console, f"[yellow]note:[/yellow] {line}"),
             )
     except ValueError as e:  # an option out of range: --shard, --workers, --fps
         raise FatalError(str(e)) from None

@@ -70,6 +70,7 @@ INDEX_EVERY_S = 2.0
 MODEL_LOCK = threading.RLock()
 GPU_RESOURCE = "GPU"
 WORKERS_PER_GPU = 2  # one decodes while the other computes on the GPU
+MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_"  # set by Dask for its workers; see worker_environ
 RUNNER_LIBRARIES = library_versions("rcma", "torch", "numpy", "av", "h5py")
 Progress = Callable[[str, int, int], None]  # (label, frames done, frames total)
 
@@ -447,11 +448,13 @@ def extract(
     scheduler: str | None = None,
     progress: Progress | None = None,
     on_job_done: Callable[[Job, list[Outcome]], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> list[Outcome]:
     """Runs `jobs`: on the Dask cluster at `scheduler`, else here with `workers` processes
-    ("auto": see `auto_workers`); one worker runs in this process, as rcma always did."""
+    ("auto": see `auto_workers`); one worker runs in this process, as rcma always did. `on_note`
+    is given a line about the run that is worth a user's attention (a slow worker setting)."""
     if scheduler:
-        outcomes = run_dask(jobs, scheduler, store, stage_specs, fps, force, on_job_done, progress)
+        outcomes = run_dask(jobs, scheduler, store, stage_specs, fps, force, on_job_done, progress, on_note)
     else:
         count = resolve_workers(workers, len(jobs), stage_specs)
         if count == 1:
@@ -726,6 +729,7 @@ def run_dask(
     force: bool,
     on_job_done: Callable[[Job, list[Outcome]], None] | None = None,
     progress: Progress | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> list[Outcome]:
     """Runs jobs on an existing cluster (`tcp://host:port`, `tls://...` or a scheduler file).
 
@@ -737,11 +741,41 @@ def run_dask(
     check_fps(fps)
     client = connect(scheduler)
     try:
+        note = _lost_cluster_is_a_run_error(scheduler, lambda: malloc_trim_note(client))
+        if note and on_note:
+            on_note(note)
         return _run_on_client(
             client, scheduler, jobs, store, stage_specs, fps, force, WorkerSetup(), on_job_done, progress
         )
     finally:
         _quietly(client.close)
+
+
+def malloc_trim_note(client) -> str:
+    """A line when workers run with MALLOC_TRIM_THRESHOLD_ set (Dask's default for the workers a
+    nanny starts): see `worker_environ`."""
+    settings = client.run(_environment_variable, MALLOC_TRIM)
+    slowed = sorted(address for address, value in settings.items() if value is not None)
+    if not slowed:
+        return ""
+    value = settings[slowed[0]]
+    return (
+        f"{len(slowed)} of {len(settings)} Dask workers run with {MALLOC_TRIM}={value} (Dask's "
+        "default), which costs rcma about 40% more CPU per job; docs/cluster.md shows the Dask "
+        "config that turns it off"
+    )
+
+
+def _environment_variable(name: str) -> str | None:
+    return os.environ.get(name)  # run on a worker: its own environment
+
+
+def worker_environ(threads: int) -> dict[str, str]:
+    """The environment a LocalCluster worker process starts with: its share of the CPU threads for
+    OpenMP and BLAS, and glibc's own malloc settings. Dask's default sets MALLOC_TRIM_THRESHOLD_,
+    which also turns off glibc's adaptive mmap threshold, so every decoded frame and tensor is
+    mapped and unmapped afresh: about 40% more CPU per job here (docs/scaling.md)."""
+    return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 
 
 def run_local_cluster(
@@ -756,25 +790,11 @@ def run_local_cluster(
 ) -> list[Outcome]:
     """Runs jobs on a Dask LocalCluster of `workers` processes with one thread each; every worker
     gets its share of the CPU threads for torch, and with GPUs, a GPU (declared as a resource)."""
-    import logging
-
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     check_fps(fps)
-    gpus = gpu_count(stage_specs)
-    setup = WorkerSetup(threads=max(1, cpu_count() // workers), gpus=gpus)
-    threads = str(setup.threads)
-    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=None,
-        memory_limit=0,  # models are large and shared by all jobs: no spilling or pausing
-        silence_logs=logging.ERROR,
-        resources={GPU_RESOURCE: 1} if gpus else None,
-        env=env,
-    )
+    setup = WorkerSetup(threads=max(1, cpu_count() // workers), gpus=gpu_count(stage_specs))
+    cluster = local_cluster(workers, setup)
     try:
         with Client(cluster) as client:
             return _run_on_client(
@@ -782,6 +802,26 @@ def run_local_cluster(
             )
     finally:
         _quietly(cluster.close)
+
+
+def local_cluster(workers: int, setup: WorkerSetup):
+    """A Dask LocalCluster of `workers` processes with one thread each, started with
+    `worker_environ`, declaring a GPU each when `setup` has GPUs."""
+    import logging
+
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ(setup.threads or 1)}):
+        return LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            memory_limit=0,  # models are large and shared by all jobs: no spilling or pausing
+            silence_logs=logging.ERROR,
+            resources={GPU_RESOURCE: 1} if setup.gpus else None,
+        )
 
 
 def _run_on_client(
@@ -872,7 +912,7 @@ def _prepare_every_worker(
     setup: WorkerSetup,
     resources: dict[str, int] | None,
 ) -> dict[str, tuple[str, dict[str, Any]]]:
-    """Loads the models on every worker at once (not one after another as first jobs arrive) and
+    """Resolves the stages on every worker at once (models found, weights checksummed) and
     checks that all resolve the same stage configs: a worker with other weights on its disk would
     otherwise write a store of mixed features. Workers that join later prepare on their first job."""
     workers = list(client.scheduler_info(n_workers=-1).get("workers", {}))
