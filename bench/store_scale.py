@@ -6,7 +6,8 @@ stage shards each, copied from one real shard written by the store's own writer)
 - the peer of every figure: listing the shard folders and `stat`-ing every shard, the least any
   tool must do to know that a store of this many files has not changed,
 - the first `rebuild_index` (no earlier index: every shard is opened once),
-- `rebuild_index(fresh=True)`: the whole index written anew from the record of the shards,
+- `rebuild_index(fresh=True)`: the whole index written anew from the record of the shards (the
+  groups of unchanged videos copied from the index it replaces),
 - `rebuild_index` again with nothing changed, and with 1% of the videos' shards rewritten
   (what `rcma index` and every index refresh of a running extract do),
 - `rcma status` and `rcma show` (the commands themselves, each in a new process),
@@ -143,20 +144,20 @@ def seed_record(store: Path) -> None:
     """The first index of a store whose shards are all copies of one: each kind read once."""
     import pipeline.store
 
-    scan_one = pipeline.store._scan_one
+    scan_many = pipeline.store._scan_many
     seen: dict[tuple[str, tuple[str, ...]], tuple[str, dict]] = {}
 
-    def once(path: Path, names: tuple[str, ...]) -> tuple[str, dict]:
-        key = (path.parent.name, names)
-        if key not in seen:
-            seen[key] = scan_one(path, names)
-        return seen[key]
+    def once(jobs: list[tuple[Path, tuple[str, ...]]]) -> list[tuple[str, dict]]:
+        for path, names in jobs:
+            if (path.parent.name, names) not in seen:
+                seen[path.parent.name, names] = scan_many([(path, names)])[0]
+        return [seen[path.parent.name, names] for path, names in jobs]
 
-    pipeline.store._scan_one = once  # rebuild_index looks it up in the module at each call
+    pipeline.store._scan_many = once  # rebuild_index looks it up in the module at each call
     try:
         rebuild_index(store)
     finally:
-        pipeline.store._scan_one = scan_one
+        pipeline.store._scan_many = scan_many
 
 
 def measure(folder: Path, n: int, open_all_up_to: int) -> dict[str, float]:

@@ -31,6 +31,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -39,6 +40,7 @@ import uuid
 import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISLNK
@@ -439,7 +441,11 @@ def config_summary(config: dict[str, Any]) -> str:
 
 INDEX_LAYOUT = "rcma-sharded-v1"
 INDEX_RECORD = ".index-record.json"  # in the shard folder: what the index links, what each shard held
-REWRITE_SHARE = 0.2  # an index update touching more videos than this share is written afresh
+# An update rewrites each changed video's group in a copy of the index (~0.28 ms a video: the old
+# group removed, the new one written); writing anew copies each unchanged group (~0.05 ms) and
+# writes each changed one (~0.16 ms). Updating costs less up to ~30% of the videos changed, but
+# grows the file: above this share, the index is written anew.
+REWRITE_SHARE = 0.2
 REWRITE_GROWTH = 2.0  # ...as is one grown this many times its fresh size by updates
 
 
@@ -460,70 +466,104 @@ class ShardInfo(NamedTuple):
     def path(self) -> Path:
         return self.root / self.key
 
-    @property
-    def link(self) -> str:
-        """The shard as the index links it (relative to the index's folder)."""
-        return f"{self.root.name}/{self.key}"
 
-    def cache_entry(self) -> list:
-        return [self.size, self.mtime_ns, self.video_id, self.problem, self.attrs]
-
-
-def scan_shards(
-    store: Path,
-    folder: str,
-    cache: dict[str, list] | None = None,
-    files: list[tuple[str, int, int]] | None = None,
-    misses: list[tuple[str, bool]] | None = None,
-) -> dict[str, ShardInfo]:
+def scan_shards(store: Path, folder: str, cache: _ShardCache | None = None) -> dict[str, ShardInfo]:
     """{video id: ShardInfo} of every finished shard under `store.h5.d/<folder>/`.
 
     A shard whose size and modification time match its entry in `cache` (the index's record of
-    the last scan) is not opened again: this is what keeps the index and `rcma status` fast on a
-    store of 100,000 videos. Any other shard is opened and checked (`shard_problem`'s quick check).
-    `files` is the folder's listing when `_walk_files` has just made it; `misses` gets the video id
-    of each shard opened, and whether the record had an entry for its file.
+    the last scan) is not opened again: this is what keeps `rcma status` fast on a store of
+    100,000 videos. Every other shard is opened and checked (`_scan_folders`).
     """
     root = shard_root(store)
-    out: dict[str, ShardInfo] = {}
-    cache = cache or {}
-    for rel, size, mtime in _walk_files(root / folder, ".h5") if files is None else files:
-        key = f"{folder}/{rel}"
-        entry = cache.get(key)
-        if entry is not None and entry[0] == size and entry[1] == mtime:
-            video_id, problem, attrs = entry[2], entry[3], entry[4]
-        else:
-            video_id = rel[: -len(".h5")]
-            names = (*SCANNED_ATTRS, *(VIDEO_ATTRS if folder == GRID else ()))
-            problem, attrs = _scan_one(root / key, names)
-            if any(_HASHED.search(part) for part in rel.split("/")):
-                video_id = str(attrs.get("video_id", video_id))
-            if misses is not None:
-                misses.append((video_id, entry is not None))
-        out[video_id] = ShardInfo(video_id, root, key, problem, attrs, size, mtime)
-    return out
+    parts, _ = _scan_folders(root, {folder: _walk_files(root / folder, ".h5")}, cache or _ShardCache({}))
+    part = parts[folder]
+    infos = {}
+    for i, (video_id, key) in enumerate(zip(part["video_id"], part["key"], strict=True)):
+        attrs = {name: column[i] for name, column in part["attrs"].items() if column[i] is not None}
+        infos[video_id] = ShardInfo(
+            video_id, root, key, part["problem"][i], attrs, part["size"][i], part["mtime"][i]
+        )
+    return infos
 
 
 SCANNED_ATTRS = ("grid_hash", "config_hash", "video_id")
+SCAN_IN_PROCESSES = 2000  # shards: a scan of this many or more is spread over one process a core
+SCAN_BATCH = 250  # shards a process scans in one go
+
+
+def _scanned_names(folder: str) -> tuple[str, ...]:
+    return (*SCANNED_ATTRS, *(VIDEO_ATTRS if folder == GRID else ()))
+
+
+def _shard_id(rel: str, attrs: dict[str, Any]) -> str:
+    """A shard's video id: its path under its stage folder, or the id a hashed long name's attrs hold."""
+    video_id = rel[: -len(".h5")]
+    if any(_HASHED.search(part) for part in rel.split("/")):
+        video_id = str(attrs.get("video_id", video_id))
+    return video_id
+
+
+def _scan_many(jobs: list[tuple[Path, tuple[str, ...]]]) -> list[tuple[str, dict[str, Any]]]:
+    """`_scan_one` of each (shard, attr names), in order.
+
+    The first index of a store opens every shard, minutes of HDF5 reads for 100,000 videos; h5py
+    holds one lock for all of them, so threads would only take turns, and many shards are scanned
+    by one process a core. The processes are started afresh ("spawn"): a forked one could inherit
+    a lock another thread holds (an extract's workers write shards while the index is refreshed).
+    """
+    processes = min(_cores(), len(jobs) // SCAN_BATCH)
+    if len(jobs) < SCAN_IN_PROCESSES or processes < 2 or multiprocessing.current_process().daemon:
+        return _scan_batch(jobs)  # a daemon process (a pool's worker) may start none
+    batches = [jobs[i : i + SCAN_BATCH] for i in range(0, len(jobs), SCAN_BATCH)]
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return [scan for batch in pool.map(_scan_batch, batches) for scan in batch]
+
+
+def _scan_batch(jobs: list[tuple[Path, tuple[str, ...]]]) -> list[tuple[str, dict[str, Any]]]:
+    return [_scan_one(path, names) for path, names in jobs]
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _scan_one(path: Path, names: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
     """(problem, the attrs `names`) of a shard, in one open: the quick check of `shard_problem`
-    (the file opens, its attrs and its list of arrays read), plus the share of frames present."""
-    try:  # h5py's high-level objects cost more than the file's open: one of each, at most
-        with h5py.File(path, "r") as f:
-            held = f.attrs
-            attrs = {k: _plain(held[k]) for k in names if h5py.h5a.exists(f.id, k.encode())}
+    (the file opens, its attrs and its list of arrays read), plus the share of frames present.
+    Through HDF5's low-level calls: h5py's File, attrs and Dataset objects cost 3x the reads."""
+    try:
+        fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY)
+        try:
+            attrs = {name: _read_attr(fid, name) for name in names if h5py.h5a.exists(fid, name.encode())}
             members: list[bytes] = []
-            h5py.h5o.visit(f.id, members.append)
+            h5py.h5o.visit(fid, members.append)
             if b"present" in members:
-                present = f.get("present")
-                if isinstance(present, h5py.Dataset):
-                    mask = present[()]
+                present = h5py.h5o.open(fid, b"present")
+                if isinstance(present, h5py.h5d.DatasetID) and present.dtype.kind in "biuf":
+                    mask = np.empty(present.shape, present.dtype)
+                    present.read(h5py.h5s.ALL, h5py.h5s.ALL, mask)
                     attrs["present_share"] = float(mask.mean()) if mask.size else 0.0
-    except (OSError, KeyError, RuntimeError, ValueError) as e:
+        finally:
+            fid.close()
+    except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
         return ("damaged (checksum mismatch)" if "filter returned failure" in str(e) else "damaged"), {}
     return "", attrs
+
+
+def _read_attr(fid: h5py.h5f.FileID, name: str) -> Any:
+    """A file's attr as `_plain(f.attrs[name])` reads it; a scalar, the common case, without h5py's
+    high-level objects."""
+    attr = h5py.h5a.open(fid, name.encode())
+    dtype = attr.dtype  # each look-up converts the HDF5 type anew
+    if attr.shape != () or dtype.subdtype is not None:  # arrays, empty attrs: as h5py has them
+        return _plain(h5py.Group(h5py.h5g.open(fid, b"/")).attrs[name])
+    value = np.zeros((), dtype)
+    attr.read(value, mtype=h5py.h5t.py_create(dtype))
+    string = h5py.check_string_dtype(dtype)
+    if string is not None and string.length is None:  # variable-length: str, as h5py decodes it
+        return value[()].decode("utf-8", "surrogateescape")
+    return _plain(value[()])
 
 
 def _walk_files(folder: Path, suffix: str) -> list[tuple[str, int, int]]:
@@ -550,9 +590,9 @@ def _walk_files(folder: Path, suffix: str) -> list[tuple[str, int, int]]:
     return found
 
 
-def read_scan_cache(store: Path) -> dict[str, list]:
-    """What each shard held when the index last read it ({} when there is no sound record)."""
-    return _read_index_record(store).get("shards", {})
+def read_scan_cache(store: Path) -> _ShardCache | None:
+    """What each shard held when the index last read it (None when there is no sound record)."""
+    return _read_index_record(store).get("shards")
 
 
 def rebuild_index(store: Path, fresh: bool = False) -> int:
@@ -561,84 +601,55 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
     Only shards made on a video's current frame grid, and of their stage's recorded config, are
     linked, so a shard left from before the file changed is never read against the new grid and
     a stage never mixes configs. The index records what it linked and what each shard held
-    (`INDEX_RECORD`): a rebuild opens only shards that changed since, and rewrites only the videos
-    whose links changed, in a copy of the index that replaces it atomically. `fresh` (or many
-    changes) writes it anew. Without a sound record (no index, a damaged one), every shard is
-    opened.
+    (`INDEX_RECORD`): a rebuild opens only shards that changed since, works out the links of only
+    the videos whose shards changed, came or went, and rewrites only the videos whose links
+    changed, in a copy of the index that replaces it atomically. `fresh` (or many changes) writes
+    a new file, in which the groups of unchanged videos are copied from the index (`_write_new`).
+    Without a sound record (no index, a damaged one), every shard is opened.
     """
     check_store_path(store)
     root = shard_root(store)
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / ".index.lock"):  # two writers must not interleave scan and rename
         previous = _read_index_record(store)
-        cache = previous.get("shards", {})
+        cache = previous.get("shards", _ShardCache({}))
         listed = {folder: _walk_files(root / folder, ".h5") for folder in (GRID, *stage_names(store))}
         configs = {
             stage: (stage_config(store, stage) or {}).get("config_hash") for stage in listed if stage != GRID
         }
-        if (  # every shard as the record has it, and the same configs: the index links all it should
-            not fresh
-            and previous.get("configs") == configs
-            and "videos" in previous
-            and sum(map(len, listed.values())) == len(cache)
-            and _stamped(store)
-            and all(_as_recorded(folder, files, cache) for folder, files in listed.items())
-        ):
-            return len(previous["videos"])
-        misses: list[tuple[str, bool]] = []
-        grids = scan_shards(store, GRID, cache, files=listed[GRID], misses=misses)
-        stages = {stage: scan_shards(store, stage, cache, listed[stage], misses) for stage in configs}
-        touched = {video_id for video_id, _ in misses}  # videos whose shards changed, came or went
-        new_files = sum(1 for _, recorded in misses if not recorded)
-        if sum(map(len, listed.values())) - new_files != len(cache):  # not every recorded one is here
-            here = {f"{folder}/{rel}" for folder, files in listed.items() for rel, _, _ in files}
-            touched |= {cache.get(key)[2] for key in list(cache.keys()) if key not in here}
-        videos: dict[str, tuple[dict[str, Any], dict[str, tuple[str, str]]]] = {}
-        for video_id, grid in grids.items():
-            if grid.problem:
-                continue
-            attrs = {k: grid.attrs[k] for k in VIDEO_ATTRS if k in grid.attrs}
-            links = {"timestamps": (grid.link, "/timestamps")}
-            for stage, shards in stages.items():
-                shard = shards.get(video_id)
-                if (
-                    shard is not None
-                    and not shard.problem
-                    and shard.attrs.get("grid_hash") == grid.attrs.get("grid_hash")
-                    and configs[stage] in (None, shard.attrs.get("config_hash"))
-                ):
-                    links[stage] = (shard.link, "/")
-            videos[video_id] = (attrs, links)
-        known = previous.get("videos", {}) if previous.get("configs") == configs else {}
-        digests = {
-            vid: known[vid] if vid in known and vid not in touched else _digest(value)
-            for vid, value in videos.items()
-        }
-        record = {
-            "shard_columns": _ShardCache.columns_of({GRID: grids, **stages}),
-            "videos": digests,
-            "links": {
-                vid: {member: link for member, (link, _) in value[1].items()} for vid, value in videos.items()
-            },
-            "configs": configs,
-        }
         old = previous.get("videos")
-        changed = [v for v in videos if old is None or old.get(v) != digests[v]]
-        removed = [v for v in (old or {}) if v not in videos]
+        known = previous.get("configs") == configs and old is not None and "links" in previous
+        if not fresh and known and cache.lists(listed) and _stamped(store):
+            return len(old)  # every shard as the record has it, and the same configs: all is linked
+        parts, touched = _scan_folders(root, listed, cache)
+        linker = _Linker(root.name, parts, configs)
+        # with the same configs, only videos whose shards changed can link anything else
+        entries = {
+            video_id: entry
+            for video_id in (touched if known else linker.ids())
+            if (entry := linker.entry(video_id)) is not None
+        }
+        links = (
+            {vid: value for vid, value in previous["links"].items() if vid not in touched} if known else {}
+        )
+        digests = {vid: value for vid, value in old.items() if vid not in touched} if known else {}
+        for video_id, (attrs, video_links) in entries.items():
+            links[video_id] = {member: link for member, (link, _) in video_links.items()}
+            digests[video_id] = _digest((attrs, video_links))
+        record = {"shard_columns": parts, "videos": digests, "links": links, "configs": configs}
+        changed = sorted(v for v in entries if old is None or old.get(v) != digests[v])
+        removed = sorted(v for v in old or {} if v not in digests)
         fresh_size = previous.get("fresh_size", 0)
         update = (
             not fresh
             and old is not None
-            and len(changed) + len(removed) <= REWRITE_SHARE * max(1, len(videos))
+            and len(changed) + len(removed) <= REWRITE_SHARE * max(1, len(digests))
             and store.stat().st_size <= REWRITE_GROWTH * fresh_size
         )
         if update and not changed and not removed and _stamped(store):  # all linked, table current
-            same_shards = not misses and sum(map(len, listed.values())) == len(cache)  # all as recorded
-            if same_shards and all(record[key] == previous.get(key) for key in ("links", "configs")):
-                return len(videos)
             record.update({"fresh_size": fresh_size, "index": previous["index"], "folder": root.name})
             _write_record(store, record)
-            return len(videos)
+            return len(digests)
         with atomic_file(store, root) as tmp:
             if update:
                 shutil.copyfile(store, tmp)
@@ -648,31 +659,165 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
                         _unlink_video(index["videos"], video_id)
                     for video_id in changed:
                         _unlink_video(index["videos"], video_id)
-                        writer.link_video(video_id, *videos[video_id], fresh=False)
-                    _write_table(index, record["links"])
+                        writer.link_video(video_id, *entries[video_id])
+                    _write_table(index, links)
             else:
-                with h5py.File(tmp, "w", libver="latest") as index:
-                    set_attrs(index, {"layout": INDEX_LAYOUT, "shards": root.name})
-                    writer = _GroupWriter(index.create_group("videos"))
-                    for video_id, (attrs, links) in videos.items():
-                        writer.link_video(video_id, attrs, links, fresh=True)
-                    _write_table(index, record["links"])
+                copied = _copyable(old, digests) if old is not None and _stamped(store) else set()
+                _write_new(tmp, root.name, links, linker, store, copied)
                 fresh_size = tmp.stat().st_size
         record.update({"fresh_size": fresh_size, "index": list(_stat(store)), "folder": root.name})
         _write_record(store, record)
         _write_stamp(store)
-    return len(videos)
+    return len(digests)
 
 
-def _as_recorded(folder: str, files: list[tuple[str, int, int]], cache: Any) -> bool:
-    """Whether every file of a shard folder's listing has the size and time the record has."""
-    if isinstance(cache, _ShardCache):
-        return all(cache.stamp(f"{folder}/{rel}") == (size, mtime) for rel, size, mtime in files)
-    for rel, size, mtime in files:
-        entry = cache.get(f"{folder}/{rel}")
-        if entry is None or entry[0] != size or entry[1] != mtime:
-            return False
-    return True
+def _scan_folders(
+    root: Path, listed: dict[str, list[tuple[str, int, int]]], cache: _ShardCache
+) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """The record's columns of each listed shard folder (see `_ShardCache`), and the ids of the
+    videos whose shards changed, came or went. A file with the size and time the record has keeps
+    its row; every other is opened, all in one `_scan_many`. A folder whose listing is the
+    record's is not gone through row by row."""
+    parts: dict[str, dict[str, Any]] = {}
+    touched: set[str] = set()
+    merges = []  # (folder, its files, picks: the row in the record, or -1 - the scan of the row)
+    jobs: list[tuple[Path, tuple[str, ...]]] = []
+    names: list[str] = []  # each scanned file's path under its folder
+    for folder, files in listed.items():
+        held = cache.parts.get(folder)
+        if held is not None and _ShardCache.same_files(held, folder, files):
+            parts[folder] = held
+            continue
+        held = held or _ShardCache.columns([])
+        rows = {key: i for i, key in enumerate(held["key"])}
+        picks = []
+        for rel, size, mtime in files:
+            i = rows.pop(f"{folder}/{rel}", None)
+            if i is not None and held["size"][i] == size and held["mtime"][i] == mtime:
+                picks.append(i)
+                continue
+            if i is not None:
+                touched.add(held["video_id"][i])
+            picks.append(-1 - len(jobs))
+            jobs.append((root / folder / rel, _scanned_names(folder)))
+            names.append(rel)
+        touched.update(held["video_id"][i] for i in rows.values())  # files gone
+        merges.append((folder, files, picks, held))
+    scans = [
+        (_shard_id(rel, attrs), problem, attrs)
+        for rel, (problem, attrs) in zip(names, _scan_many(jobs), strict=True)
+    ]
+    touched.update(video_id for video_id, _, _ in scans)
+    for folder, files, picks, held in merges:
+        parts[folder] = _merged_columns(folder, files, picks, held, scans)
+    return parts, touched
+
+
+def _merged_columns(
+    folder: str, files: list[tuple[str, int, int]], picks: list[int], held: dict[str, Any], scans: list[tuple]
+) -> dict[str, Any]:
+    """A shard folder's columns: row i as the record `held` has its row picks[i], or, where that
+    is negative, as the scan scans[-1 - picks[i]] (video id, problem, attrs) found it."""
+    found = [scans[-1 - p] if p < 0 else None for p in picks]
+    out: dict[str, Any] = {"key": [f"{folder}/{rel}" for rel, _, _ in files]}
+    out["size"] = [size for _, size, _ in files]
+    out["mtime"] = [mtime for _, _, mtime in files]
+    out["video_id"] = [
+        held["video_id"][p] if p >= 0 else scan[0] for p, scan in zip(picks, found, strict=True)
+    ]
+    out["problem"] = [held["problem"][p] if p >= 0 else scan[1] for p, scan in zip(picks, found, strict=True)]
+    out["attrs"] = {}
+    unheld = [None] * len(held["key"])
+    for name in sorted(held["attrs"].keys() | {name for scan in found if scan for name in scan[2]}):
+        column = held["attrs"].get(name, unheld)
+        values = [column[p] if p >= 0 else scan[2].get(name) for p, scan in zip(picks, found, strict=True)]
+        if any(value is not None for value in values):
+            out["attrs"][name] = values
+    return out
+
+
+class _Linker:
+    """What the index holds for each video (its attrs and links), from the shard folders' columns:
+    the video attrs of its grid shard, a link to that shard, and a link to each stage's shard
+    that is sound and was made on that grid with the stage's recorded config."""
+
+    def __init__(self, folder: str, parts: dict[str, dict[str, Any]], configs: dict[str, str | None]):
+        self.folder = folder  # the shard folder's name, with which every link starts
+        self.parts = parts
+        self.configs = configs
+        self.rows = {name: {vid: i for i, vid in enumerate(part["video_id"])} for name, part in parts.items()}
+        self.entries: dict[str, Any] = {}
+
+    def ids(self) -> Iterable[str]:
+        return self.rows[GRID]
+
+    def entry(self, video_id: str) -> tuple[dict[str, Any], dict[str, tuple[str, str]]] | None:
+        """(attrs, {member: (shard, path in it)}); None when the video has no sound grid shard."""
+        if video_id not in self.entries:
+            self.entries[video_id] = self._entry(video_id)
+        return self.entries[video_id]
+
+    def _entry(self, video_id: str) -> tuple[dict[str, Any], dict[str, tuple[str, str]]] | None:
+        grid, g = self.parts[GRID], self.rows[GRID].get(video_id)
+        if g is None or grid["problem"][g]:
+            return None
+        attrs = {name: value for name in VIDEO_ATTRS if (value := _cell(grid, name, g)) is not None}
+        links = {"timestamps": (f"{self.folder}/{grid['key'][g]}", "/timestamps")}
+        for stage, config in self.configs.items():
+            part, i = self.parts[stage], self.rows[stage].get(video_id)
+            if (
+                i is not None
+                and not part["problem"][i]
+                and _cell(part, "grid_hash", i) == _cell(grid, "grid_hash", g)
+                and config in (None, _cell(part, "config_hash", i))
+            ):
+                links[stage] = (f"{self.folder}/{part['key'][i]}", "/")
+        return attrs, links
+
+
+def _cell(part: dict[str, Any], name: str, row: int) -> Any:
+    column = part["attrs"].get(name)
+    return None if column is None else column[row]
+
+
+def _write_new(
+    path: Path,
+    folder: str,
+    links: dict[str, dict[str, str]],
+    linker: _Linker,
+    source: Path | None,
+    copied: set[str],
+) -> None:
+    """Writes an index file anew: the groups of the videos `copied` are copied from `source`, the
+    index the record describes, one HDF5 call a group (creating a group's five to nine attributes
+    costs ~10 us each, 3x what copying them does); every other video's group is written as the
+    `linker` has it."""
+    with contextlib.ExitStack() as files:
+        index = files.enter_context(h5py.File(path, "w", libver="latest"))
+        set_attrs(index, {"layout": INDEX_LAYOUT, "shards": folder})
+        videos = index.create_group("videos")
+        old = files.enter_context(h5py.File(source, "r"))["videos"].id if source and copied else None
+        writer = _GroupWriter(videos)
+        for video_id in sorted(links):  # "a" before "a/b"
+            name = video_id.encode()
+            if video_id in copied and _hard_link(old, name):  # a copy follows any other kind
+                h5py.h5o.copy(old, name, videos.id, name)
+            else:
+                writer.link_video(video_id, *linker.entry(video_id))
+        _write_table(index, links)
+
+
+def _copyable(old: dict[str, str], digests: dict[str, str]) -> set[str]:
+    """The videos whose group the index holds as it must be (same digest) and can be copied from
+    it: not a group another video's group is nested in, now or in the index ("a" of "a/b"), since
+    a copy takes everything in it."""
+    nested = {video_id.split("/", 1)[0] for video_id in (*digests, *old) if "/" in video_id}
+    return {vid for vid, digest in digests.items() if old.get(vid) == digest and "/" not in vid} - nested
+
+
+def _hard_link(group: h5py.h5g.GroupID, name: bytes) -> bool:
+    """Whether `name` in the group is a hard link (not an external or soft one, not missing)."""
+    return group.links.exists(name) and group.links.get_info(name).type == h5py.h5l.TYPE_HARD
 
 
 def _stat(path: Path) -> tuple[int, int]:
@@ -690,13 +835,15 @@ def _digest(value: tuple[dict[str, Any], dict[str, tuple[str, str]]]) -> str:
 def _read_index_record(store: Path) -> dict[str, Any]:
     """The record the index was written with; {} when the index is missing or is not the file the
     record describes (replaced, damaged, renamed with its folder, or written by an older rcma).
-    Its "shards" are a `_ShardCache` (or, in a record of an older rcma, a dict of the same entries).
+    Its "shards" are a `_ShardCache` (made from one entry a shard in a record of an older rcma).
     """
     try:
         record = json.loads((shard_root(store) / INDEX_RECORD).read_text())
         same = record.get("index") == list(_stat(store)) and record.get("folder") == shard_root(store).name
         if same and "shard_columns" in record:
             record["shards"] = _ShardCache(record.pop("shard_columns"))
+        elif same and "shards" in record:
+            record["shards"] = _ShardCache.of_entries(record["shards"])
         return record if same else {}
     except (OSError, ValueError, AttributeError, TypeError, KeyError):
         return {}
@@ -711,58 +858,71 @@ def _write_record(store: Path, record: dict[str, Any]) -> None:
 
 
 class _ShardCache:
-    """The record's shards as columns, a shard's entry ([size, mtime_ns, video id, problem,
-    attrs], as `ShardInfo.cache_entry`) made only when asked for. Read-only; like a dict. The
-    columns come in one set a shard folder, each with the attrs its shards have."""
+    """The record's shards as columns, one set a shard folder (`parts`: {"key", "size", "mtime",
+    "video_id", "problem", "attrs": {name: column}}, one row a file, in the order `_walk_files`
+    lists them). Read-only; `get` gives the entry of a shard ("<folder>/<file>"), [size, mtime_ns,
+    video id, problem, attrs], made only when asked for (`rcma show`)."""
 
-    def __init__(self, columns: dict[str, Any]):
-        self.rows: dict[str, tuple[tuple, int]] = {}
-        for part in columns.values():
-            keys, attrs = part["key"], part["attrs"]
-            values = tuple(part[name] for name in ("size", "mtime", "video_id", "problem"))
-            if not all(isinstance(c, list) and len(c) == len(keys) for c in (*values, *attrs.values())):
+    FIELDS = ("key", "size", "mtime", "video_id", "problem")
+
+    def __init__(self, parts: dict[str, dict[str, Any]]):
+        for part in parts.values():
+            columns = [*(part[name] for name in self.FIELDS), *part["attrs"].values()]
+            if not all(isinstance(column, list) and len(column) == len(part["key"]) for column in columns):
                 raise ValueError("columns of different lengths")
-            held = (*values, tuple(attrs.items()))
-            self.rows.update((key, (held, i)) for i, key in enumerate(keys))
+        self.parts = parts
+        self._rows: dict[str, tuple[tuple, int]] | None = None
+
+    @classmethod
+    def columns(cls, rows: list[tuple]) -> dict[str, Any]:
+        """A folder's columns from its rows (key, size, mtime, video id, problem, attrs)."""
+        part: dict[str, Any] = {name: [row[i] for row in rows] for i, name in enumerate(cls.FIELDS)}
+        names = sorted({name for row in rows for name in row[5]})
+        part["attrs"] = {name: [row[5].get(name) for row in rows] for name in names}
+        return part
+
+    @classmethod
+    def of_entries(cls, entries: dict[str, list]) -> _ShardCache:
+        """From the record of an older rcma: {"<folder>/<file>": entry}."""
+        rows: dict[str, list[tuple]] = {}
+        for key in sorted(entries):
+            rows.setdefault(key.split("/", 1)[0], []).append((key, *entries[key]))
+        return cls({folder: cls.columns(folder_rows) for folder, folder_rows in rows.items()})
 
     @staticmethod
-    def columns_of(scans: dict[str, dict[str, ShardInfo]]) -> dict[str, Any]:
-        """The columns of the shards of each folder's scan (`scan_shards`)."""
-        out: dict[str, Any] = {}
-        for folder, found in scans.items():
-            infos = list(found.values())
-            part: dict[str, Any] = {"key": [info.key for info in infos]}
-            part["size"] = [info.size for info in infos]
-            part["mtime"] = [info.mtime_ns for info in infos]
-            part["video_id"] = [info.video_id for info in infos]
-            part["problem"] = [info.problem for info in infos]
-            names = sorted({name for info in infos for name in info.attrs})
-            part["attrs"] = {name: [info.attrs.get(name) for info in infos] for name in names}
-            out[folder] = part
-        return out
+    def same_files(part: dict[str, Any], folder: str, files: list[tuple[str, int, int]]) -> bool:
+        """Whether a folder's columns are of exactly these files, with these sizes and times."""
+        return (
+            len(part["key"]) == len(files)
+            and part["mtime"] == [mtime for _, _, mtime in files]
+            and part["size"] == [size for _, size, _ in files]
+            and part["key"] == [f"{folder}/{rel}" for rel, _, _ in files]
+        )
+
+    def lists(self, listed: dict[str, list[tuple[str, int, int]]]) -> bool:
+        """Whether the record has exactly the files of these folders' listings, each as it is now."""
+        return self.parts.keys() == listed.keys() and all(
+            self.same_files(self.parts[folder], folder, files) for folder, files in listed.items()
+        )
+
+    def _index(self) -> dict[str, tuple[tuple, int]]:
+        """{key: (its folder's columns, its row)}, made on the first look-up."""
+        if self._rows is None:
+            self._rows = {}
+            for part in self.parts.values():
+                held = (*(part[name] for name in self.FIELDS[1:]), tuple(part["attrs"].items()))
+                self._rows.update((key, (held, i)) for i, key in enumerate(part["key"]))
+        return self._rows
 
     def get(self, key: str, default: Any = None) -> Any:
-        row = self.rows.get(key)
+        row = self._index().get(key)
         if row is None:
             return default
         (size, mtime, video_id, problem, attrs), i = row
         return [size[i], mtime[i], video_id[i], problem[i], {n: c[i] for n, c in attrs if c[i] is not None}]
 
-    def stamp(self, key: str) -> tuple[int, int] | None:
-        row = self.rows.get(key)
-        return None if row is None else (row[0][0][row[1]], row[0][1][row[1]])
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.rows
-
-    def keys(self) -> Iterable[str]:
-        return self.rows.keys()
-
     def items(self) -> Iterator[tuple[str, list]]:
-        return ((key, self.get(key)) for key in self.rows)
+        return ((key, self.get(key)) for key in self._index())
 
 
 class _GroupWriter:
@@ -779,18 +939,17 @@ class _GroupWriter:
         self.space = h5py.h5s.create_simple(())
         self.types: dict[np.dtype, tuple[h5py.h5t.TypeID, h5py.h5t.TypeID]] = {}
 
-    def link_video(
-        self, video_id: str, attrs: dict[str, Any], links: dict[str, tuple[str, str]], fresh: bool
-    ) -> None:
-        new = fresh and "/" not in video_id  # a new index: the group cannot exist yet
+    def link_video(self, video_id: str, attrs: dict[str, Any], links: dict[str, tuple[str, str]]) -> None:
+        name = video_id.encode()
+        new = "/" not in video_id and not self.videos.id.links.exists(name)
         if new:
-            gid = h5py.h5g.create(self.videos.id, video_id.encode(), gcpl=self.gcpl)
-        else:
+            gid = h5py.h5g.create(self.videos.id, name, gcpl=self.gcpl)
+        else:  # nested ids ("a/b"), and a group an update keeps for the groups nested in it
             gid = self.videos.require_group(video_id).id
         for key, value in attrs.items():
             self.set_attr(gid, key, value, new)
-        for name, (filename, target) in links.items():
-            gid.links.create_external(name.encode(), filename.encode(), target.encode())
+        for member, (filename, target) in links.items():
+            gid.links.create_external(member.encode(), filename.encode(), target.encode())
 
     def set_attr(self, gid: h5py.h5g.GroupID, key: str, value: Any, new: bool = False) -> None:
         if not isinstance(value, str | bool | int | float | np.bool_ | np.integer | np.floating):
@@ -850,24 +1009,27 @@ def _stamped(store: Path) -> bool:
 
 
 def _unlink_video(videos: h5py.Group, video_id: str) -> None:
-    """Removes a video's attrs and links, and its group (and emptied parents) when nothing else
-    (a nested id's group) is left in it."""
+    """Removes a video's group, and each parent group (of a nested id) left empty; a group that
+    other videos' groups are nested in loses only its attrs and links."""
     if video_id not in videos:
         return
     group = videos[video_id]
-    for name in list(group.attrs):
-        del group.attrs[name]
-    for name in list(group):
-        if not isinstance(group.get(name, getlink=True), h5py.HardLink):
-            del group[name]
-    parts = video_id.split("/")
-    while parts:
-        name = "/".join(parts)
-        if name in videos and len(videos[name]) == 0 and len(videos[name].attrs) == 0:
-            del videos[name]
-        else:
+    nested = [name for name in group if isinstance(group.get(name, getlink=True), h5py.HardLink)]
+    if nested:
+        for name in list(group.attrs):
+            del group.attrs[name]
+        for name in list(group):
+            if name not in nested:
+                del group[name]
+        return
+    del videos[video_id]
+    parents = video_id.split("/")[:-1]
+    while parents:
+        name = "/".join(parents)
+        if len(videos[name]) or len(videos[name].attrs):
             break
-        parts.pop()
+        del videos[name]
+        parents.pop()
 
 
 def clean_store_temps(store: Path) -> int | None:
@@ -1144,7 +1306,7 @@ def stage_counts(store: Path, verify: bool = False) -> dict[str, StageCount]:
     `shard_problem`)."""
     root = shard_root(store)
     failed = failures(store)
-    cache = {} if verify else read_scan_cache(store)
+    cache = None if verify else read_scan_cache(store)
     grids = scan_shards(store, GRID, cache)
     known = set(grids)
     for records in failed.values():

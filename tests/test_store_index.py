@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
+import pipeline.store
 from fusion.data import DataError, load_store, select_videos
 from pipeline.store import (
     GRID,
@@ -17,7 +18,9 @@ from pipeline.store import (
     INDEX_STAMP,
     VIDEO_ATTRS,
     StoreError,
+    _plain,
     _read_index_record,
+    _scan_one,
     _walk_videos,
     _write_stamp,
     grid_hash,
@@ -236,3 +239,169 @@ def test_a_record_of_an_older_rcma_is_read_without_opening_any_shard(tmp_path, m
     assert "shard_columns" in json.loads(path.read_text())
     monkeypatch.setattr("pipeline.store._scan_one", opened)
     assert stage_counts(store)["audio"].missing == ["d"]
+
+
+# How a rebuild writes the index: an update, a new file with unchanged groups copied, a first
+# index that scans every shard; each must give the very same index.
+
+LONG = "x" * 200  # a name cut and hashed (`id_file`)
+
+
+def contents(store):
+    """Every group's attrs (with their HDF5 types) and every link of the index, and its table."""
+    out = {}
+    with h5py.File(store, "r") as f:
+
+        def visit(name, link):
+            if isinstance(link, h5py.ExternalLink):
+                out[name] = (link.filename, link.path)
+            elif isinstance(f[name], h5py.Group):
+                attrs = f[name].attrs
+                out[name] = sorted((k, repr(v), str(attrs.get_id(k).dtype)) for k, v in attrs.items())
+            else:
+                out[name] = f[name][()].tolist()
+
+        f.visititems_links(visit)
+    return out
+
+
+def change(store, step):
+    """Every kind of change a refresh must see: videos added and removed, shards gone, a grid
+    remade (its old shards no longer linked), a shard rewritten as it was, nested and long ids;
+    then a stage's config changed."""
+    if step == 0:
+        for video_id in ("a", "a/b", "c", "d/e", LONG, f"f/{LONG}", "h", "i"):
+            add_video(store, video_id)
+    elif step == 1:
+        add_video(store, "g")
+        add_video(store, "a/b/c", stages=("faces",))
+        shard_path(store, GRID, "c").unlink()
+        shard_path(store, "faces", "d/e").unlink()
+        shard_path(store, "audio", LONG).unlink()
+        grid = {"source": "a2.mp4", "n_frames": 4, "fps": 25.0, "duration": 0.16, "grid_hash": "remade"}
+        write_shard(store, GRID, "a", {"timestamps": np.arange(4) / 25.0}, grid)
+        os.utime(shard_path(store, "faces", "h"), ns=(1, 1))
+    else:
+        (shard_root(store) / "audio" / "config.json").write_text(json.dumps({"config_hash": "audio-2"}))
+        with h5py.File(shard_path(store, "audio", "i"), "r+") as f:
+            f.attrs["config_hash"] = "audio-2"
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_an_update_a_new_file_and_a_first_index_hold_the_same(tmp_path, monkeypatch, share):
+    monkeypatch.setattr("pipeline.store.REWRITE_SHARE", share)  # 0: written anew, 1: updated
+    stores = [tmp_path / name / "store.h5" for name in ("refreshed", "anew", "first")]
+    for store in stores:
+        store.parent.mkdir()
+        change(store, 0)
+        rebuild_index(store)
+    copied = []
+    monkeypatch.setattr("h5py.h5o.copy", lambda *args: copied.append(args[1]) or h5py_copy(*args))
+    for step in (1, 2):
+        for store in stores:
+            change(store, step)
+        assert rebuild_index(stores[0]) == rebuild_index(stores[1], fresh=True) == 9
+        for path in (stores[2], shard_root(stores[2]) / INDEX_RECORD, shard_root(stores[2]) / INDEX_STAMP):
+            path.unlink()
+        assert rebuild_index(stores[2]) == 9
+        expected = contents(stores[2])
+        assert contents(stores[0]) == contents(stores[1]) == expected
+        assert [timeless_record(store) for store in stores[:2]] == [timeless_record(stores[2])] * 2
+        if step == 1:  # the others changed, or hold a nested id
+            assert copied == [b"h", b"i"] * (1 if share else 2)
+            assert ("fps", "np.float64(25.0)", "float64") in expected["videos/a"]  # the grid remade
+            assert "videos/a/faces" not in expected and "videos/c" not in expected  # its old grid, none
+            assert "videos/d/e/faces" not in expected and f"videos/{LONG}/audio" not in expected
+    audio = [name for name in expected if name.startswith("videos/") and name.endswith("/audio")]
+    assert audio == ["videos/i/audio"]  # the one shard of the stage's new config
+
+
+h5py_copy = h5py.h5o.copy
+
+
+def timeless_record(store):
+    """The index's record, less what differs between copies of a store (times, sizes)."""
+    record = json.loads((shard_root(store) / INDEX_RECORD).read_text())
+    for part in record["shard_columns"].values():
+        del part["mtime"], part["size"]
+    return {key: record[key] for key in ("shard_columns", "videos", "links", "configs")}
+
+
+def test_a_new_index_copies_no_group_from_outside_the_index(tmp_path):
+    outside = tmp_path / "outside.h5"
+    with h5py.File(outside, "w") as f:
+        f.create_group("c").attrs["n_frames"] = 6
+        f["c/secret"] = np.arange(3)
+    store = small_store(tmp_path)
+
+    def relink(f):  # a group that is an external link, in an index whose record and stamp match
+        del f["videos/c"]
+        f["videos/c"] = h5py.ExternalLink(str(outside), "/c")
+
+    forge(store, relink)
+    record = json.loads((shard_root(store) / INDEX_RECORD).read_text())
+    record["index"] = [store.stat().st_size, store.stat().st_mtime_ns]
+    (shard_root(store) / INDEX_RECORD).write_text(json.dumps(record))
+    assert rebuild_index(store, fresh=True) == 3
+    with open_store(store) as f:
+        assert sorted(f["videos/c"]) == ["audio", "faces", "timestamps"]
+        assert f["videos/c"].get("audio", getlink=True).filename == "store.h5.d/audio/c.h5"
+
+
+def test_many_shards_are_scanned_in_processes_as_in_one(tmp_path, monkeypatch):
+    stores = [tmp_path / name / "store.h5" for name in ("one", "many")]
+    for store in stores:
+        store.parent.mkdir()
+        for video_id in ("a", "a/b", "c", LONG):
+            add_video(store, video_id)
+        shard_path(store, "faces", "c").write_bytes(b"\x89HDF\r\n\x1a\n damaged")
+    assert rebuild_index(stores[0]) == 4
+    monkeypatch.setattr("pipeline.store.SCAN_IN_PROCESSES", 2)
+    monkeypatch.setattr("pipeline.store.SCAN_BATCH", 2)
+    monkeypatch.setattr("pipeline.store._cores", lambda: 2)
+    started = []
+    pool = pipeline.store.ProcessPoolExecutor
+    monkeypatch.setattr(
+        "pipeline.store.ProcessPoolExecutor", lambda *a, **k: started.append(a) or pool(*a, **k)
+    )
+    assert rebuild_index(stores[1]) == 4
+    assert started == [(2,)]
+    records = [timeless_record(store) for store in stores]
+    assert records[0] == records[1]
+    assert records[0]["shard_columns"]["faces"]["problem"] == ["", "", "damaged", ""]
+
+
+def reference_scan(path, names):
+    """What a shard scan must find, through h5py's high-level objects."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _plain(f.attrs[k]) for k in names if k in f.attrs}
+            f.visit(lambda _: None)
+            if isinstance(f.get("present", getlink=True), h5py.HardLink) and "present" in f:
+                mask = f["present"][()]
+                attrs["present_share"] = float(mask.mean()) if mask.size else 0.0
+    except (OSError, KeyError, RuntimeError, ValueError) as e:
+        return ("damaged (checksum mismatch)" if "filter returned failure" in str(e) else "damaged"), {}
+    return "", attrs
+
+
+def test_a_shard_scan_reads_attrs_as_h5py_does(tmp_path):
+    shard = tmp_path / "shard.h5"
+    with h5py.File(shard, "w") as f:
+        f.attrs.update({"text": "é", "number": 3, "real": 0.5, "yes": True, "bytes": np.bytes_(b"raw")})
+        f.attrs["array"] = np.arange(3)
+        f.attrs["empty"] = h5py.Empty("f8")
+        f.create_dataset("present", data=np.array([1, 0, 1, 1], bool), chunks=(2,), fletcher32=True)
+    names = ("text", "number", "real", "yes", "bytes", "array", "missing")
+    found = _scan_one(shard, names)
+    assert repr(found) == repr(reference_scan(shard, names))  # arrays too
+    assert found[1]["text"] == "é" and found[1]["bytes"] == b"raw" and found[1]["present_share"] == 0.75
+    assert _scan_one(shard, ("empty",))[1]["empty"] == h5py.Empty("f8")
+    with h5py.File(shard, "r") as f:
+        offset = f["present"].id.get_chunk_info(0).byte_offset
+    raw = bytearray(shard.read_bytes())
+    raw[offset] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    assert _scan_one(shard, names) == ("damaged (checksum mismatch)", {}) == reference_scan(shard, names)
+    shard.write_bytes(bytes(raw[:300]))
+    assert _scan_one(shard, names) == ("damaged", {}) == reference_scan(shard, names)
