@@ -51,6 +51,7 @@ from pipeline.store import (
     clean_store_temps,
     clear_failure,
     config_difference,
+    cpu_count,
     grid_hash,
     read_rows,
     read_shard_attrs,
@@ -479,14 +480,6 @@ def progress_bars(console: Any, quiet: bool) -> Any:
         TimeRemainingColumn(),
     )
     return Bars(*columns, console=console, disable=quiet)
-
-
-def cpu_count() -> int:
-    """The cores this process may run on (a container's or a batch job's share, not the machine's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def gpu_count(stage_specs: list[tuple[str, dict]]) -> int:

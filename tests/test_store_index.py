@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 
+import dask
 import h5py
 import numpy as np
 import pytest
 
-import pipeline.store
 from fusion.data import DataError, load_store, select_videos
 from pipeline.store import (
     GRID,
@@ -349,7 +349,7 @@ def test_a_new_index_copies_no_group_from_outside_the_index(tmp_path):
 
 
 def test_many_shards_are_scanned_in_processes_as_in_one(tmp_path, monkeypatch):
-    stores = [tmp_path / name / "store.h5" for name in ("one", "many")]
+    stores = [tmp_path / name / "store.h5" for name in ("one", "many", "no-processes")]
     for store in stores:
         store.parent.mkdir()
         for video_id in ("a", "a/b", "c", LONG):
@@ -358,16 +358,21 @@ def test_many_shards_are_scanned_in_processes_as_in_one(tmp_path, monkeypatch):
     assert rebuild_index(stores[0]) == 4
     monkeypatch.setattr("pipeline.store.SCAN_IN_PROCESSES", 2)
     monkeypatch.setattr("pipeline.store.SCAN_BATCH", 2)
-    monkeypatch.setattr("pipeline.store._cores", lambda: 2)
+    monkeypatch.setattr("pipeline.store.cpu_count", lambda: 2)
     started = []
-    pool = pipeline.store.ProcessPoolExecutor
-    monkeypatch.setattr(
-        "pipeline.store.ProcessPoolExecutor", lambda *a, **k: started.append(a) or pool(*a, **k)
-    )
+    compute = dask.compute
+    monkeypatch.setattr("dask.compute", lambda *a, **k: started.append((len(a), k)) or compute(*a, **k))
     assert rebuild_index(stores[1]) == 4
-    assert started == [(2,)]
+    assert [kwargs for _, kwargs in started] == [{"scheduler": "processes", "num_workers": 2}]
+    assert started[0][0] > 1  # batches of 2 shards, one task each
+
+    def cannot_start(*args, **kwargs):  # a script without a main guard, under spawn
+        raise RuntimeError("An attempt has been made to start a new process before ...")
+
+    monkeypatch.setattr("dask.compute", cannot_start)
+    assert rebuild_index(stores[2]) == 4  # scanned here instead
     records = [timeless_record(store) for store in stores]
-    assert records[0] == records[1]
+    assert records[0] == records[1] == records[2]
     assert records[0]["shard_columns"]["faces"]["problem"] == ["", "", "damaged", ""]
 
 
