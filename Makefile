@@ -56,6 +56,7 @@ format: setup
 bench: setup
 	$(BIN)/python bench/faces.py
 	$(BIN)/python bench/audio_text.py
+	$(BIN)/python bench/asr_batching.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/fusion.py
 	$(BIN)/python bench/scaling.py
