@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import hmac
 import json
 import multiprocessing
 import os
@@ -617,6 +618,13 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
     a new file, in which the groups of unchanged videos are copied from the index (`_write_new`).
     Without a sound record (no index, a damaged one), every shard is opened.
     """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # a scanning process of `_scan_many` re-running a script without a main guard: it must not
+        # wait for the lock its parent holds (the parent then scans the shards itself)
+        raise StoreError(
+            f"{store}: rebuild_index called while a new process imports the main script; put the "
+            "script's work under `if __name__ == '__main__':`"
+        )
     check_store_path(store)
     root = shard_root(store)
     root.mkdir(parents=True, exist_ok=True)
@@ -629,20 +637,21 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
         }
         old = previous.get("videos")
         known = previous.get("configs") == configs and old is not None and "links" in previous
-        if not fresh and known and cache.lists(listed) and _stamped(store):
+        if not fresh and known and cache.lists(listed) and _stamped(store, signed=True):
             return len(old)  # every shard as the record has it, and the same configs: all is linked
         parts, touched = _scan_folders(root, listed, cache)
         linker = _Linker(root.name, parts, configs)
-        # with the same configs, only videos whose shards changed can link anything else
+        # With the same configs, only videos whose shards changed can link anything else: the rest
+        # keep the record's links, for the videos the grid shards back (the record names no other).
+        grid_ids = set(linker.ids())
+        kept = (grid_ids - touched) & old.keys() & previous["links"].keys() if known else set()
         entries = {
             video_id: entry
-            for video_id in (touched if known else linker.ids())
+            for video_id in sorted(grid_ids - kept)
             if (entry := linker.entry(video_id)) is not None
         }
-        links = (
-            {vid: value for vid, value in previous["links"].items() if vid not in touched} if known else {}
-        )
-        digests = {vid: value for vid, value in old.items() if vid not in touched} if known else {}
+        links = {vid: previous["links"][vid] for vid in kept}
+        digests = {vid: old[vid] for vid in kept}
         for video_id, (attrs, video_links) in entries.items():
             links[video_id] = {member: link for member, (link, _) in video_links.items()}
             digests[video_id] = _digest((attrs, video_links))
@@ -650,13 +659,15 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
         changed = sorted(v for v in entries if old is None or old.get(v) != digests[v])
         removed = sorted(v for v in old or {} if v not in digests)
         fresh_size = previous.get("fresh_size", 0)
-        update = (
+        ours = _stamped(store, signed=True)  # the index as this user's rcma wrote it
+        update = (  # an index made elsewhere is written anew from the shards, never edited
             not fresh
+            and ours
             and old is not None
             and len(changed) + len(removed) <= REWRITE_SHARE * max(1, len(digests))
             and store.stat().st_size <= REWRITE_GROWTH * fresh_size
         )
-        if update and not changed and not removed and _stamped(store):  # all linked, table current
+        if update and not changed and not removed:  # all linked, table current
             record.update({"fresh_size": fresh_size, "index": previous["index"], "folder": root.name})
             _write_record(store, record)
             return len(digests)
@@ -672,7 +683,7 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
                         writer.link_video(video_id, *entries[video_id])
                     _write_table(index, links)
             else:
-                copied = _copyable(old, digests) if old is not None and _stamped(store) else set()
+                copied = _copyable(old, digests) if old is not None and ours else set()
                 _write_new(tmp, root.name, links, linker, store, copied)
                 fresh_size = tmp.stat().st_size
         record.update({"fresh_size": fresh_size, "index": list(_stat(store)), "folder": root.name})
@@ -998,24 +1009,70 @@ def _write_table(index: h5py.File, links: dict[str, dict[str, str]]) -> None:
     table.attrs["rows"] = len(ids)
 
 
+INDEX_KEY = "index.key"  # in rcma's cache folder: signs the stamps of the indexes this user wrote
+INDEX_KEY_BYTES = 32
 INDEX_STAMP = ".index-stamp.json"  # in the shard folder: the index file (size, time) its table describes
 
 
 def _write_stamp(store: Path) -> None:
     root = shard_root(store)
+    stamp: dict[str, Any] = {"index": list(_stat(store)), "folder": root.name}
+    key = _index_key()
+    if key is not None:
+        stamp["signature"] = _signature(store, stamp, key)
     with atomic_file(root / INDEX_STAMP, root) as tmp:
-        tmp.write_text(json.dumps({"index": list(_stat(store)), "folder": root.name}))
+        tmp.write_text(json.dumps(stamp))
 
 
-def _stamped(store: Path) -> bool:
+def _stamped(store: Path, signed: bool = False) -> bool:
     """Whether the index is the very file its last rebuild wrote (same size and modification
     time, same shard folder): only then is its table taken for the list of its videos. An index
-    changed by anything else (an older rcma, h5py, a crafted edit) is walked instead."""
+    changed by anything else (an older rcma, h5py, a crafted edit) is walked instead.
+
+    A stamp is easy to forge, so a rebuild takes an index as it stands (keeps it, or copies its
+    groups) only when `signed`: the stamp carries this user's signature of the file's identity
+    (`_index_key`), which a store made elsewhere, crafted or not, does not."""
     try:
         stamp = json.loads((shard_root(store) / INDEX_STAMP).read_text())
-        return stamp == {"index": list(_stat(store)), "folder": shard_root(store).name}
+        fields = {"index": list(_stat(store)), "folder": shard_root(store).name}
+        if not isinstance(stamp, dict) or {name: stamp.get(name) for name in fields} != fields:
+            return False
+        if not signed:
+            return True
+        key = _index_key()
+        signature = stamp.get("signature")
+        return (
+            key is not None
+            and isinstance(signature, str)
+            and hmac.compare_digest(signature, _signature(store, fields, key))
+        )
     except (OSError, ValueError):
         return False
+
+
+def _index_key() -> bytes | None:
+    """This user's key for signing index stamps (`INDEX_KEY` in rcma's cache folder), made on
+    first use; None where it cannot be kept (the indexes are then written whole every time)."""
+    from pipeline.weights import cache_dir  # weights imports this module
+
+    path = cache_dir() / INDEX_KEY
+    try:
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path) as tmp:
+                tmp.write_bytes(os.urandom(INDEX_KEY_BYTES))
+                tmp.chmod(0o600)
+        key = path.read_bytes()
+    except OSError:
+        return None
+    return key if len(key) == INDEX_KEY_BYTES else None
+
+
+def _signature(store: Path, fields: dict[str, Any], key: bytes) -> str:
+    """The stamp's fields and the index file's inode, signed: a file put in its place with the same
+    size and time is another file."""
+    identity = json.dumps({**fields, "inode": store.stat().st_ino}, sort_keys=True)
+    return hmac.new(key, identity.encode(), hashlib.sha256).hexdigest()
 
 
 def _unlink_video(videos: h5py.Group, video_id: str) -> None:

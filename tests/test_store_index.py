@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -37,6 +41,7 @@ from pipeline.store import (
 )
 
 FRAMES = 6
+REPO = Path(__file__).resolve().parents[1]
 
 
 def add_video(store, video_id, stages=("audio", "faces")):
@@ -51,6 +56,7 @@ def add_video(store, video_id, stages=("audio", "faces")):
 
 
 def small_store(tmp_path, ids=("a", "a/b", "c")):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     store = tmp_path / "store.h5"
     for video_id in ids:
         add_video(store, video_id)
@@ -325,6 +331,83 @@ def timeless_record(store):
     for part in record["shard_columns"].values():
         del part["mtime"], part["size"]
     return {key: record[key] for key in ("shard_columns", "videos", "links", "configs")}
+
+
+def unsigned_stamp(store):
+    """The stamp a store made elsewhere comes with: right size, time and folder, no signature of
+    this user's."""
+    stamp = {"index": [store.stat().st_size, store.stat().st_mtime_ns], "folder": shard_root(store).name}
+    (shard_root(store) / INDEX_STAMP).write_text(json.dumps(stamp))
+    record = json.loads((shard_root(store) / INDEX_RECORD).read_text())
+    record["index"] = stamp["index"]
+    (shard_root(store) / INDEX_RECORD).write_text(json.dumps(record))
+
+
+def from_scratch(store, folder):
+    """The index a rebuild with no earlier index, record or stamp makes of a copy of the store."""
+    shutil.copytree(store.parent, folder)
+    copy = folder / store.name
+    for path in (copy, shard_root(copy) / INDEX_RECORD, shard_root(copy) / INDEX_STAMP):
+        path.unlink()
+    rebuild_index(copy)
+    return contents(copy)
+
+
+@pytest.mark.parametrize("change", ["none", "most"])
+def test_a_crafted_index_stamped_elsewhere_is_written_again_from_the_shards(tmp_path, change):
+    outside = tmp_path / "outside.h5"
+    with h5py.File(outside, "w") as f:
+        f["x"] = np.arange(3)
+    store = small_store(tmp_path / "s", ids=("a", "b", "c"))
+    with h5py.File(store, "r+") as f:  # c keeps its links and attrs' digest, and gains more
+        f["videos/c/evil"] = h5py.ExternalLink(str(outside), "/x")
+        f["videos/c"].create_group("..").attrs["n_frames"] = 3
+        f["videos/c"].attrs["n_frames"] = 999
+    unsigned_stamp(store)
+    if change == "most":  # written anew: unchanged groups would be copied from a signed index
+        add_video(store, "d")
+        add_video(store, "e")
+    rebuild_index(store)
+    assert contents(store) == from_scratch(store, tmp_path / "scratch")
+    with open_store(store) as f:
+        assert sorted(f["videos/c"]) == ["audio", "faces", "timestamps"]
+        assert f["videos/c"].attrs["n_frames"] == FRAMES
+
+
+@pytest.mark.parametrize("new", [1, 5])
+def test_a_record_naming_a_video_no_shard_backs_adds_nothing(tmp_path, new):
+    store = small_store(tmp_path / "s", ids=tuple(f"v{i}" for i in range(10)))
+    record = json.loads((shard_root(store) / INDEX_RECORD).read_text())
+    record["videos"]["ghost"] = record["videos"]["v0"]
+    record["links"]["ghost"] = record["links"]["v0"]
+    (shard_root(store) / INDEX_RECORD).write_text(json.dumps(record))
+    for i in range(new):  # 1: the index is updated; 5: written anew
+        add_video(store, f"new{i}")
+    assert rebuild_index(store) == 10 + new
+    with open_store(store) as f:
+        listed = video_ids(f)
+        assert "ghost" not in listed and "ghost" not in f["videos"]
+    assert select_videos(store, None, need_labels=False) == listed
+
+
+def test_a_script_without_a_main_guard_still_rebuilds_with_a_process_pool(tmp_path):
+    """A spawned scanning process runs the script again; its rebuild_index must not wait for the
+    lock the script holds: it stops, and the script scans the shards itself."""
+    store = small_store(tmp_path / "s", ids=("a", "b", "c", "d"))
+    (shard_root(store) / INDEX_RECORD).unlink()  # every shard is opened
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from pathlib import Path\n"
+        "import pipeline.store as store\n"
+        "store.SCAN_IN_PROCESSES, store.SCAN_BATCH, store.cpu_count = 2, 2, lambda: 2\n"
+        f"print('videos', store.rebuild_index(Path({str(store)!r}), fresh=True))\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "videos 4"
+    assert "if __name__ == '__main__'" in result.stderr  # the spawned process says why it stopped
 
 
 def test_a_new_index_copies_no_group_from_outside_the_index(tmp_path):
