@@ -374,6 +374,17 @@ def test_a_crafted_index_stamped_elsewhere_is_written_again_from_the_shards(tmp_
         assert f["videos/c"].attrs["n_frames"] == FRAMES
 
 
+def test_without_a_writable_cache_folder_every_rebuild_writes_the_whole_index(tmp_path, monkeypatch):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("RCMA_CACHE", str(blocked / "rcma"))  # no key can be kept: stamps unsigned
+    store = small_store(tmp_path / "s", ids=("a", "b"))
+    assert "signature" not in json.loads((shard_root(store) / INDEX_STAMP).read_text())
+    add_video(store, "c")
+    assert rebuild_index(store) == 3
+    assert contents(store) == from_scratch(store, tmp_path / "scratch")
+
+
 @pytest.mark.parametrize("new", [1, 5])
 def test_a_record_naming_a_video_no_shard_backs_adds_nothing(tmp_path, new):
     store = small_store(tmp_path / "s", ids=tuple(f"v{i}" for i in range(10)))
