@@ -214,7 +214,7 @@ class Extractor:
             return [self._fail(job, stage.name, _one_line(e)) for stage in self.stages]
         outcomes: dict[str, Outcome] = {}
         if media.grid_pending:  # one decoding pass gives the grid and the first video stage's frames
-            stage = next(s for s in self.stages if getattr(s, "decodes_video", False))
+            stage = self._video_stage()
             try:
                 outcomes[stage.name] = self._run_stage(job, stage, media, configs[stage.name], progress)
             except GridMismatch:  # the header undercounts: the grid gets its own pass, as unshared
@@ -351,13 +351,17 @@ class Extractor:
     def _video_stage_to_run(self, job: Job) -> bool:
         """Whether the first stage that decodes frames has no shard of its current config here:
         it will run, whatever the grid (one that has such a shard needs the grid to tell)."""
-        stage = next((s for s in self.stages if getattr(s, "decodes_video", False)), None)
+        stage = self._video_stage()
         if stage is None:
             return False
         if self.force:
             return True
         attrs = read_shard_attrs(shard_path(self.store, stage.name, job.video_id))
         return not attrs or attrs.get("config_hash") != self.prepare()[stage.name][0]
+
+    def _video_stage(self) -> Stage | None:
+        """The first stage that decodes the frames: the one whose pass can also give the grid."""
+        return next((s for s in self.stages if getattr(s, "decodes_video", False)), None)
 
     def _write_grid(self, job: Job, media: Media, identity: dict[str, Any]) -> None:
         fields = {k: getattr(media.info, k) for k in MediaInfo.__dataclass_fields__}

@@ -42,7 +42,6 @@ import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISLNK
@@ -523,7 +522,7 @@ def _scan_many(jobs: list[tuple[Path, tuple[str, ...]]]) -> list[tuple[str, dict
     try:
         with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
             return [scan for batch in pool.map(_scan_batch, batches) for scan in batch]
-    except (RuntimeError, OSError, BrokenProcessPool):  # _scan_one reports a shard's problems, never raises
+    except (RuntimeError, OSError):  # a broken pool (BrokenProcessPool); _scan_one never raises
         return _scan_batch(jobs)
 
 
@@ -637,7 +636,8 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
         }
         old = previous.get("videos")
         known = previous.get("configs") == configs and old is not None and "links" in previous
-        if not fresh and known and cache.lists(listed) and _stamped(store, signed=True):
+        ours = _stamped(store, signed=True)  # the index as this user's rcma wrote it
+        if not fresh and known and cache.lists(listed) and ours:
             return len(old)  # every shard as the record has it, and the same configs: all is linked
         parts, touched = _scan_folders(root, listed, cache)
         linker = _Linker(root.name, parts, configs)
@@ -659,7 +659,6 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
         changed = sorted(v for v in entries if old is None or old.get(v) != digests[v])
         removed = sorted(v for v in old or {} if v not in digests)
         fresh_size = previous.get("fresh_size", 0)
-        ours = _stamped(store, signed=True)  # the index as this user's rcma wrote it
         update = (  # an index made elsewhere is written anew from the shards, never edited
             not fresh
             and ours
@@ -668,7 +667,7 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
             and store.stat().st_size <= REWRITE_GROWTH * fresh_size
         )
         if update and not changed and not removed:  # all linked, table current
-            record.update({"fresh_size": fresh_size, "index": previous["index"], "folder": root.name})
+            record.update({"fresh_size": fresh_size, **_stamp_fields(store)})  # the index as it was
             _write_record(store, record)
             return len(digests)
         with atomic_file(store, root) as tmp:
@@ -686,7 +685,7 @@ def rebuild_index(store: Path, fresh: bool = False) -> int:
                 copied = _copyable(old, digests) if old is not None and ours else set()
                 _write_new(tmp, root.name, links, linker, store, copied)
                 fresh_size = tmp.stat().st_size
-        record.update({"fresh_size": fresh_size, "index": list(_stat(store)), "folder": root.name})
+        record.update({"fresh_size": fresh_size, **_stamp_fields(store)})
         _write_record(store, record)
         _write_stamp(store)
     return len(digests)
@@ -860,7 +859,8 @@ def _read_index_record(store: Path) -> dict[str, Any]:
     """
     try:
         record = json.loads((shard_root(store) / INDEX_RECORD).read_text())
-        same = record.get("index") == list(_stat(store)) and record.get("folder") == shard_root(store).name
+        fields = _stamp_fields(store)
+        same = {name: record.get(name) for name in fields} == fields
         if same and "shard_columns" in record:
             record["shards"] = _ShardCache(record.pop("shard_columns"))
         elif same and "shards" in record:
@@ -1014,9 +1014,15 @@ INDEX_KEY_BYTES = 32
 INDEX_STAMP = ".index-stamp.json"  # in the shard folder: the index file (size, time) its table describes
 
 
+def _stamp_fields(store: Path) -> dict[str, Any]:
+    """What identifies the index file a stamp or a record describes: its size and modification
+    time, and the name of its shard folder."""
+    return {"index": list(_stat(store)), "folder": shard_root(store).name}
+
+
 def _write_stamp(store: Path) -> None:
     root = shard_root(store)
-    stamp: dict[str, Any] = {"index": list(_stat(store)), "folder": root.name}
+    stamp = _stamp_fields(store)
     key = _index_key()
     if key is not None:
         stamp["signature"] = _signature(store, stamp, key)
@@ -1034,7 +1040,7 @@ def _stamped(store: Path, signed: bool = False) -> bool:
     (`_index_key`), which a store made elsewhere, crafted or not, does not."""
     try:
         stamp = json.loads((shard_root(store) / INDEX_STAMP).read_text())
-        fields = {"index": list(_stat(store)), "folder": shard_root(store).name}
+        fields = _stamp_fields(store)
         if not isinstance(stamp, dict) or {name: stamp.get(name) for name in fields} != fields:
             return False
         if not signed:
