@@ -142,9 +142,9 @@ def stat_every_shard(store: Path) -> int:
 
 def seed_record(store: Path) -> None:
     """The first index of a store whose shards are all copies of one: each kind read once."""
-    import pipeline.store
+    import pipeline.store.scan
 
-    scan_many = pipeline.store._scan_many
+    scan_many = pipeline.store.scan._scan_many
     seen: dict[tuple[str, tuple[str, ...]], tuple[str, dict]] = {}
 
     def once(jobs: list[tuple[Path, tuple[str, ...]]]) -> list[tuple[str, dict]]:
@@ -153,11 +153,11 @@ def seed_record(store: Path) -> None:
                 seen[path.parent.name, names] = scan_many([(path, names)])[0]
         return [seen[path.parent.name, names] for path, names in jobs]
 
-    pipeline.store._scan_many = once  # rebuild_index looks it up in the module at each call
+    pipeline.store.scan._scan_many = once  # rebuild_index looks it up in the module at each call
     try:
         rebuild_index(store)
     finally:
-        pipeline.store._scan_many = scan_many
+        pipeline.store.scan._scan_many = scan_many
 
 
 def measure(folder: Path, n: int, open_all_up_to: int) -> dict[str, float]:

@@ -57,7 +57,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from pipeline.errors import one_line
-from pipeline.store import atomic_file
+from pipeline.files import atomic_file
 
 from .config import LEGACY, ModelConfig, TrainError
 

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from pipeline.errors import ModelUnavailable, one_line, resolve_device
-from pipeline.store import atomic_file, config_difference, id_file
+from pipeline.files import atomic_file
+from pipeline.store import config_difference, id_file
 
 from .config import TrainError
 from .data import STAGE_OF, DataError, StoreData, cut, load_store, select_videos, window_index, windows

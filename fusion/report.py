@@ -183,7 +183,7 @@ def render(summary: dict[str, Any], videos: list[dict[str, Any]], failed: list[s
 def write_report(
     path: Path, summary: dict[str, Any], videos: list[dict[str, Any]], failed: list[str], notes: list[str]
 ) -> None:
-    from pipeline.store import atomic_file
+    from pipeline.files import atomic_file
 
     with atomic_file(path) as tmp:
         tmp.write_text(render(summary, videos, failed, notes), encoding="utf-8")

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.errors import ModelUnavailable, resolve_device
-from pipeline.store import atomic_file
+from pipeline.files import atomic_file
 
 from .config import FIXED_ON_RESUME, LEGACY, ModelConfig, TrainConfig, TrainError
 from .data import DataError, StoreData, cut, load_store, select_videos, window_index, windows

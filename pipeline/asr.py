@@ -22,7 +22,8 @@ import torch
 
 from pipeline.ct2_whisper import convert_ct2_dir
 from pipeline.errors import ModelUnavailable
-from pipeline.weights import cache_dir, packaged_model, sha256_file
+from pipeline.files import cache_dir, sha256_file
+from pipeline.weights import packaged_model
 
 ASR_ENV = "RCMA_ASR_MODEL"
 # Whisper falls back to sampling at higher temperatures when greedy decoding looks wrong; a fixed

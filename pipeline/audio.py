@@ -27,9 +27,10 @@ import torch
 
 from pipeline import asr
 from pipeline.errors import resolve_device
+from pipeline.files import sha256_file
 from pipeline.media import SAMPLE_RATE, Media
 from pipeline.stages import Extra, Rows, Stage, library_versions
-from pipeline.weights import fetch_weights, sha256_file, weights_checksum
+from pipeline.weights import fetch_weights, weights_checksum
 
 AUDIO_MODELS = ("logmel", "wav2vec2", "hubert", "wavlm", "whisper-encoder")
 AUDIO_WEIGHTS_ENV = "RCMA_AUDIO_WEIGHTS"

@@ -24,7 +24,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from pipeline.store import atomic_file
+from pipeline.files import atomic_file
 
 SUPPORTED_VERSIONS = (5, 6)
 WHISPER_SPEC = "WhisperSpec"

@@ -116,7 +116,7 @@ def reachable(url: str) -> bool:
 def model_checks(probe: Callable[[str], bool]) -> list[Check]:
     from pipeline import asr, text, visual
     from pipeline.audio import AUDIO_WEIGHTS_ENV
-    from pipeline.weights import CACHE_ENV, cache_dir
+    from pipeline.files import CACHE_ENV, cache_dir
 
     checks = [_mtcnn()]
     env = os.environ.get(visual.VGGFACE2_ENV)

@@ -52,10 +52,10 @@ import torch
 
 from pipeline.align import CROP_SIZE, align_face
 from pipeline.errors import resolve_device
+from pipeline.files import sha256_file
 from pipeline.media import VIDEO_EXTENSIONS, Media
 from pipeline.stages import Extra, Rows, Stage, library_versions
 from pipeline.visual import NONE, VGGFACE2, Embedder, build_embedder
-from pipeline.weights import sha256_file
 
 MIN_FACE_PX = 20  # MTCNN's default smallest face, kept so small faces (Hamilton's ~40 px) are found
 THRESHOLDS = (0.6, 0.7, 0.7)  # P-Net, R-Net, O-Net; MTCNN's defaults

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from pipeline.errors import ModelUnavailable, one_line
-from pipeline.weights import fetch_weights, sha256_file
+from pipeline.files import sha256_file
+from pipeline.weights import fetch_weights
 
 VGGFACE2 = "vggface2"
 NONE = "none"

@@ -14,22 +14,9 @@ import urllib.request
 from pathlib import Path
 
 from pipeline.errors import ModelUnavailable
-from pipeline.store import atomic_file
+from pipeline.files import atomic_file, cache_dir, sha256_file
 
-CACHE_ENV = "RCMA_CACHE"
 DOWNLOAD_TIMEOUT_S = 30
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "rcma"))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 _checksums: dict[tuple[str, int, int], str] = {}

@@ -252,7 +252,7 @@ def test_shards_of_an_array_job_split_the_files_without_overlap(clips, tmp_path)
 
 
 def test_a_worker_that_cannot_write_the_store_folder_is_one_line(tmp_path):
-    from pipeline import runner
+    from pipeline.runner import worker as runner
 
     missing = tmp_path / "elsewhere" / "store.h5"
     assert "cannot see the store's folder" in runner._check_writable_on_worker(str(missing))
@@ -325,7 +325,7 @@ class Resolved:
 
 
 def test_workers_that_resolve_other_models_are_refused_before_any_job():
-    from pipeline import runner
+    from pipeline.runner import cluster as runner
 
     text = {"model": "all-MiniLM-L6-v2", "weights_sha256": "aa"}
     other = {**text, "weights_sha256": "bb"}

@@ -14,11 +14,11 @@ from pipeline import visual
 from pipeline.align import ARCFACE_TEMPLATE, CROP_SIZE, similarity_transform
 from pipeline.errors import ModelUnavailable
 from pipeline.faces import FacesStage, Mtcnn
+from pipeline.files import CACHE_ENV
 from pipeline.media import Media, frame_grid, grid_rows, iter_video_frames, probe
 from pipeline.runner import Extractor, FatalError, discover, run_local
 from pipeline.stages import Rows, build_stage, resolved
 from pipeline.store import open_store
-from pipeline.weights import CACHE_ENV
 
 PEXELS_HAND_OVER_MOUTH = [*range(55, 100), *range(150, 216)]  # frames where a hand covers the mouth
 HAMILTON_FIRST_SHOT = range(0, 20)  # the performer (right, ~40 px) and a seated man (left, ~25 px)
@@ -451,7 +451,7 @@ def test_one_video_decode_per_file_for_grid_and_faces(opened, store: Path):
 
 
 def test_a_header_that_undercounts_gets_the_grid_its_own_pass(opened, store: Path, monkeypatch):
-    from pipeline import runner
+    from pipeline.runner import extractor as runner
 
     n = decoded_frame_count(SINGLE_FACE)
 

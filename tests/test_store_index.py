@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-import pipeline.store
+import pipeline.store.scan
 from fusion.data import DataError, load_store, select_videos
 from pipeline.store import (
     GRID,
@@ -22,11 +22,6 @@ from pipeline.store import (
     INDEX_STAMP,
     VIDEO_ATTRS,
     StoreError,
-    _plain,
-    _read_index_record,
-    _scan_one,
-    _walk_videos,
-    _write_stamp,
     grid_hash,
     open_store,
     pack_store,
@@ -39,6 +34,10 @@ from pipeline.store import (
     video_ids,
     write_shard,
 )
+from pipeline.store.read import _walk_videos
+from pipeline.store.record import _read_index_record, _write_stamp
+from pipeline.store.scan import _scan_one
+from pipeline.store.shards import _plain
 
 FRAMES = 6
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +72,7 @@ def no_walk(monkeypatch):
     def refuse(*_):
         raise AssertionError("the index was walked")
 
-    monkeypatch.setattr("pipeline.store._walk_videos", refuse)
+    monkeypatch.setattr("pipeline.store.read._walk_videos", refuse)
 
 
 def test_the_table_lists_what_a_walk_finds_without_walking(tmp_path, monkeypatch):
@@ -236,14 +235,14 @@ def test_a_record_of_an_older_rcma_is_read_without_opening_any_shard(tmp_path, m
     def opened(*_):
         raise AssertionError("a shard was opened")
 
-    monkeypatch.setattr("pipeline.store._scan_one", opened)
+    monkeypatch.setattr("pipeline.store.scan._scan_one", opened)
     assert stage_counts(store) == expected and expected["audio"].done == ["a", "a/b", "c"]
     assert [v.present for v in summarize(store)] == [{"audio": 1.0, "faces": 1.0}] * 3
     add_video(store, "d", stages=())  # the next rebuild opens only the new shard, writes columns
     monkeypatch.undo()
     assert rebuild_index(store) == 4
     assert "shard_columns" in json.loads(path.read_text())
-    monkeypatch.setattr("pipeline.store._scan_one", opened)
+    monkeypatch.setattr("pipeline.store.scan._scan_one", opened)
     assert stage_counts(store)["audio"].missing == ["d"]
 
 
@@ -295,7 +294,7 @@ def change(store, step):
 
 @pytest.mark.parametrize("share", [0.0, 1.0])
 def test_an_update_a_new_file_and_a_first_index_hold_the_same(tmp_path, monkeypatch, share):
-    monkeypatch.setattr("pipeline.store.REWRITE_SHARE", share)  # 0: written anew, 1: updated
+    monkeypatch.setattr("pipeline.store.index.REWRITE_SHARE", share)  # 0: written anew, 1: updated
     stores = [tmp_path / name / "store.h5" for name in ("refreshed", "anew", "first")]
     for store in stores:
         store.parent.mkdir()
@@ -411,9 +410,9 @@ def test_a_script_without_a_main_guard_still_rebuilds_with_a_process_pool(tmp_pa
         "import sys\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
         "from pathlib import Path\n"
-        "import pipeline.store as store\n"
-        "store.SCAN_IN_PROCESSES, store.SCAN_BATCH, store.cpu_count = 2, 2, lambda: 2\n"
-        f"print('videos', store.rebuild_index(Path({str(store)!r}), fresh=True))\n"
+        "from pipeline.store import rebuild_index, scan\n"
+        "scan.SCAN_IN_PROCESSES, scan.SCAN_BATCH, scan.cpu_count = 2, 2, lambda: 2\n"
+        f"print('videos', rebuild_index(Path({str(store)!r}), fresh=True))\n"
     )
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -450,13 +449,13 @@ def test_many_shards_are_scanned_in_processes_as_in_one(tmp_path, monkeypatch):
             add_video(store, video_id)
         shard_path(store, "faces", "c").write_bytes(b"\x89HDF\r\n\x1a\n damaged")
     assert rebuild_index(stores[0]) == 4
-    monkeypatch.setattr("pipeline.store.SCAN_IN_PROCESSES", 2)
-    monkeypatch.setattr("pipeline.store.SCAN_BATCH", 2)
-    monkeypatch.setattr("pipeline.store.cpu_count", lambda: 2)
+    monkeypatch.setattr("pipeline.store.scan.SCAN_IN_PROCESSES", 2)
+    monkeypatch.setattr("pipeline.store.scan.SCAN_BATCH", 2)
+    monkeypatch.setattr("pipeline.store.scan.cpu_count", lambda: 2)
     started = []
-    pool = pipeline.store.ProcessPoolExecutor
+    pool = pipeline.store.scan.ProcessPoolExecutor
     monkeypatch.setattr(
-        "pipeline.store.ProcessPoolExecutor", lambda *a, **k: started.append(a) or pool(*a, **k)
+        "pipeline.store.scan.ProcessPoolExecutor", lambda *a, **k: started.append(a) or pool(*a, **k)
     )
     assert rebuild_index(stores[1]) == 4
     assert started == [(2,)]
@@ -464,7 +463,7 @@ def test_many_shards_are_scanned_in_processes_as_in_one(tmp_path, monkeypatch):
     def cannot_start(*args, **kwargs):  # a script without a main guard, under spawn
         raise RuntimeError("An attempt has been made to start a new process before ...")
 
-    monkeypatch.setattr("pipeline.store.ProcessPoolExecutor", cannot_start)
+    monkeypatch.setattr("pipeline.store.scan.ProcessPoolExecutor", cannot_start)
     assert rebuild_index(stores[2]) == 4  # scanned here instead
     records = [timeless_record(store) for store in stores]
     assert records[0] == records[1] == records[2]

@@ -297,7 +297,7 @@ def test_audio_is_decoded_once_per_file(text_stage: TextStage, store: Path, monk
         return real_read(path, *args, **kwargs)
 
     monkeypatch.setattr(media_module, "read_audio", counted_read)
-    monkeypatch.setattr(runner, "read_audio", counted_read)
+    monkeypatch.setattr(runner.extractor, "read_audio", counted_read)
     clips = [JFK, CREMA_MP4[0]]
     jobs, _ = runner.discover(clips)
     outcomes = runner.run_local(jobs, runner.Extractor(store, [AudioStage(), text_stage]))

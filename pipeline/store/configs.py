@@ -1,0 +1,91 @@
+"""Stage configs: a stage's shards in one store all come from one configuration.
+
+`claim_stage_configs` records it (`store.h5.d/<stage>/config.json`) and refuses a run with
+another unless forced; the index links only shards of the recorded configuration.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pipeline.files import atomic_file
+from pipeline.store.locks import _locked
+from pipeline.store.shards import CONFIG_FILE, StoreError, _ids_under, read_shard_attrs, shard_root
+
+
+def stage_config_path(store: Path, stage: str) -> Path:
+    return shard_root(store) / stage / CONFIG_FILE
+
+
+def stage_config(store: Path, stage: str) -> dict[str, Any] | None:
+    """{"config_hash", "config"} of the stage's shards in this store, or None before its first run
+    (and in stores made before configs were recorded)."""
+    try:
+        record = json.loads(stage_config_path(store, stage).read_text())
+        return record if isinstance(record, dict) and "config_hash" in record else None
+    except (OSError, ValueError):
+        return None
+
+
+def claim_stage_configs(store: Path, configs: dict[str, tuple[str, dict[str, Any]]], force: bool) -> None:
+    """Records each stage's (config hash, config) as the store's, refusing, unless `force`, a stage
+    the store holds with another config: one line naming the differing settings and the ways out.
+
+    A store made before configs were recorded is read once: its shards' most common config is
+    taken as the store's. With `force`, the new config replaces the old, and the old config's
+    shards are no longer indexed (each is recomputed when its video is extracted again).
+    """
+    root = shard_root(store)
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / ".index.lock"):
+        for stage, (config_digest, config) in configs.items():
+            held = stage_config(store, stage) or _config_of_shards(store, stage, config_digest)
+            if held and held["config_hash"] != config_digest and not force:
+                raise StoreError(
+                    f"{store}: its {stage} features were made with other settings "
+                    f"({config_difference(held.get('config', {}), config)}); use --force to recompute "
+                    f"them with these settings, or another --store"
+                )
+        for stage, (config_digest, config) in configs.items():
+            if (stage_config(store, stage) or {}).get("config_hash") == config_digest:
+                continue
+            path = stage_config_path(store, stage)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            record = {"stage": stage, "config_hash": config_digest, "config": config}
+            with atomic_file(path, root) as tmp:
+                tmp.write_text(json.dumps(record, sort_keys=True, indent=1) + "\n")
+
+
+def _config_of_shards(store: Path, stage: str, wanted: str) -> dict[str, Any] | None:
+    """The config record of a store made before records: `wanted` if any shard has it, else the
+    most common one; None when the stage has no shards."""
+    found: dict[str, dict[str, Any]] = {}
+    counts: Counter = Counter()
+    for _, path in _ids_under(shard_root(store) / stage, ".h5"):
+        attrs = read_shard_attrs(path)
+        if attrs and attrs.get("config_hash"):
+            counts[attrs["config_hash"]] += 1
+            found.setdefault(attrs["config_hash"], json.loads(attrs.get("config") or "{}"))
+    if not counts:
+        return None
+    chosen = wanted if wanted in counts else counts.most_common(1)[0][0]
+    return {"config_hash": chosen, "config": found[chosen]}
+
+
+def config_difference(
+    held: dict[str, Any], wanted: dict[str, Any], held_name: str = "in the store", wanted_name: str = "now"
+) -> str:
+    """`name: <held value> <held_name>, <wanted value> <wanted_name>` for each differing setting."""
+    changed = [
+        f"{key}: {held.get(key, '(unset)')} {held_name}, {wanted.get(key, '(unset)')} {wanted_name}"
+        for key in sorted(held.keys() | wanted.keys())
+        if held.get(key) != wanted.get(key)
+    ]
+    return "; ".join(changed) or "a setting not recorded in the config"
+
+
+def config_summary(config: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in sorted(config.items()))
