@@ -10,7 +10,8 @@ and std, then each person's mean over their clips removed):
 - valence sign: the same with two centroids, positive and negative valence (clips with valence 0,
   CREMA-D's neutral, are left out);
 - ms per face on the CPU (`--threads` torch threads, batches of BATCH, best of `--repeat`), and as
-  a ratio to `raw`'s time in the same run.
+  a ratio to `raw`'s time in the same run;
+and the whole faces stage's frames a second with `--visual-model none` and with `fer`, taking turns.
 With one person (the repo's CREMA-D actor 1001, 6 clips) there is nobody to leave out: each clip
 is cut into its first and second half, the halves are the two "persons" (train on one, test on
 the other), and the output says so. That split measures separation within one face and one
@@ -43,6 +44,8 @@ import cv2  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline import runner, visual  # noqa: E402
+from pipeline.faces import FacesStage  # noqa: E402
+from pipeline.media import Media, frame_grid, probe  # noqa: E402
 from pipeline.store import open_store  # noqa: E402
 
 CREMA = ROOT / "data" / "crema-d"
@@ -178,6 +181,25 @@ def _nearest_centroid(
     return [classes[int(np.linalg.norm(centroids - means[c], axis=1).argmin())] == label(c) for c in test]
 
 
+def stage_speed(clips: list[Clip], models: list[str], repeat: int) -> dict[str, float]:
+    """Frames a second of the whole faces stage (decoding, detection, alignment, the embedder) over
+    the clips, per --visual-model, best of `repeat`, the models taking turns."""
+    media = [
+        Media(c.path, c.path.stem, info, frame_grid(c.path, info)) for c in clips for info in [probe(c.path)]
+    ]
+    stages = {model: FacesStage(visual_model=model, device="cpu") for model in models}
+    best = dict.fromkeys(models, float("inf"))
+    for _ in range(repeat):
+        for model, stage in stages.items():
+            start = time.perf_counter()
+            for m in media:
+                for _block in stage.run(m):
+                    pass
+            best[model] = min(best[model], time.perf_counter() - start)
+    frames = sum(len(m.timestamps) for m in media)
+    return {model: frames / seconds for model, seconds in best.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -225,6 +247,12 @@ def main() -> None:
     print(f"{'embedder':<{width}} {'dim':>5} {'emotion':>8} {'valence':>8} {'ms/face':>8} {'x raw':>7}")
     for name, dim, emotion, valence, ms in rows:
         print(f"{name:<{width}} {dim:>5} {emotion:>8.2f} {valence:>8.2f} {ms:>8.3f} {ms / raw_ms:>7.1f}")
+    speed = stage_speed(clips, [visual.NONE, visual.FER], args.repeat)
+    none, with_fer = speed[visual.NONE], speed[visual.FER]
+    print(
+        f"faces stage ({args.threads} torch thread(s) given): --visual-model none {none:.1f} frames/s, "
+        f"fer {with_fer:.1f} frames/s: {none / with_fer:.2f}x the time"
+    )
 
 
 if __name__ == "__main__":
