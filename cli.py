@@ -36,8 +36,13 @@ def extract(
         list[str], typer.Option("--stage", "-s", help="faces, audio, text or all; repeatable.")
     ] = ["faces"],
     visual_model: Annotated[
-        str, typer.Option(help="vggface2, none, or a TorchScript (.pt) / ONNX (.onnx) model path.")
-    ] = "vggface2",
+        str | None,
+        typer.Option(
+            help="fer (default: expression-trained, offline), vggface2 (identity), none (crops only), "
+            "or a TorchScript (.pt) / ONNX (.onnx) model path.",
+            show_default=False,
+        ),
+    ] = None,
     crops: Annotated[
         bool, typer.Option("--crops/--no-crops", help="Store the 112x112 aligned faces.")
     ] = True,

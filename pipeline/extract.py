@@ -21,7 +21,7 @@ class ExtractSettings:
     paths: list[Path]  # media files, or folders searched recursively
     store: Path
     stages: list[str]  # names, "all", or comma-separated lists of them
-    visual_model: str
+    visual_model: str | None  # None: the faces stage's default (pipeline.visual.DEFAULT)
     crops: bool
     subject: str
     audio_model: str

