@@ -308,6 +308,11 @@ def rebuild_stages(ckpt: dict[str, Any], model_path: Path, device: str) -> tuple
     stages = []
     for name in wanted:
         config, expected = recorded[name]["config"], recorded[name]["config_hash"]
+        if config.get("faces_from"):
+            raise PredictError(
+                f"{model_path}: trained on faces read from a folder of aligned crops (--faces-from): "
+                "extract the videos' faces the same way, then run `rcma predict --features STORE`"
+            )
         tried: list[dict[str, Any]] = []
         error = ""
         for options in _stage_options(name, config, device):
