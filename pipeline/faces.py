@@ -662,8 +662,11 @@ class FacesStage(Stage):
         if folder is None:
             for start in range(0, n, ABSENT_BLOCK):
                 yield Rows(start, self._absent(min(ABSENT_BLOCK, n - start)))
-            yield Extra(attrs={"warning": f"no folder {media.video_id} in {self.faces_from}: every "
-                               "frame marked absent"})
+            yield Extra(
+                attrs={
+                    "warning": f"no folder {media.video_id} in {self.faces_from}: every frame marked absent"
+                }
+            )
             return
         images = face_folder.list_images(folder)
         damaged: list[str] = []

@@ -118,7 +118,9 @@ def test_faces_from_a_missing_folder_is_one_line_and_writes_nothing(tmp_path):
 def test_a_video_without_a_folder_has_no_faces_and_says_so(tmp_path):
     (tmp_path / "crops").mkdir()
     store = tmp_path / "store.h5"
-    code, output = extract(store, SINGLE_FACE, "--faces-from", str(tmp_path / "crops"), "--visual-model", "none")
+    code, output = extract(
+        store, SINGLE_FACE, "--faces-from", str(tmp_path / "crops"), "--visual-model", "none"
+    )
     assert code == 0
     assert "no folder single_face in" in " ".join(output.split())
     assert not faces_of(store, "single_face")["present"].any()
