@@ -49,6 +49,14 @@ def extract(
     subject: Annotated[
         str, typer.Option(help="faces: track the largest face, or the one in the left or right half.")
     ] = "largest",
+    faces_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="faces: read each frame's aligned face from DIR/<video_id>/00001.jpg (Aff-Wild2's "
+            "cropped-aligned layout) instead of detecting faces.",
+            show_default=False,
+        ),
+    ] = None,
     audio_model: Annotated[
         str, typer.Option(help="logmel, wav2vec2, hubert, wavlm or whisper-encoder.")
     ] = "logmel",

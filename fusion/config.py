@@ -113,7 +113,7 @@ def setting(default: Any, help: str) -> Any:
 class TrainConfig:
     features: str = setting("store.h5", "The store, with labels.")
     out: str = setting("runs/rcma", "Run folder (checkpoints, logs).")
-    modalities: list[str] = setting(list(MODALITIES), "Any of audio,visual,text.")
+    modalities: list[str] = setting([], "Any of audio,visual,text (default: every one the store has).")
     fusion: str = setting(ModelConfig.fusion, "rcma, or concat (baseline).")
     joint: str = setting(ModelConfig.joint, "others (RCMA) or all (RJCMA).")
     gate: str = setting(ModelConfig.gate, "none, residual (zero-initialised gain), or grjca.")
@@ -157,11 +157,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.eval_hop == 0 and self.window >= 1:
             self.eval_hop = max(1, self.window // 2)
-        bad = [m for m in self.modalities if m not in MODALITIES]
-        if bad or not self.modalities:
-            raise TrainError(
-                f"unknown modality {', '.join(bad) or '(none)'}; choose from {', '.join(MODALITIES)}"
-            )
+        bad = [m for m in self.modalities if m not in MODALITIES]  # none given: the store's (train)
+        if bad:
+            raise TrainError(f"unknown modality {', '.join(bad)}; choose from {', '.join(MODALITIES)}")
         if len(set(self.modalities)) != len(self.modalities):
             raise TrainError(f"modalities {','.join(self.modalities)}: each may be given once")
         problem = unchosen(self, {**MODEL_CHOICES, "visual": VISUAL_INPUTS})

@@ -98,6 +98,25 @@ def select_videos(store: Path, splits: list[str] | None, need_labels: bool) -> l
     return chosen
 
 
+def store_modalities(store: Path) -> list[str]:
+    """The modalities every labelled video of the store has (its stage's shard), in MODALITIES order;
+    a modality some labelled videos have and others lack is a one-line error, not silently dropped."""
+    labelled = select_videos(store, None, need_labels=True)
+    with _open(store) as f:
+        counts = {m: sum(STAGE_OF[m] in f[f"videos/{v}"] for v in labelled) for m in MODALITIES}
+    partial = [m for m in MODALITIES if 0 < counts[m] < len(labelled)]
+    if partial:
+        m = partial[0]
+        raise DataError(
+            f"{store}: {counts[m]} of {len(labelled)} labelled videos have {STAGE_OF[m]} features: extract "
+            f"the rest (`rcma extract ... --stage {STAGE_OF[m]} --store {store}`) or choose --modalities"
+        )
+    chosen = [m for m in MODALITIES if counts[m]]
+    if not chosen:
+        raise DataError(f"{store}: its labelled videos have no features (run `rcma extract` first)")
+    return chosen
+
+
 def load_store(
     store: Path,
     modalities: list[str],

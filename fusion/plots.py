@@ -10,6 +10,7 @@ import numpy as np
 
 CURVES_DPI = 80
 VIDEO_DPI = 90
+EXPRESSION_ROW = 0.3  # height of one expression class's row, against 3 for a valence panel
 
 
 def _pyplot() -> Any:
@@ -49,14 +50,18 @@ def video_png(
     pred: np.ndarray,
     labels: np.ndarray | None,
     present: dict[str, np.ndarray] | None = None,
+    expression: tuple[np.ndarray, list[str]] | None = None,
 ) -> bytes:
-    """Valence and arousal over time as PNG bytes: prediction, the labels where there are any, and
-    under them a band per input showing the frames where it had data."""
+    """Valence and arousal over time as PNG bytes: prediction, the labels where there are any; under
+    them, with `expression` ((n,k) per-frame class probabilities, NaN where no face, and the class
+    names), a strip of the face's expression; then a band per input showing the frames where it had
+    data."""
     plt = _pyplot()
     present = present or {}
-    ratios = [3, 3] + ([0.35 * len(present)] if present else [])
+    strip = [EXPRESSION_ROW * len(expression[1])] if expression is not None else []
+    ratios = [3, 3, *strip] + ([0.35 * len(present)] if present else [])
     fig, axes = plt.subplots(
-        len(ratios), 1, figsize=(10, 4.2 + 0.3 * len(present)), sharex=True, height_ratios=ratios
+        len(ratios), 1, figsize=(10, 4.2 + sum(ratios[2:]) * 0.85), sharex=True, height_ratios=ratios
     )
     for k, (ax, name) in enumerate(zip(axes, ("valence", "arousal"), strict=False)):
         ax.plot(times, pred[:, k], label="predicted", lw=1.4, color=("#1f77b4", "#d62728")[k])
@@ -65,8 +70,10 @@ def video_png(
         ax.set(ylabel=name, ylim=(-1.05, 1.05))
         ax.axhline(0, color="grey", lw=0.5)
         ax.grid(alpha=0.3)
+    if expression is not None:
+        _expression_strip(axes[2], times, *expression)
     if present:
-        band = axes[2]
+        band = axes[-1]
         step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0
         for row, mask in enumerate(present.values()):
             runs = _runs(mask)
@@ -89,3 +96,15 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """(start, end) index pairs of the runs of True in a boolean array."""
     edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
     return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
+def _expression_strip(ax: Any, times: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> None:
+    """Each class's probability over time as a row of shades; frames without a face stay blank."""
+    step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0
+    shown = np.ma.masked_invalid(np.asarray(probabilities, dtype=np.float32).T)
+    extent = (float(times[0]), float(times[-1]) + step, len(classes), 0) if len(times) else (0, 1, 1, 0)
+    ax.imshow(shown, aspect="auto", cmap="Purples", vmin=0, vmax=1, extent=extent, interpolation="nearest")
+    ax.set(ylim=(len(classes), 0), yticks=np.arange(len(classes)) + 0.5, yticklabels=classes)
+    ax.tick_params(axis="y", length=0, labelsize=8)
+    ax.set_ylabel("face's\nexpression", fontsize=8)
+    ax.grid(False)

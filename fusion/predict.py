@@ -255,7 +255,7 @@ def write_outputs(
     sources: dict[str, str] | None = None,
 ) -> Path:
     """Writes every per-video file and the run's ABAW file and report; returns the report's path."""
-    from .report import model_summary, video_section, write_report
+    from .report import model_summary, read_expression, video_section, write_report
 
     true = data.labels[:-1].cpu().numpy()
     mask = data.labelled[:-1].cpu().numpy()
@@ -282,12 +282,13 @@ def write_outputs(
         )
         abaw_rows += [(f"{vid}/{k + 1:05d}.jpg", f"{p[k, 0]:.6f}", f"{p[k, 1]:.6f}") for k in range(hi - lo)]
         labels = np.where(mask[lo:hi, None], true[lo:hi], np.nan) if mask[lo:hi].any() else None
-        png = video_png(vid, t, p, labels, flags)
+        expression = read_expression(store, vid)
+        png = video_png(vid, t, p, labels, flags, expression)
         if plots:
             with atomic_file(_parent_made(id_file(out / "plots", vid, ".png"))) as tmp:
                 tmp.write_bytes(png)
         source = (sources or {}).get(vid, "")
-        sections.append(video_section(store, vid, t, p, flags, png, source))
+        sections.append(video_section(store, vid, t, p, flags, png, source, expression))
     _write_csv(out / ABAW_FILE, ["image_location", "valence", "arousal"], abaw_rows)
     report = out / REPORT
     write_report(report, model_summary(ckpt, model_path), sections, failed or [], notes or [])
@@ -309,6 +310,11 @@ def rebuild_stages(ckpt: dict[str, Any], model_path: Path, device: str) -> tuple
     stages = []
     for name in wanted:
         config, expected = recorded[name]["config"], recorded[name]["config_hash"]
+        if config.get("faces_from"):
+            raise PredictError(
+                f"{model_path}: trained on faces read from a folder of aligned crops (--faces-from): "
+                "extract the videos' faces the same way, then run `rcma predict --features STORE`"
+            )
         tried: list[dict[str, Any]] = []
         error = ""
         for options in _stage_options(name, config, device):

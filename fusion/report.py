@@ -9,6 +9,7 @@ frames on which each modality had data. The page is rendered from templates/repo
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import h5py
 import numpy as np
 
 FACES_IN_STRIP = 10
+TOP_EXPRESSIONS = 3  # classes named under the face strip
 MODALITY_NAMES = {"visual": "face (visual)", "audio": "voice (audio)", "text": "words (text)"}
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -80,7 +82,8 @@ def _describe_stage(name: str, config: dict[str, Any]) -> str:
     if name == "faces":
         model = config.get("visual_model", "?")
         what = "aligned 112x112 face crops (no embedder)" if model == "none" else f"{model} face embeddings"
-        return f"faces: MTCNN detection, {what}"
+        source = "aligned crops read from a folder" if config.get("faces_from") else "MTCNN detection"
+        return f"faces: {source}, {what}"
     if name == "audio":
         model = config.get("audio_model", "?")
         extra = f", {config['logmel_pool']} pooling" if model == "logmel" else ""
@@ -93,6 +96,26 @@ def _describe_stage(name: str, config: dict[str, Any]) -> str:
     return name
 
 
+def read_expression(store: Path, vid: str) -> tuple[np.ndarray, list[str]] | None:
+    """The face's per-frame expression probabilities (NaN where no face) and class names, when the
+    faces stage stored them (an expression-trained embedder such as fer); else None."""
+    from pipeline.store import open_store
+
+    with open_store(store) as f:
+        faces = f[f"videos/{vid}"].get("faces")
+        if faces is None or "expression" not in faces:
+            return None
+        probabilities = faces["expression"][:].astype(np.float32)
+        probabilities[~faces["present"][:]] = np.nan
+        try:
+            classes = [str(c) for c in json.loads(faces.attrs.get("expression_classes", "[]"))]
+        except (TypeError, ValueError):  # a crafted attribute: no strip, not an error
+            return None
+    if probabilities.ndim != 2 or probabilities.shape[1] != len(classes):
+        return None
+    return probabilities, classes
+
+
 def video_section(
     store: Path,
     vid: str,
@@ -101,6 +124,7 @@ def video_section(
     present: dict[str, np.ndarray],
     plot_png: bytes,
     source: str = "",
+    expression: tuple[np.ndarray, list[str]] | None = None,
 ) -> dict[str, Any]:
     """Everything the report shows for one video, read from the store and the predictions."""
     from pipeline.store import open_store
@@ -121,6 +145,7 @@ def video_section(
         ],
         "faces": [],
         "faces_note": "",
+        "expression": _top_expressions(expression),
         "transcript": [],
         "transcript_note": "",
     }
@@ -129,6 +154,19 @@ def video_section(
         section["faces"], section["faces_note"] = _face_strip(group, times)
         section["transcript"], section["transcript_note"] = _transcript(group)
     return section
+
+
+def _top_expressions(expression: tuple[np.ndarray, list[str]] | None) -> list[dict[str, Any]]:
+    """The classes most often the face's strongest expression, with their share of the face frames."""
+    if expression is None:
+        return []
+    probabilities, classes = expression
+    seen = np.isfinite(probabilities).all(axis=1)
+    if not seen.any():
+        return []
+    top = np.bincount(probabilities[seen].argmax(axis=1), minlength=len(classes)) / seen.sum()
+    order = np.argsort(-top, kind="stable")[:TOP_EXPRESSIONS]
+    return [{"name": classes[k], "share": float(top[k])} for k in order if top[k] > 0]
 
 
 def _face_strip(group: h5py.Group, times: np.ndarray) -> tuple[list[dict[str, str]], str]:

@@ -30,7 +30,16 @@ from pipeline.errors import ModelUnavailable, resolve_device
 from pipeline.files import atomic_file
 
 from .config import FIXED_ON_RESUME, LEGACY, ModelConfig, TrainConfig, TrainError
-from .data import DataError, StoreData, cut, load_store, select_videos, window_index, windows
+from .data import (
+    DataError,
+    StoreData,
+    cut,
+    load_store,
+    select_videos,
+    store_modalities,
+    window_index,
+    windows,
+)
 from .metrics import ccc_loss, scores
 from .model import RCMA, Ensemble, autocast, build_model, load_checkpoint, save_checkpoint, upgrade_state
 from .plots import curves_png
@@ -97,6 +106,15 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
         torch.set_num_threads(cfg.threads)
     if not resume and out.exists() and any(out.glob("**/last.pt")):
         raise TrainError(f"{out} already holds a run (last.pt); use --resume or another --out")
+    store = Path(cfg.features)
+    if not cfg.modalities:
+        try:
+            cfg = replace(cfg, modalities=store_modalities(store))
+        except DataError as e:
+            raise TrainError(str(e)) from None
+        console.print(
+            f"modalities: {','.join(cfg.modalities)} (every one the store has; --modalities chooses)"
+        )
     if resume:
         _check_resumable(out, cfg)
     if cfg.folds or cfg.seeds > 1:  # the members' folders hold their own; this one is for --resume
@@ -104,7 +122,6 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
         settings = json.dumps({"train": asdict(cfg)}, indent=2)
         with atomic_file(out / "config.json") as tmp:
             tmp.write_text(settings)
-    store = Path(cfg.features)
     if cfg.folds:
         return _cross_validate(cfg, store, device, resume, console)
     try:

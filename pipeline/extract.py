@@ -24,6 +24,7 @@ class ExtractSettings:
     visual_model: str | None  # None: the faces stage's default (pipeline.visual.DEFAULT)
     crops: bool
     subject: str
+    faces_from: Path | None  # Aff-Wild2-style folder of aligned crops: no detection
     audio_model: str
     audio_layer: int | None
     audio_weights: str | None

@@ -35,6 +35,9 @@ missing for REACQUIRE_AFTER_S (a cut, the subject leaving) is given up for the l
 With `subject` "left" or "right" (Aff-Wild2's two-subject videos), a track starts only on a face
 whose centre is in that half of the frame (the largest there), so the other person is never
 taken when the tracked one is out of view.
+
+With `faces_from` (a folder of aligned crops in Aff-Wild2's layout, see pipeline.face_folder) no
+face is detected: each frame's image is its crop, and boxes, landmarks and score are NaN.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ import cv2
 import numpy as np
 import torch
 
+from pipeline import face_folder
 from pipeline.align import CROP_SIZE, align_face
 from pipeline.errors import resolve_device
 from pipeline.files import sha256_file
@@ -479,18 +483,24 @@ class FacesStage(Stage):
         crops: bool = True,
         device: str = "auto",
         subject: str = "largest",
+        faces_from: str | Path | None = None,
     ):
         if subject not in SUBJECTS:
             raise ValueError(f"unknown --subject {subject!r}; choose from {', '.join(SUBJECTS)}")
         self.subject = subject
+        self.faces_from = None if faces_from is None else Path(faces_from).expanduser()
+        self.decodes_video = self.faces_from is None  # crops from a folder need only the grid
         self.visual_model = str(visual_model or DEFAULT)
         self.crops = bool(crops)
         self.device = device
         self.detector: Mtcnn | None = None
+        self.loaded = False
         self.embedder: Embedder | None = None
         self._model_sha: tuple[tuple[str, int, int], str] | None = None
 
     def resolve(self) -> None:
+        if self.faces_from is not None and not self.faces_from.is_dir():
+            raise ValueError(f"--faces-from {self.faces_from}: no such folder")
         self.torch_device = resolve_device(self.device)
         self.visual_model_sha256 = self._model_file_sha256()
         super().resolve()
@@ -498,12 +508,17 @@ class FacesStage(Stage):
     def config(self) -> dict[str, Any]:
         self.check_resolved()
         subject = {} if self.subject == "largest" else {"subject": self.subject}  # older hashes stay valid
-        return {
-            **subject,
+        embedding = {
             "visual_model": self.visual_model,
             "visual_model_sha256": self.visual_model_sha256,
             "crops": self.crops,
             "crop_size": CROP_SIZE,
+        }
+        if self.faces_from is not None:  # the folder itself is in each shard's provenance
+            return {**subject, **embedding, "faces_from": "folder of aligned crops"}
+        return {
+            **subject,
+            **embedding,
             "alignment": "arcface-5-point-similarity",
             "detector": {
                 "min_face_px": MIN_FACE_PX,
@@ -544,14 +559,21 @@ class FacesStage(Stage):
     def load(self) -> None:
         if not self.resolved:
             self.resolve()
-        self.detector = Mtcnn(self.torch_device)
+        self.detector = Mtcnn(self.torch_device) if self.faces_from is None else None
         self.embedder = build_embedder(self.visual_model, self.torch_device)
+        self.loaded = True
 
     def provenance(self) -> dict[str, Any]:
         embedder = self.embedder
+        if self.faces_from is not None:
+            source = {"faces_from": str(self.faces_from.absolute())}
+        else:
+            source = {
+                "face_detector": "MTCNN (facenet-pytorch P-Net, R-Net, O-Net, packaged weights)",
+                "face_detector_sha256": weights_sha256(),
+            }
         return {
-            "face_detector": "MTCNN (facenet-pytorch P-Net, R-Net, O-Net, packaged weights)",
-            "face_detector_sha256": weights_sha256(),
+            **source,
             "visual_model": embedder.name if embedder else NONE,
             "visual_weights_sha256": embedder.sha256 if embedder else None,
             "visual_dim": embedder.dim if embedder else 0,
@@ -560,8 +582,11 @@ class FacesStage(Stage):
         }
 
     def run(self, media: Media) -> Iterator[Rows | Extra]:
-        if self.detector is None:
+        if not self.loaded:
             self.load()
+        if self.faces_from is not None:
+            yield from self._run_from_folder(media)
+            return
         n = media.n_frames
         next_row = 0
         faces_found = 0
@@ -626,11 +651,52 @@ class FacesStage(Stage):
         arrays["score"][index] = [face.score for _, _, face in found]
         if self.crops or self.embedder is not None:
             crops = np.stack([align_face(frame, face.landmarks) for _, frame, face in found])
-            if self.crops:
-                arrays["crops"][index] = crops
-            if self.embedder is not None:
-                embedding = self.embedder(crops)
-                arrays["embedding"][index] = embedding.astype(np.float16)
-                if self.embedder.classes:
-                    arrays["expression"][index] = self.embedder.expression(embedding).astype(np.float16)
+            self._put_crops(arrays, index, crops)
         return arrays
+
+    def _put_crops(self, arrays: dict[str, np.ndarray], index: np.ndarray, crops: np.ndarray) -> None:
+        """The aligned faces `crops` and their embeddings into `arrays` at rows `index`."""
+        if self.crops:
+            arrays["crops"][index] = crops
+        if self.embedder is not None:
+            embedding = self.embedder(crops)
+            arrays["embedding"][index] = embedding.astype(np.float16)
+            if self.embedder.classes:
+                arrays["expression"][index] = self.embedder.expression(embedding).astype(np.float16)
+
+    def _run_from_folder(self, media: Media) -> Iterator[Rows | Extra]:
+        """Each frame's crop read from the video's folder under `faces_from`; no detection."""
+        n = media.n_frames
+        folder = face_folder.find_folder(self.faces_from, media.video_id, self.subject)
+        if folder is None:
+            for start in range(0, n, ABSENT_BLOCK):
+                yield Rows(start, self._absent(min(ABSENT_BLOCK, n - start)))
+            yield Extra(
+                attrs={
+                    "warning": f"no folder {media.video_id} in {self.faces_from}: every frame marked absent"
+                }
+            )
+            return
+        images = face_folder.list_images(folder)
+        on_cpu = self.embedder is not None and self.torch_device == "cpu"
+        embed_threads = self.embedder.cpu_threads if on_cpu else None
+        damaged: list[str] = []
+        next_row = 0
+        for rows, crops, bad in images.blocks(n):
+            damaged += bad
+            if not len(rows):
+                continue
+            stop = int(rows[-1]) + 1
+            arrays = self._absent(stop - next_row)
+            index = rows - next_row
+            arrays["present"][index] = True
+            arrays["score"][index] = np.nan
+            with torch_threads(embed_threads):
+                self._put_crops(arrays, index, crops)
+            yield Rows(next_row, arrays)
+            next_row = stop
+        for start in range(next_row, n, ABSENT_BLOCK):
+            yield Rows(start, self._absent(min(ABSENT_BLOCK, n - start)))
+        warning = face_folder.warning(folder, damaged, images.skipped)
+        if warning:
+            yield Extra(attrs={"warning": warning})

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import ModelUnavailable
-from pipeline.weights import sha256_file
+from pipeline.files import sha256_file
 
 CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")  # the file's output order
 INPUT_SIZE = 64  # gray pixels a side

@@ -309,3 +309,23 @@ def test_a_model_refuses_features_made_with_other_settings(tmp_path):
     del ckpt["data"]["stages"]  # as written before configs were recorded
     torch.save(ckpt, tmp_path / "old.pt")
     assert evaluate(tmp_path / "old.pt", other, "val", device="cpu")["overall"]["frames"] == 64
+
+
+def test_without_modalities_training_uses_every_one_the_store_has(tmp_path):
+    store = write_av_store(tmp_path / "av.h5", [40, 40, 40, 40])  # audio and faces, no text
+    result = train(config(store, tmp_path / "run", epochs=1), quiet=True)
+    ckpt = load_checkpoint(Path(result["best"]))
+    assert ckpt["data"]["modalities"] == ["audio", "visual"]
+    every = write_av_store(tmp_path / "avt.h5", [40, 40, 40, 40], text=True)
+    result = train(config(every, tmp_path / "all", epochs=1), quiet=True)
+    assert load_checkpoint(Path(result["best"]))["data"]["modalities"] == ["audio", "visual", "text"]
+
+
+def test_a_modality_only_some_labelled_videos_have_is_named_not_dropped(tmp_path):
+    store = write_av_store(tmp_path / "s.h5", [40, 40, 40])
+    audio = {"present": np.ones(40, bool), "embedding": np.zeros((40, 4), np.float16)}
+    add_video(store, "v3", 40, {"audio": audio}, (np.zeros(40), np.zeros(40)), "train")  # no faces
+    rebuild_index(store)
+    with pytest.raises(TrainError, match=r"3 of 4 labelled videos have faces features: extract the rest"):
+        train(config(store, tmp_path / "run", epochs=1), quiet=True)
+    assert not (tmp_path / "run").exists()
