@@ -32,7 +32,16 @@ from pipeline.store import atomic_file
 from .config import FIXED_ON_RESUME, LEGACY, ModelConfig, TrainConfig, TrainError
 from .data import DataError, StoreData, cut, load_store, select_videos, window_index, windows
 from .metrics import ccc_loss, scores
-from .model import RCMA, Ensemble, autocast, build_model, load_checkpoint, save_checkpoint, upgrade_state
+from .model import (
+    RCMA,
+    Ensemble,
+    autocast,
+    build_model,
+    finite,
+    load_checkpoint,
+    save_checkpoint,
+    upgrade_state,
+)
 from .plots import curves_png
 from .predict import predict_frames
 
@@ -385,6 +394,13 @@ def fit(
                 progress.update(task, advance=1)
             seconds = time.perf_counter() - began
             progress.remove_task(task)
+            diverged = _diverged(model, loss_sum)
+            if diverged:  # stop before anything of this epoch is saved: best.pt and last.pt stay finite
+                tb.close()
+                raise TrainError(
+                    f"{out}: training diverged in epoch {epoch}: its {diverged} became NaN or infinite; "
+                    f"the learning rate is likely too high (--lr {cfg.lr:g}): try a lower one"
+                )
             val = validate(model, data, val_idx, cfg)
             score = val["ccc"] if math.isfinite(val["ccc"]) else -1.0
             if state["step"] > cfg.warmup_steps:
@@ -448,6 +464,14 @@ def fit(
         "epochs": state["epoch"],
         "best": str(out / "best.pt"),
     }
+
+
+def _diverged(model: RCMA, loss_sum: torch.Tensor) -> str:
+    """What of an epoch's training became NaN or infinite ("" when nothing did). Weights include the
+    BatchNorm statistics: a too-large step can leave the loss finite but them NaN."""
+    if not torch.isfinite(loss_sum):
+        return "training loss"
+    return "" if finite(model.state_dict()) else "weights"
 
 
 def _check_resumable(out: Path, cfg: TrainConfig) -> None:

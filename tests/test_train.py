@@ -309,3 +309,38 @@ def test_a_model_refuses_features_made_with_other_settings(tmp_path):
     del ckpt["data"]["stages"]  # as written before configs were recorded
     torch.save(ckpt, tmp_path / "old.pt")
     assert evaluate(tmp_path / "old.pt", other, "val", device="cpu")["overall"]["frames"] == 64
+
+
+def test_a_diverged_run_stops_naming_the_epoch_and_its_weights_are_refused(tmp_path):
+    """--lr 1000 once gave NaN validation every epoch, exit 0, a NaN best.pt, and NaN predictions."""
+    store = interaction_store(tmp_path / "s.h5", n_train=4, n_val=2, frames=100)
+    run = tmp_path / "run"
+    args = ["--features", str(store), "--out", str(run), "--modalities", "audio,visual", "--epochs", "3"]
+    small = ["--window", "32", "--hop", "16", "--width", "16", "--warmup-steps", "2", "--device", "cpu"]
+    result = CliRunner().invoke(app, ["train", *args, *small, "--lr", "1000", "--quiet"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "training diverged in epoch" in lines[0], result.output
+    assert "NaN or infinite" in lines[0] and "--lr 1000" in lines[0] and "learning rate" in lines[0]
+    epoch = int(lines[0].split("diverged in epoch ")[1].split(":")[0])
+    for name in ("best.pt", "last.pt"):  # those of earlier epochs only, and finite
+        if epoch == 1:
+            assert not (run / name).exists()
+        else:
+            assert load_checkpoint(run / name)["state"]["epoch"] == epoch - 1
+
+    healthy = tmp_path / "healthy"
+    train(config(store, healthy, modalities=["audio", "visual"], epochs=1), quiet=True)
+    ckpt = torch.load(healthy / "best.pt", weights_only=True)
+    ckpt["model"]["tcn_norm.audio.running_var"][0] = float("nan")  # as the diverged run left it
+    torch.save(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(PredictError, match="weights are NaN or infinite"):
+        evaluate(tmp_path / "nan.pt", store, "val", device="cpu")
+    out = tmp_path / "pred"
+    for command in (["evaluate"], ["predict", "--out", str(out)]):
+        cli = CliRunner().invoke(
+            app, [*command, "--model", str(tmp_path / "nan.pt"), "--features", str(store)]
+        )
+        assert cli.exit_code == 2 and len(cli.output.strip().splitlines()) == 1, cli.output
+        assert "weights are NaN or infinite" in cli.output
+    assert not out.exists()
