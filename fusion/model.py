@@ -439,9 +439,11 @@ def checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
     together. Checked before a model is built or a video extracted: the model is laid out on torch's
     meta device (no memory), so an absurd width or window costs nothing, and weights that are NaN or
     infinite (a diverged run) are refused rather than predicting NaN."""
+    if not isinstance(ckpt["model_config"], dict):
+        return "its model settings (model_config) are not a table of settings"
     try:
         cfg = model_config_of(ckpt["model_config"])
-    except (TypeError, ValueError, AttributeError) as e:
+    except (TypeError, ValueError) as e:
         return f"its model settings cannot be used ({one_line(e)})"
     run, data = ckpt.get("config"), ckpt["data"]
     if not isinstance(run, dict) or not isinstance(data, dict):

@@ -310,11 +310,17 @@ def rebuild_stages(ckpt: dict[str, Any], model_path: Path, device: str) -> tuple
         config, expected = recorded[name]["config"], recorded[name]["config_hash"]
         tried: list[dict[str, Any]] = []
         error = ""
-        for options in _stage_options(name, config, device):
+        try:
+            choices = list(_stage_options(name, config, device))
+        except KeyError as e:
+            raise PredictError(
+                f"{model_path}: its record of the {name} stage lacks the setting {e}"
+            ) from None
+        for options in choices:
             try:
                 stage = resolved(build_stage(name, options))
                 got = stage.config()
-            except (ModelUnavailable, ValueError, OSError) as e:  # try the next way; report the last
+            except (ModelUnavailable, ValueError, TypeError, OSError) as e:  # try the next; report the last
                 error = one_line(e)
                 continue
             if config_hash(stage) == expected:
