@@ -42,6 +42,7 @@ TOLERANCE_FRAMES = 5
 TOLERANCE_SHARE = 0.01
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"valid": "val", "validation": "val", "training": "train", "dev": "val"}
+ENCODING = "utf-8-sig"  # UTF-8, without the byte-order mark Excel writes first
 
 
 class LabelError(Exception):
@@ -147,7 +148,7 @@ def read_split_file(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise LabelError(f"{path}: no such split file")
     out: dict[str, str] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text(encoding=ENCODING).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -305,8 +306,10 @@ def _read_affwild2(
         return []
     if vid not in grid:
         raise _unknown(vid, path, grid)
-    lines = path.read_text().splitlines()
-    if not lines or lines[0].replace(" ", "").lower() != "valence,arousal":
+    lines = path.read_text(encoding=ENCODING).splitlines()
+    if not any(line.strip() for line in lines[1:]):
+        raise LabelError(f"no labels in {path}")
+    if lines[0].replace(" ", "").lower() != "valence,arousal":
         raise LabelError(f"{path}: expected a `valence,arousal` header line (Aff-Wild2 VA format)")
     rows = []
     for number, line in enumerate(lines[1:], 2):
@@ -327,7 +330,7 @@ def _read_affwild2(
 
 def _read_csv(path: Path, grid: dict[str, np.ndarray]) -> list[VideoLabels]:
     rows: list[tuple[int, dict[str, str]]] = []  # (line number, row)
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding=ENCODING) as f:
         reader = csv.reader(f)
         header = next(reader, [])
         for fields in reader:
@@ -339,6 +342,8 @@ def _read_csv(path: Path, grid: dict[str, np.ndarray]) -> list[VideoLabels]:
                     f"{len(header)} ({','.join(header)})"
                 )
             rows.append((reader.line_num, dict(zip(header, fields, strict=True))))
+    if not rows:
+        raise LabelError(f"no labels in {path}")
     columns = {c.strip().lower(): c for c in header}
     id_col = next((columns[c] for c in ("video_id", "video", "file") if c in columns), None)
     if id_col is None or "valence" not in columns or "arousal" not in columns:

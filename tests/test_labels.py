@@ -128,6 +128,31 @@ def test_csv_errors(store, tmp_path):
         import_labels(store, [tmp_path / "bad0.csv"], split="holdout")
 
 
+def test_files_saved_by_excel_are_read_and_a_file_without_rows_is_one_line(store, tmp_path):
+    """Excel writes UTF-8 with a byte-order mark and CRLF line ends; the mark was read as part of
+    the first column's name."""
+    make_store(store, {"v1": 30, "v2": 30})
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes("video_id,valence,arousal\r\nv1,0.1,0.2\r\n".encode("utf-8-sig"))
+    splits = tmp_path / "splits.csv"
+    splits.write_bytes("video_id,split\r\nv1,train\r\nv2,val\r\n".encode("utf-8-sig"))
+    affwild = tmp_path / "v2.txt"
+    affwild.write_bytes(("valence,arousal\r\n" + "0.3,-0.4\r\n" * 30).encode("utf-8-sig"))
+    import_labels(store, [excel, affwild], split_file=splits)
+    v, a, present, split = read_labels(store, "v1")
+    assert split == "train" and present.all() and v[0] == pytest.approx(0.1) and a[29] == pytest.approx(0.2)
+    v, a, present, split = read_labels(store, "v2")
+    assert split == "val" and present.all() and v[0] == pytest.approx(0.3) and a[29] == pytest.approx(-0.4)
+
+    for name, text in (("header.csv", "video_id,valence,arousal\r\n"), ("v1.txt", "valence,arousal\n\n")):
+        path = tmp_path / "empty" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        result = CliRunner().invoke(app, ["labels", "import", str(path), "--store", str(store)])
+        assert result.exit_code == 2 and result.output == f"error: no labels in {path}\n", result.output
+    assert read_labels(store, "v1")[2].all()  # the refused files changed nothing
+
+
 def test_cli_labels_import(store, tmp_path):
     make_store(store, {"v1": 30})
     path = tmp_path / "l.csv"
