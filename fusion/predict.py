@@ -25,7 +25,7 @@ from pipeline.store import atomic_file, config_difference, id_file
 
 from .config import TrainError
 from .data import STAGE_OF, DataError, StoreData, cut, load_store, select_videos, window_index, windows
-from .metrics import scores
+from .metrics import scores, video_scores
 from .model import RCMA, Ensemble, autocast, build_model, load_checkpoint
 from .plots import video_png
 
@@ -130,7 +130,7 @@ def evaluate(
         lo, hi = data.offsets[i], data.offsets[i + 1]
         m = mask[lo:hi]
         if m.any():
-            per_video[vid] = scores(pred[lo:hi][m], true[lo:hi][m])
+            per_video[vid] = video_scores(pred[lo:hi][m], true[lo:hi][m])
     return {
         "model": str(model_path),
         "features": str(store),
@@ -145,7 +145,8 @@ def print_evaluation(
     model_path: Path, store: Path, split: str | None, device: str, as_json: bool, console: Any
 ) -> None:
     """`evaluate` (split "all": every labelled video), printed on the rich `console`: a table per
-    video and over all frames, or JSON."""
+    video and over all frames, or JSON. A per-video score that is undefined (constant labels) is a
+    dash, and one line says why."""
     import json
 
     from rich.table import Table
@@ -160,12 +161,23 @@ def print_evaluation(
         table.add_row(
             name,
             str(s["frames"]),
-            *(f"{s[f'{k}_{d}']:.4f}" for k in ("ccc", "pcc", "rmse") for d in ("valence", "arousal")),
+            *(_cell(s[f"{k}_{d}"]) for k in ("ccc", "pcc", "rmse") for d in ("valence", "arousal")),
         )
     console.print(table)
+    if any(v is None for _, s in rows for v in s.values()):
+        console.print(
+            "-: CCC and PCC are undefined for a video whose labels are constant (one label per clip); "
+            "the all-frames row scores them across videos",
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(
         f"mean CCC ({result['split']}): {result['overall']['ccc']:.4f}", highlight=False, soft_wrap=True
     )
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 @dataclass

@@ -344,3 +344,29 @@ def test_a_diverged_run_stops_naming_the_epoch_and_its_weights_are_refused(tmp_p
         assert cli.exit_code == 2 and len(cli.output.strip().splitlines()) == 1, cli.output
         assert "weights are NaN or infinite" in cli.output
     assert not out.exists()
+
+
+def test_evaluate_on_per_clip_labels_shows_undefined_per_video_scores_as_a_dash(tmp_path):
+    """Per-clip labels are constant in each video: its CCC was shown as 0.0000 and its PCC as nan."""
+    rng = np.random.default_rng(0)
+    store = tmp_path / "s.h5"
+    for i, (valence, arousal) in enumerate([(-0.6, 0.7), (0.5, 0.1), (0.7, 0.5), (-0.2, -0.4)]):
+        rows = {"present": np.ones(40, bool), "embedding": rng.normal(size=(40, 4)).astype(np.float16)}
+        labels = (np.full(40, valence), np.full(40, arousal))
+        add_video(store, f"v{i}", 40, {"audio": rows}, labels, "train" if i < 2 else "val")
+    rebuild_index(store)
+    run = tmp_path / "run"
+    train(config(store, run, modalities=["audio"], epochs=1, window=16, hop=8, eval_hop=8), quiet=True)
+    args = ["evaluate", "--model", str(run / "best.pt"), "--features", str(store), "--device", "cpu"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 8}
+    for vid in ("v2", "v3"):
+        cells = [c.strip() for c in rows[vid].split("│")[3:-1]]
+        assert cells[:4] == ["-"] * 4 and all(float(c) >= 0 for c in cells[4:]), rows[vid]
+    every = [c.strip() for c in rows["all frames"].split("│")[3:-1]]
+    assert "-" not in every and "nan" not in every
+    assert result.output.count("undefined for a video whose labels are constant") == 1
+    scores = json.loads(CliRunner().invoke(app, [*args, "--json"]).stdout)
+    assert scores["videos"]["v2"]["ccc_valence"] is None and scores["videos"]["v2"]["rmse_valence"] >= 0
+    assert isinstance(scores["overall"]["ccc_valence"], float)
