@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import ModelUnavailable, one_line, resolve_device
-from pipeline.store import atomic_file, config_difference, id_file
+from pipeline.store import StoreError, atomic_file, check_output_folder, config_difference, id_file
 
 from .config import TrainError
 from .data import STAGE_OF, DataError, StoreData, cut, load_store, select_videos, window_index, windows
@@ -199,7 +199,7 @@ def choose_videos(
     """Videos to predict in a store: a split (from the store's labels, or from `split_file` for
     unlabelled videos such as a test set), or the ids in `video_list`; None means every video."""
     from pipeline.labels import LabelError, read_split_file
-    from pipeline.store import StoreError, open_store, video_ids
+    from pipeline.store import open_store, video_ids
 
     if split_file is not None and split is None:
         raise PredictError(f"{split_file}: a split file needs --split NAME (which of its splits to predict)")
@@ -245,6 +245,10 @@ def predict(
 ) -> list[str]:
     """Per video: <id>.csv, submission/<id>.txt and plots/<id>.png; for the run, the ABAW file and
     report.html. `videos` (see `choose_videos`) overrides `split`, and needs no labels."""
+    try:
+        check_output_folder(out, store)
+    except StoreError as e:
+        raise PredictError(str(e)) from None
     need_labels = split is not None and videos is None
     model, ckpt, data = _prepare(model_path, store, [split] if split else None, need_labels, device, videos)
     window, hop = _hop(ckpt)
@@ -401,17 +405,18 @@ def predict_media(
 
     from pipeline import runner
     from pipeline.media import DEFAULT_FPS
-    from pipeline.store import StoreError, check_store_path
+    from pipeline.store import check_store_path
 
     console = Console(stderr=True, quiet=quiet, soft_wrap=True)
     tell = say or (lambda line: console.print(line, highlight=False, markup=False))
+    store = store or out / "store.h5"
     try:
+        check_output_folder(out, store)
         ckpt = load_checkpoint(model_path)
-    except TrainError as e:
+    except (StoreError, TrainError) as e:
         raise PredictError(str(e)) from None
     stages, fps = rebuild_stages(ckpt, model_path, device)
     out.mkdir(parents=True, exist_ok=True)
-    store = store or out / "store.h5"
     try:
         check_store_path(store)
     except StoreError as e:

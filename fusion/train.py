@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.errors import ModelUnavailable, resolve_device
-from pipeline.store import atomic_file
+from pipeline.store import StoreError, atomic_file, check_output_folder
 
 from .config import FIXED_ON_RESUME, LEGACY, ModelConfig, TrainConfig, TrainError
 from .data import DataError, StoreData, cut, load_store, select_videos, window_index, windows
@@ -100,7 +100,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
     out = Path(cfg.out)
     try:
         device = torch.device(resolve_device(cfg.device))
-    except ModelUnavailable as e:
+        check_output_folder(out, Path(cfg.features))
+    except (ModelUnavailable, StoreError) as e:
         raise TrainError(str(e)) from None
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

@@ -33,7 +33,16 @@ import numpy as np
 
 from pipeline.errors import one_line
 from pipeline.media import nearest_rows
-from pipeline.store import StoreError, damaged_members, open_store, rebuild_index, video_ids, write_shard
+from pipeline.store import (
+    StoreError,
+    damaged_members,
+    open_store,
+    read_shard_attrs,
+    rebuild_index,
+    shard_path,
+    video_ids,
+    write_shard,
+)
 
 STAGE = "labels"
 UNANNOTATED = -5.0
@@ -103,9 +112,8 @@ def import_labels(
             )
         seen[item.video_id] = item.source
     mapping = read_split_file(split_file) if split_file is not None else {}
-    old = _existing_splits(store)
     for item in parsed:
-        item.split = split or mapping.get(item.video_id) or old.get(item.video_id, "")
+        item.split = split or mapping.get(item.video_id) or _existing_split(store, item.video_id)
     for item in parsed:
         rows = {"valence": item.valence, "arousal": item.arousal, "present": item.present}
         attrs = {
@@ -201,15 +209,11 @@ def _store_grid(store: Path) -> tuple[dict[str, np.ndarray], dict[str, str], dic
         return grid, hashes, subjects
 
 
-def _existing_splits(store: Path) -> dict[str, str]:
-    """Splits of already imported labels, kept when a re-import names none."""
-    out = {}
-    with open_store(store) as f:
-        for vid in video_ids(f):
-            group = f[f"videos/{vid}"]
-            if STAGE in group and group[STAGE].attrs.get("split"):
-                out[vid] = _text(group[STAGE].attrs["split"])
-    return out
+def _existing_split(store: Path, video_id: str) -> str:
+    """The split of a video's labels already imported, kept when a re-import names none; read from
+    their shard, so that labels made for an older grid of a replaced video keep theirs too."""
+    attrs = read_shard_attrs(shard_path(store, STAGE, video_id)) or {}
+    return _text(attrs.get("split", ""))
 
 
 def _text(value: object) -> str:

@@ -42,7 +42,7 @@ import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISLNK
 from typing import Any, NamedTuple
@@ -138,6 +138,16 @@ def check_store_path(store: Path, packed: bool = False) -> None:
     if layout != expected and not damaged_index:
         kind = "an rcma store of another kind" if layout.startswith("rcma-") else "not an rcma store"
         raise StoreError(f"{store}: exists and is {kind}; refusing to replace it (choose another path)")
+
+
+def check_output_folder(out: Path, store: Path) -> None:
+    """Refuses an output folder (`--out` of train or predict) that is an existing file, or that lies
+    in the store's shard folder, where its files would be taken for a stage's."""
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"{out}: exists and is not a folder; give --out a folder")
+    root = shard_root(store)
+    if out.resolve().is_relative_to(root.resolve()):
+        raise StoreError(f"{out}: inside the store's shard folder {root}; give --out a folder outside it")
 
 
 def _layout(path: Path) -> str:
@@ -351,7 +361,19 @@ def stage_names(store: Path) -> list[str]:
     root = shard_root(store)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in (GRID, FAILED))
+    return sorted(
+        p.name for p in root.iterdir() if p.is_dir() and p.name not in (GRID, FAILED) and _is_stage_folder(p)
+    )
+
+
+def _is_stage_folder(folder: Path) -> bool:
+    """A folder of the shard folder that holds a stage's shards: a registered stage's, the labels',
+    or one with a stage config record (a stage added outside the registry); never a stray folder
+    (plots/, tb/ of an `--out` pointed there)."""
+    from pipeline.labels import STAGE as LABELS  # both import this module
+    from pipeline.stages import STAGES
+
+    return folder.name in (*STAGES, LABELS) or (folder / CONFIG_FILE).is_file()
 
 
 def failures(store: Path) -> dict[str, dict[str, dict[str, Any]]]:
@@ -1369,6 +1391,7 @@ class StageCount:
     damaged: dict[str, str]  # video id -> "<shard file>: <problem>"
     other_config: list[str]  # sound shards of another config than the stage's (not indexed)
     config: dict[str, Any] | None  # the stage's recorded {"config_hash", "config"}
+    other_grid: list[str] = field(default_factory=list)  # sound shards of an older frame grid (not indexed)
 
 
 def stage_counts(store: Path, verify: bool = False) -> dict[str, StageCount]:
@@ -1402,11 +1425,26 @@ def stage_counts(store: Path, verify: bool = False) -> dict[str, StageCount]:
             for vid, info in shards.items()
             if vid not in damaged and config and info.attrs.get("config_hash") != config["config_hash"]
         )
-        done = set(shards) - set(damaged) - set(other)
+        stale = _other_grid(grids, shards, {*damaged, *other})
+        done = set(shards) - set(damaged) - set(other) - set(stale)
         errors = {vid: r["error"] for vid, r in failed.get(stage, {}).items() if vid not in shards}
         missing = sorted(known - set(shards) - set(errors))
-        out[stage] = StageCount(sorted(done), errors, missing, dict(sorted(damaged.items())), other, config)
+        out[stage] = StageCount(
+            sorted(done), errors, missing, dict(sorted(damaged.items())), other, config, stale
+        )
     return out
+
+
+def _other_grid(grids: dict[str, ShardInfo], shards: dict[str, ShardInfo], skip: set[str]) -> list[str]:
+    """Videos whose shard was made on another frame grid than the video's grid shard holds (its file
+    was replaced and extracted again): the index does not link them (see `_Linker`)."""
+    return sorted(
+        vid
+        for vid, info in shards.items()
+        if vid in grids
+        and vid not in skip
+        and info.attrs.get("grid_hash") != grids[vid].attrs.get("grid_hash")
+    )
 
 
 def _problem(info: ShardInfo, verify: bool) -> str:

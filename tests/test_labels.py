@@ -1,16 +1,27 @@
 """Label import: Aff-Wild2 .txt, CSV by frame, by time and per clip; mismatches; splits."""
 
+import shutil
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from conftest import CREMA_MP4
 from synthetic import FPS, add_video
+from test_store import extract
 from typer.testing import CliRunner
 
 from cli import app
 from pipeline.labels import LabelError, import_labels, tolerance
-from pipeline.store import GRID, read_shard_attrs, rebuild_index, shard_path, shard_root, write_shard
+from pipeline.store import (
+    GRID,
+    read_shard_attrs,
+    rebuild_index,
+    shard_path,
+    shard_root,
+    stage_counts,
+    write_shard,
+)
 
 
 def make_store(store: Path, lengths: dict[str, int]) -> Path:
@@ -185,6 +196,37 @@ def test_labels_shard_records_the_grid_it_was_made_for(store, tmp_path):
     rebuild_index(store)
     with h5py.File(store, "r") as f:
         assert "labels" not in f["videos/v1"]
+
+
+def test_labels_of_a_replaced_video_are_not_done_and_train_says_why(store, tmp_path):
+    """A source file replaced and extracted again gets a new frame grid; its labels, made for the old
+    one, were counted as done by status, and train said only "splits present: none"."""
+    video = tmp_path / "clip.mp4"
+    shutil.copy(CREMA_MP4[0], video)
+    extract(store, [video])
+    labels = tmp_path / "labels.csv"
+    labels.write_text("video_id,valence,arousal\nclip,0.5,0.2\n")
+    import_labels(store, [labels], split="train")
+    assert stage_counts(store)["labels"].done == ["clip"]
+    shutil.copy(CREMA_MP4[2], video)  # other footage under the same name
+    extract(store, [video])
+    counts = stage_counts(store)["labels"]
+    assert counts.done == [] and counts.other_grid == ["clip"]
+    runner = CliRunner()
+    status = runner.invoke(app, ["status", "--store", str(store)], env={"COLUMNS": "200"})
+    assert status.exit_code == 0, status.output
+    row = next(line for line in status.output.splitlines() if line.startswith("│ labels"))
+    assert [c.strip() for c in row.split("│")[1:-1]] == ["labels", "0", "0", "0", "0", "0", "1"]  # older grid
+    assert "labels: 1 shards made for an older frame grid" in status.output
+    assert "import them again with `rcma labels import`), e.g. clip" in status.output
+    args = ["train", "--features", str(store), "--out", str(tmp_path / "run"), "--modalities", "audio"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "the labels of 1 videos (e.g. clip) were made for another frame grid" in result.output
+    assert "import them again with `rcma labels import`" in result.output
+    import_labels(store, [labels])  # the way out: labels on the new grid, the split kept
+    assert stage_counts(store)["labels"].done == ["clip"]
+    assert read_labels(store, "clip")[3] == "train"
 
 
 def test_malformed_rows_name_the_file_and_line(store, tmp_path):
