@@ -135,14 +135,16 @@ def status(
     """Per stage: done, damaged, failed and missing counts, and every failure with its error.
 
     Each shard is opened (finding missing, truncated or header-damaged files); --verify also reads
-    all data, finding silent corruption through the shards' checksums."""
+    all data, finding silent corruption through the shards' checksums. Exit 1 when a shard is damaged."""
     from pipeline.store import StoreError
     from pipeline.tables import status as print_status
 
     try:
-        print_status(store, verify, Console())
+        damaged = print_status(store, verify, Console())
     except StoreError as e:
         raise fail(str(e)) from None
+    if damaged:
+        raise typer.Exit(1)
 
 
 @app.command()

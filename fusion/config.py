@@ -7,6 +7,7 @@ This module imports no torch, so the CLI starts fast.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -26,6 +27,48 @@ def unchosen(settings: Any, choices: dict[str, tuple[str, ...]]) -> str | None:
     for name, allowed in choices.items():
         if getattr(settings, name) not in allowed:
             return f"--{name} {getattr(settings, name)}: choose one of {', '.join(allowed)}"
+    return None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def too_small(settings: Any, minimum: dict[str, int]) -> str | None:
+    """The first whole-number setting below its minimum (or not a whole number), as one line."""
+    for name, low in minimum.items():
+        value = getattr(settings, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"{_flag(name)} must be a whole number, not {value!r}"
+        if value < low:
+            return (
+                f"{_flag(name)} must {'not be negative' if low == 0 else f'be at least {low}'}, not {value}"
+            )
+    return None
+
+
+def not_fraction(settings: Any, names: tuple[str, ...]) -> str | None:
+    """The first setting (a rate: dropout) outside [0, 1), as one line."""
+    for name in names:
+        value = getattr(settings, name)
+        if not _real(value) or not 0 <= value < 1:
+            return f"{_flag(name)} must be in [0, 1), not {value}"
+    return None
+
+
+def modality_problem(modalities: Any) -> str | None:
+    """Why `modalities` is not a list of distinct known modalities, as one line; None when it is."""
+    if not isinstance(modalities, list):
+        return f"modalities {modalities!r}: expected a list of {', '.join(MODALITIES)}"
+    bad = [str(m) for m in modalities if m not in MODALITIES]
+    if bad or not modalities:
+        return f"unknown modality {', '.join(bad) or '(none)'}; choose from {', '.join(MODALITIES)}"
+    if len(set(modalities)) != len(modalities):
+        return f"modalities {','.join(modalities)}: each may be given once"
     return None
 
 
@@ -54,11 +97,27 @@ class ModelConfig:
     modality_dropout: float = 0.5  # in training, each modality absent from a whole window this often
 
     def __post_init__(self) -> None:
+        """Checks every setting, so that a crafted checkpoint is one line, never a model built wrong."""
+        if not isinstance(self.inputs, dict) or not all(
+            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in self.inputs.values()
+        ):
+            raise ValueError(
+                f"inputs {self.inputs!r}: each modality needs a whole-number width of at least 1"
+            )
         if not self.modalities:
             self.modalities = [m for m in MODALITIES if m in self.inputs]
-        problem = unchosen(self, MODEL_CHOICES)
+        problem = (
+            unchosen(self, MODEL_CHOICES)
+            or modality_problem(self.modalities)
+            or too_small(self, {"window": 1, "width": 1, "iterations": 0})
+            or not_fraction(self, ("dropout", "attention_dropout", "modality_dropout"))
+        )
         if problem:
             raise ValueError(problem)
+        if any(m not in self.inputs for m in self.modalities):
+            raise ValueError(
+                f"modalities {','.join(self.modalities)}: not all have an input width {self.inputs}"
+            )
 
 
 # The settings of checkpoints written before these options existed: they load as they were trained.
@@ -96,6 +155,9 @@ FIXED_ON_RESUME = (
     "groups",
 )
 VISUAL_INPUTS = ("auto", "embedding", "crops")
+AT_LEAST_ONE = ("window", "hop", "width", "batch_size", "epochs", "patience", "seeds")
+NOT_NEGATIVE = ("iterations", "warmup_steps", "plateau_patience", "threads")
+POSITIVE = ("lr", "grad_clip", "plateau_factor")
 
 
 class TrainError(Exception):
@@ -155,32 +217,19 @@ class TrainConfig:
     threads: int = setting(0, "CPU threads for torch (0: torch's default).")
 
     def __post_init__(self) -> None:
-        if self.eval_hop == 0 and self.window >= 1:
+        if self.eval_hop == 0 and isinstance(self.window, int) and self.window >= 1:
             self.eval_hop = max(1, self.window // 2)
-        bad = [m for m in self.modalities if m not in MODALITIES]  # none given: the store's (train)
-        if bad:
-            raise TrainError(f"unknown modality {', '.join(bad)}; choose from {', '.join(MODALITIES)}")
-        if len(set(self.modalities)) != len(self.modalities):
-            raise TrainError(f"modalities {','.join(self.modalities)}: each may be given once")
-        problem = unchosen(self, {**MODEL_CHOICES, "visual": VISUAL_INPUTS})
+        problem = (
+            (modality_problem(self.modalities) if self.modalities else None)  # none: the store's
+            or unchosen(self, {**MODEL_CHOICES, "visual": VISUAL_INPUTS})
+            or too_small(self, {name: 1 for name in AT_LEAST_ONE} | {name: 0 for name in NOT_NEGATIVE})
+            or not_fraction(self, ("dropout", "attention_dropout", "modality_dropout"))
+            or self._rate_problem()
+        )
         if problem:
             raise TrainError(problem)
-        for name in ("window", "hop", "width", "batch_size", "epochs", "patience", "seeds"):
-            if getattr(self, name) < 1:
-                raise TrainError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
-        for name in ("iterations", "warmup_steps", "plateau_patience", "threads", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise TrainError(
-                    f"--{name.replace('_', '-')} must not be negative, not {getattr(self, name)}"
-                )
         if not 1 <= self.eval_hop <= self.window:
             raise TrainError(f"--eval-hop {self.eval_hop} must be between 1 and the window ({self.window})")
-        for name in ("dropout", "attention_dropout", "modality_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                raise TrainError(f"--{name.replace('_', '-')} must be in [0, 1), not {getattr(self, name)}")
-        for name in ("lr", "grad_clip", "plateau_factor"):
-            if not getattr(self, name) > 0:
-                raise TrainError(f"--{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
         if self.folds == 1 or self.folds == 2 or self.folds < 0:
             raise TrainError(
                 f"--folds {self.folds}: use 0 (the splits) or 3 or more (test, validation, train)"
@@ -193,6 +242,21 @@ class TrainConfig:
             check_device(self.device)
         except ModelUnavailable as e:
             raise TrainError(str(e)) from None
+
+    def _rate_problem(self) -> str | None:
+        """The learning-rate settings: finite, positive (a floor and a decay may be 0), and a plateau
+        factor below 1, since it multiplies the learning rate."""
+        for name in (*POSITIVE, "min_lr", "weight_decay"):
+            value = getattr(self, name)
+            if not _real(value) or not math.isfinite(value):
+                return f"{_flag(name)} must be a finite number, not {value}"
+            if value < 0 or (name in POSITIVE and value == 0):
+                return (
+                    f"{_flag(name)} must be {'positive' if name in POSITIVE else 'at least 0'}, not {value}"
+                )
+        if self.plateau_factor >= 1:
+            return f"--plateau-factor must be below 1 (it multiplies the rate), not {self.plateau_factor}"
+        return None
 
     def model_settings(self) -> dict[str, Any]:
         """The settings this config shares with ModelConfig, by name."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import one_line
-from pipeline.store import StoreError, damaged_members, open_store, video_ids
+from pipeline.store import StoreError, damaged_members, open_store, stage_counts, video_ids
 
 from .config import MODALITIES
 from .model import CNN_CHANNELS, CROP_STORED
@@ -91,6 +91,13 @@ def select_videos(store: Path, splits: list[str] | None, need_labels: bool) -> l
     if not chosen:
         have = sorted({s or "(none)" for s in known.values()})
         wanted = ", ".join(splits) if splits else "any"
+        stale = stage_counts(store).get("labels")  # labels the index does not link: the likely cause
+        if stale and stale.other_grid:
+            raise DataError(
+                f"{store}: no labelled videos in split {wanted}: the labels of {len(stale.other_grid)} "
+                f"videos (e.g. {stale.other_grid[0]}) were made for another frame grid (the video file was "
+                "replaced and extracted again); import them again with `rcma labels import`"
+            )
         raise DataError(
             f"{store}: no labelled videos in split {wanted} (splits present: {', '.join(have) or 'none'}; "
             "set them with `rcma labels import ... --split` or `--split-file`)"

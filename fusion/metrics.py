@@ -47,6 +47,16 @@ def scores(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     return out
 
 
+def video_scores(pred: np.ndarray, true: np.ndarray) -> dict[str, float | None]:
+    """`scores` of one video, with CCC and PCC None (undefined) for a dimension whose labels are
+    constant, as per-clip labels are: agreement over time with a flat line says nothing."""
+    out: dict[str, float | None] = dict(scores(pred, true))
+    for i, name in enumerate(DIMENSIONS):
+        if np.ptp(true[:, i]) == 0:
+            out[f"ccc_{name}"] = out[f"pcc_{name}"] = out["ccc"] = None
+    return out
+
+
 def ccc_loss(pred: torch.Tensor, true: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 - CCC averaged over the last dimension, over the frames where `mask` is true.
 

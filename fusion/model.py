@@ -411,6 +411,7 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint read as plain data (never unpickled beyond it) and checked by `checkpoint_problem`."""
     path = Path(path)
     if not path.is_file():
         raise TrainError(f"{path}: no such checkpoint")
@@ -424,7 +425,82 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str,
         or not ({"model", "members"} & ckpt.keys())
     ):
         raise TrainError(f"{path}: not an rcma checkpoint")
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise TrainError(f"{path}: {problem}")
     return ckpt
+
+
+VISUAL_INPUT_KINDS = ("", "embedding", "crops")
+
+
+def checkpoint_problem(ckpt: dict[str, Any]) -> str | None:
+    """Why a checkpoint cannot be used, as one line; None when its settings, records and weights fit
+    together. Checked before a model is built or a video extracted: the model is laid out on torch's
+    meta device (no memory), so an absurd width or window costs nothing, and weights that are NaN or
+    infinite (a diverged run) are refused rather than predicting NaN."""
+    if not isinstance(ckpt["model_config"], dict):
+        return "its model settings (model_config) are not a table of settings"
+    try:
+        cfg = model_config_of(ckpt["model_config"])
+    except (TypeError, ValueError) as e:
+        return f"its model settings cannot be used ({one_line(e)})"
+    run, data = ckpt.get("config"), ckpt["data"]
+    if not isinstance(run, dict) or not isinstance(data, dict):
+        return "lacks its run settings (config) or its data record; not a checkpoint rcma wrote"
+    window, hop = run.get("window"), run.get("eval_hop")
+    if window != cfg.window or not isinstance(hop, int) or not 1 <= hop <= cfg.window:
+        return f"its window {window!r} and evaluation hop {hop!r} do not fit its model's window {cfg.window}"
+    modalities = data.get("modalities")
+    if (
+        not isinstance(modalities, list)
+        or set(modalities) != set(cfg.modalities)
+        or data.get("dims") != cfg.inputs
+        or data.get("visual_input") not in VISUAL_INPUT_KINDS
+    ):
+        return f"its data record {_short(data)} does not match its model settings"
+    stages = data.get("stages", {})
+    if not isinstance(stages, dict) or not all(_stage_record(name, r) for name, r in stages.items()):
+        return "its record of how the features were extracted is damaged"
+    states = ckpt["members"] if "members" in ckpt else [ckpt["model"]]
+    if not isinstance(states, list) or not states or not all(isinstance(s, dict) for s in states):
+        return "holds no weights"
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            expected = {k: v.shape for k, v in RCMA(cfg).state_dict().items()}
+    except (RuntimeError, ValueError, OverflowError, TypeError) as e:
+        return f"its model settings cannot be built ({one_line(e)})"
+    for state in map(upgrade_state, states):
+        if not all(isinstance(v, torch.Tensor) for v in state.values()):
+            return "its weights are not all tensors"
+        shapes = {k: v.shape for k, v in state.items()}
+        if shapes != expected:
+            differ = sorted(k for k in shapes.keys() | expected.keys() if shapes.get(k) != expected.get(k))
+            return f"its weights do not fit its model settings (first difference: {differ[0]})"
+        if not finite(state):
+            return "its weights are NaN or infinite (the training diverged: retrain with a lower --lr)"
+    return None
+
+
+def finite(state: dict[str, torch.Tensor]) -> bool:
+    """Whether every floating-point tensor of a state dict (weights and buffers) is finite."""
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+def _stage_record(name: str, record: Any) -> bool:
+    """A checkpoint's record of one stage: {"config": {...}, "config_hash": "..."}, or for the grid
+    {"audio_fps": a positive number}."""
+    if not isinstance(record, dict):
+        return False
+    if name == "grid":
+        fps = record.get("audio_fps", 1.0)
+        return isinstance(fps, int | float) and math.isfinite(fps) and fps > 0
+    return isinstance(record.get("config"), dict) and isinstance(record.get("config_hash"), str)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: Path) -> None:

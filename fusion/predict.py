@@ -22,11 +22,11 @@ import torch
 
 from pipeline.errors import ModelUnavailable, one_line, resolve_device
 from pipeline.files import atomic_file
-from pipeline.store import config_difference, id_file
+from pipeline.store import StoreError, check_output_folder, config_difference, id_file
 
 from .config import TrainError
 from .data import STAGE_OF, DataError, StoreData, cut, load_store, select_videos, window_index, windows
-from .metrics import scores
+from .metrics import scores, video_scores
 from .model import RCMA, Ensemble, autocast, build_model, load_checkpoint
 from .plots import video_png
 
@@ -131,7 +131,7 @@ def evaluate(
         lo, hi = data.offsets[i], data.offsets[i + 1]
         m = mask[lo:hi]
         if m.any():
-            per_video[vid] = scores(pred[lo:hi][m], true[lo:hi][m])
+            per_video[vid] = video_scores(pred[lo:hi][m], true[lo:hi][m])
     return {
         "model": str(model_path),
         "features": str(store),
@@ -146,7 +146,8 @@ def print_evaluation(
     model_path: Path, store: Path, split: str | None, device: str, as_json: bool, console: Any
 ) -> None:
     """`evaluate` (split "all": every labelled video), printed on the rich `console`: a table per
-    video and over all frames, or JSON."""
+    video and over all frames, or JSON. A per-video score that is undefined (constant labels) is a
+    dash, and one line says why."""
     import json
 
     from rich.table import Table
@@ -161,12 +162,23 @@ def print_evaluation(
         table.add_row(
             name,
             str(s["frames"]),
-            *(f"{s[f'{k}_{d}']:.4f}" for k in ("ccc", "pcc", "rmse") for d in ("valence", "arousal")),
+            *(_cell(s[f"{k}_{d}"]) for k in ("ccc", "pcc", "rmse") for d in ("valence", "arousal")),
         )
     console.print(table)
+    if any(v is None for _, s in rows for v in s.values()):
+        console.print(
+            "-: CCC and PCC are undefined for a video whose labels are constant (one label per clip); "
+            "the all-frames row scores them across videos",
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(
         f"mean CCC ({result['split']}): {result['overall']['ccc']:.4f}", highlight=False, soft_wrap=True
     )
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 @dataclass
@@ -188,7 +200,7 @@ def choose_videos(
     """Videos to predict in a store: a split (from the store's labels, or from `split_file` for
     unlabelled videos such as a test set), or the ids in `video_list`; None means every video."""
     from pipeline.labels import LabelError, read_split_file
-    from pipeline.store import StoreError, open_store, video_ids
+    from pipeline.store import open_store, video_ids
 
     if split_file is not None and split is None:
         raise PredictError(f"{split_file}: a split file needs --split NAME (which of its splits to predict)")
@@ -234,6 +246,10 @@ def predict(
 ) -> list[str]:
     """Per video: <id>.csv, submission/<id>.txt and plots/<id>.png; for the run, the ABAW file and
     report.html. `videos` (see `choose_videos`) overrides `split`, and needs no labels."""
+    try:
+        check_output_folder(out, store)
+    except StoreError as e:
+        raise PredictError(str(e)) from None
     need_labels = split is not None and videos is None
     model, ckpt, data = _prepare(model_path, store, [split] if split else None, need_labels, device, videos)
     window, hop = _hop(ckpt)
@@ -317,11 +333,17 @@ def rebuild_stages(ckpt: dict[str, Any], model_path: Path, device: str) -> tuple
             )
         tried: list[dict[str, Any]] = []
         error = ""
-        for options in _stage_options(name, config, device):
+        try:
+            choices = list(_stage_options(name, config, device))
+        except KeyError as e:
+            raise PredictError(
+                f"{model_path}: its record of the {name} stage lacks the setting {e}"
+            ) from None
+        for options in choices:
             try:
                 stage = resolved(build_stage(name, options))
                 got = stage.config()
-            except (ModelUnavailable, ValueError, OSError) as e:  # try the next way; report the last
+            except (ModelUnavailable, ValueError, TypeError, OSError) as e:  # try the next; report the last
                 error = one_line(e)
                 continue
             if config_hash(stage) == expected:
@@ -390,17 +412,18 @@ def predict_media(
 
     from pipeline import runner
     from pipeline.media import DEFAULT_FPS
-    from pipeline.store import StoreError, check_store_path
+    from pipeline.store import check_store_path
 
     console = Console(stderr=True, quiet=quiet, soft_wrap=True)
     tell = say or (lambda line: console.print(line, highlight=False, markup=False))
+    store = store or out / "store.h5"
     try:
+        check_output_folder(out, store)
         ckpt = load_checkpoint(model_path)
-    except TrainError as e:
+    except (StoreError, TrainError) as e:
         raise PredictError(str(e)) from None
     stages, fps = rebuild_stages(ckpt, model_path, device)
     out.mkdir(parents=True, exist_ok=True)
-    store = store or out / "store.h5"
     try:
         check_store_path(store)
     except StoreError as e:

@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline.errors import ModelUnavailable, resolve_device
 from pipeline.files import atomic_file
+from pipeline.store import StoreError, check_output_folder
 
 from .config import FIXED_ON_RESUME, LEGACY, ModelConfig, TrainConfig, TrainError
 from .data import (
@@ -41,7 +42,16 @@ from .data import (
     windows,
 )
 from .metrics import ccc_loss, scores
-from .model import RCMA, Ensemble, autocast, build_model, load_checkpoint, save_checkpoint, upgrade_state
+from .model import (
+    RCMA,
+    Ensemble,
+    autocast,
+    build_model,
+    finite,
+    load_checkpoint,
+    save_checkpoint,
+    upgrade_state,
+)
 from .plots import curves_png
 from .predict import predict_frames
 
@@ -100,7 +110,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict[s
     out = Path(cfg.out)
     try:
         device = torch.device(resolve_device(cfg.device))
-    except ModelUnavailable as e:
+        check_output_folder(out, Path(cfg.features))
+    except (ModelUnavailable, StoreError) as e:
         raise TrainError(str(e)) from None
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -402,6 +413,13 @@ def fit(
                 progress.update(task, advance=1)
             seconds = time.perf_counter() - began
             progress.remove_task(task)
+            diverged = _diverged(model, loss_sum)
+            if diverged:  # stop before anything of this epoch is saved: best.pt and last.pt stay finite
+                tb.close()
+                raise TrainError(
+                    f"{out}: training diverged in epoch {epoch}: its {diverged} became NaN or infinite; "
+                    f"the learning rate is likely too high (--lr {cfg.lr:g}): try a lower one"
+                )
             val = validate(model, data, val_idx, cfg)
             score = val["ccc"] if math.isfinite(val["ccc"]) else -1.0
             if state["step"] > cfg.warmup_steps:
@@ -465,6 +483,14 @@ def fit(
         "epochs": state["epoch"],
         "best": str(out / "best.pt"),
     }
+
+
+def _diverged(model: RCMA, loss_sum: torch.Tensor) -> str:
+    """What of an epoch's training became NaN or infinite ("" when nothing did). Weights include the
+    BatchNorm statistics: a too-large step can leave the loss finite but them NaN."""
+    if not torch.isfinite(loss_sum):
+        return "training loss"
+    return "" if finite(model.state_dict()) else "weights"
 
 
 def _check_resumable(out: Path, cfg: TrainConfig) -> None:

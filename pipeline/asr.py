@@ -227,6 +227,10 @@ def _resolve_ct2(given: str | None) -> WhisperSource:
     path = Path(given).expanduser()
     if is_ct2_dir(path):
         return WhisperSource(path.name, "ct2", path, sha256_file(path / "model.bin"))
+    if given.startswith((os.sep, ".", "~")) and not path.exists():  # a path, not a name or hub id
+        raise ModelUnavailable(
+            f"Whisper model {given} (from {ASR_OPTION} or ${ASR_ENV}): no such CTranslate2 model folder"
+        )
     if path.exists():
         raise ModelUnavailable(
             f"{path}: faster-whisper needs a CTranslate2 model folder (with model.bin), "

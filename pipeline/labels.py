@@ -33,7 +33,16 @@ import numpy as np
 
 from pipeline.errors import one_line
 from pipeline.media import nearest_rows
-from pipeline.store import StoreError, damaged_members, open_store, rebuild_index, video_ids, write_shard
+from pipeline.store import (
+    StoreError,
+    damaged_members,
+    open_store,
+    read_shard_attrs,
+    rebuild_index,
+    shard_path,
+    video_ids,
+    write_shard,
+)
 
 STAGE = "labels"
 UNANNOTATED = -5.0
@@ -42,6 +51,7 @@ TOLERANCE_FRAMES = 5
 TOLERANCE_SHARE = 0.01
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"valid": "val", "validation": "val", "training": "train", "dev": "val"}
+ENCODING = "utf-8-sig"  # UTF-8, without the byte-order mark Excel writes first
 
 
 class LabelError(Exception):
@@ -102,9 +112,8 @@ def import_labels(
             )
         seen[item.video_id] = item.source
     mapping = read_split_file(split_file) if split_file is not None else {}
-    old = _existing_splits(store)
     for item in parsed:
-        item.split = split or mapping.get(item.video_id) or old.get(item.video_id, "")
+        item.split = split or mapping.get(item.video_id) or _existing_split(store, item.video_id)
     for item in parsed:
         rows = {"valence": item.valence, "arousal": item.arousal, "present": item.present}
         attrs = {
@@ -147,7 +156,7 @@ def read_split_file(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise LabelError(f"{path}: no such split file")
     out: dict[str, str] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text(encoding=ENCODING).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -200,15 +209,11 @@ def _store_grid(store: Path) -> tuple[dict[str, np.ndarray], dict[str, str], dic
         return grid, hashes, subjects
 
 
-def _existing_splits(store: Path) -> dict[str, str]:
-    """Splits of already imported labels, kept when a re-import names none."""
-    out = {}
-    with open_store(store) as f:
-        for vid in video_ids(f):
-            group = f[f"videos/{vid}"]
-            if STAGE in group and group[STAGE].attrs.get("split"):
-                out[vid] = _text(group[STAGE].attrs["split"])
-    return out
+def _existing_split(store: Path, video_id: str) -> str:
+    """The split of a video's labels already imported, kept when a re-import names none; read from
+    their shard, so that labels made for an older grid of a replaced video keep theirs too."""
+    attrs = read_shard_attrs(shard_path(store, STAGE, video_id)) or {}
+    return _text(attrs.get("split", ""))
 
 
 def _text(value: object) -> str:
@@ -305,8 +310,10 @@ def _read_affwild2(
         return []
     if vid not in grid:
         raise _unknown(vid, path, grid)
-    lines = path.read_text().splitlines()
-    if not lines or lines[0].replace(" ", "").lower() != "valence,arousal":
+    lines = path.read_text(encoding=ENCODING).splitlines()
+    if not any(line.strip() for line in lines[1:]):
+        raise LabelError(f"no labels in {path}")
+    if lines[0].replace(" ", "").lower() != "valence,arousal":
         raise LabelError(f"{path}: expected a `valence,arousal` header line (Aff-Wild2 VA format)")
     rows = []
     for number, line in enumerate(lines[1:], 2):
@@ -327,7 +334,7 @@ def _read_affwild2(
 
 def _read_csv(path: Path, grid: dict[str, np.ndarray]) -> list[VideoLabels]:
     rows: list[tuple[int, dict[str, str]]] = []  # (line number, row)
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding=ENCODING) as f:
         reader = csv.reader(f)
         header = next(reader, [])
         for fields in reader:
@@ -339,6 +346,8 @@ def _read_csv(path: Path, grid: dict[str, np.ndarray]) -> list[VideoLabels]:
                     f"{len(header)} ({','.join(header)})"
                 )
             rows.append((reader.line_num, dict(zip(header, fields, strict=True))))
+    if not rows:
+        raise LabelError(f"no labels in {path}")
     columns = {c.strip().lower(): c for c in header}
     id_col = next((columns[c] for c in ("video_id", "video", "file") if c in columns), None)
     if id_col is None or "valence" not in columns or "arousal" not in columns:

@@ -43,6 +43,7 @@ ENCODE_BATCH = 64
 # the last bits). Its inputs are a file's few dozen words: the thread costs nothing measurable.
 ENCODE_THREADS = 1
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+MODEL_MARKERS = ("modules.json", "config.json")  # a sentence-transformers or transformers model folder
 
 
 def packaged_text_model() -> Path | None:
@@ -60,7 +61,7 @@ def resolve_text_model(text_model: str | None) -> tuple[str, Path | None]:
     """(name, local folder or None): a path, the packaged copy of the default, or a hub name."""
     given = text_model or os.environ.get(TEXT_MODEL_ENV) or DEFAULT_TEXT_MODEL
     path = Path(given).expanduser()
-    if path.is_dir():
+    if path.is_dir() and any((path / marker).is_file() for marker in MODEL_MARKERS):
         return path.name, path
     if path.exists() or given.startswith((".", os.sep, "~")):
         raise ModelUnavailable(
@@ -114,18 +115,27 @@ class TextStage(Stage):
         self.text_weights: dict[str, str] = {}
 
     def resolve(self) -> None:
+        self.resolve_asr()
+        self.resolve_text()
+        super().resolve()
+
+    def resolve_asr(self) -> None:
+        """The device, compute type and Whisper model (`rcma doctor` checks each half on its own)."""
         self.torch_device = resolve_device(self.device)
         # Only faster-whisper has compute types; openai-whisper computes in float32 (fp16 on CUDA).
         if self.asr_backend == "faster-whisper":
             self.compute_type = asr.resolve_compute_type(self.asr_compute_type, self.torch_device)
         self.source = asr.resolve(self.asr_model, self.asr_backend)
+
+    def resolve_text(self) -> None:
+        """The device and the sentence-transformers model, with its weights' checksum."""
+        self.torch_device = resolve_device(self.device)
         self.text_source = resolve_text_model(self.text_model)
         # A text-model folder given by path (option or $RCMA_TEXT_MODEL) is recorded by content, so
         # other weights in the same folder are another config; the packaged default is not.
         path = self.text_source[1]
         given = path is not None and path != packaged_text_model()
         self.text_weights = {"text_weights_sha256": weights_checksum(path)} if given else {}
-        super().resolve()
 
     def config(self) -> dict[str, Any]:
         self.check_resolved()
@@ -143,11 +153,8 @@ class TextStage(Stage):
     def load(self) -> None:
         if not self.resolved:
             self.resolve()
-        if self.asr_backend == "openai-whisper":
-            self.asr = asr.load_whisper(self.source, self.torch_device)
-        else:
-            self.asr = asr.load_faster_whisper(self.source, self.torch_device, self.compute_type)
-        self.embedder = self._load_text_model()
+        self.asr = self.load_asr()
+        self.embedder = self.load_text_model()
         if self.text_unit == "word-context" and not getattr(self.embedder.tokenizer, "is_fast", False):
             raise ModelUnavailable(
                 f"text model {self.text_source[0]}: --text-unit word-context needs a fast tokenizer "
@@ -155,7 +162,14 @@ class TextStage(Stage):
             )
         self.dim = self.embedder.get_embedding_dimension()
 
-    def _load_text_model(self):
+    def load_asr(self):
+        """The resolved Whisper model, loaded by its backend (also what `rcma doctor` checks)."""
+        if self.asr_backend == "openai-whisper":
+            return asr.load_whisper(self.source, self.torch_device)
+        return asr.load_faster_whisper(self.source, self.torch_device, self.compute_type)
+
+    def load_text_model(self):
+        """The resolved sentence-transformers model (also what `rcma doctor` checks)."""
         name, path = self.text_source
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as transformers_logging

@@ -94,7 +94,9 @@ class FacenetEmbedder(Embedder):
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ModelUnavailable(f"{name}: {weights} is not a readable PyTorch state dict ({e})") from None
+            raise ModelUnavailable(
+                f"{name}: {weights} is not a readable PyTorch state dict ({type(e).__name__})"
+            ) from None
         state = {k: v for k, v in state.items() if not k.startswith("logits.")}
         model = InceptionResnetV1(pretrained=None, classify=False)
         try:

@@ -34,6 +34,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
         (dict(window=32, eval_hop=64), "--eval-hop 64 must be between 1 and the window"),
         (dict(dropout=1.0), r"--dropout must be in \[0, 1\)"),
         (dict(lr=0.0), "--lr must be positive"),
+        (dict(lr=float("nan")), "--lr must be a finite number, not nan"),
+        (dict(lr=float("inf")), "--lr must be a finite number, not inf"),
+        (dict(min_lr=float("nan")), "--min-lr must be a finite number"),
+        (dict(min_lr=-1e-6), "--min-lr must be at least 0"),
+        (dict(plateau_factor=1.0), "--plateau-factor must be below 1"),
+        (dict(plateau_factor=-0.5), "--plateau-factor must be positive"),
+        (dict(plateau_factor=float("inf")), "--plateau-factor must be a finite number"),
+        (dict(weight_decay=float("nan")), "--weight-decay must be a finite number"),
         (dict(seeds=0), "--seeds must be at least 1"),
         (dict(folds=2), "--folds 2: use 0"),
         (dict(gate="sometimes"), "--gate sometimes: choose one of none, residual, grjca"),
@@ -48,10 +56,19 @@ def test_config_refuses_settings_that_cannot_work(settings, message):
 
 
 def test_cli_reports_a_bad_setting_in_one_line_and_writes_nothing(tmp_path):
-    for option in (["--window", "0"], ["--epochs", "0"], ["--batch-size", "0"]):
+    for option in (
+        ["--window", "0"],
+        ["--epochs", "0"],
+        ["--batch-size", "0"],
+        ["--lr", "inf"],
+        ["--lr", "nan"],
+        ["--min-lr", "nan"],
+        ["--plateau-factor", "1"],
+    ):
         result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "run"), *option])
         assert result.exit_code == 2, result.output
         assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1
+        assert option[0] in result.output, result.output  # the setting, not the missing store
     assert not (tmp_path / "run").exists()
 
 

@@ -216,8 +216,10 @@ def test_silently_corrupted_data_is_caught_by_its_checksum_and_recomputed(store)
     counts = stage_counts(store, verify=True)["meancolour"]
     assert list(counts.damaged) == [vid] and "checksum" in counts.damaged[vid] and len(counts.done) == 1
     status = CliRunner().invoke(app, ["status", "--store", str(store), "--verify"])
-    assert status.exit_code == 0
-    assert f"meancolour {vid}: {shard}: damaged (checksum mismatch)" in status.output
+    assert status.exit_code == 1
+    assert f"meancolour {vid}: {shard}: damaged (checksum mismatch) (the next extract recomputes it)" in (
+        status.output
+    )
     assert "│ meancolour │ 1    │ 1       │ 0      │ 0       │" in status.output
     again = extract(store, [CREMA_MP4[0], CREMA_MP4[1]])
     assert again.counts() == {"done": 1, "skipped": 1}
@@ -258,6 +260,62 @@ def test_a_damaged_shard_is_counted_and_training_names_video_and_file(tmp_path, 
     labels.write_text("valence,arousal\n" + "0,0\n" * 20)
     result = runner.invoke(app, ["labels", "import", str(labels), "--store", str(store)])
     one_line_error(result, "video b", f"frame grid shard {grid}")
+
+
+def test_status_exits_one_on_damage_and_names_what_repairs_each_kind(tmp_path):
+    """status --verify exited 0 on damage, and told damaged labels that the next extract recomputes
+    them: only `rcma labels import` writes labels."""
+    store = small_store(tmp_path / "store.h5")
+    runner = CliRunner()
+    assert runner.invoke(app, ["status", "--store", str(store), "--verify"]).exit_code == 0
+    labels, grid = shard_path(store, "labels", "a"), shard_path(store, GRID, "b")
+    damage(labels, "bytes")
+    damage(grid, "truncated")
+    result = runner.invoke(app, ["status", "--store", str(store), "--verify"])
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    assert f"labels a: {labels}: damaged (checksum mismatch) (`rcma labels import` writes it again)" in lines
+    for stage in ("audio", "labels"):  # a damaged frame grid: the next extract recomputes it
+        line = next(line for line in lines if line.startswith(f"{stage} b: {grid}: "))
+        assert line.endswith("(the next extract recomputes it)"), line
+
+
+def test_out_at_a_file_or_in_the_shard_folder_is_one_line_and_stray_folders_are_no_stages(tmp_path):
+    """--out at a file was a FileExistsError traceback; --out inside store.h5.d/ was accepted, and
+    status then showed its plots/, submission/ and tb/ as stages."""
+    store = small_store(tmp_path / "store.h5")
+    runner = CliRunner()
+    run = tmp_path / "run"
+    small = ["--window", "8", "--hop", "4", "--width", "8", "--epochs", "1", "--device", "cpu", "-q"]
+    train_args = ["train", "--features", str(store), "--modalities", "audio", *small]
+    assert runner.invoke(app, [*train_args, "--out", str(run)]).exit_code == 0
+    model = str(run / "best.pt")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    inside = shard_root(store) / "plots"
+    for args in (
+        [*train_args, "--out", str(a_file)],
+        ["predict", "--model", model, "--features", str(store), "--out", str(a_file)],
+        ["predict", str(SINGLE_FACE), "--model", model, "--store", str(store), "--out", str(a_file)],
+    ):
+        one_line_error(runner.invoke(app, args), f"{a_file}: exists and is not a folder")
+    for args in (
+        [*train_args, "--out", str(inside)],
+        ["predict", "--model", model, "--features", str(store), "--out", str(inside)],
+        ["predict", str(SINGLE_FACE), "--model", model, "--store", str(store), "--out", str(inside)],
+    ):
+        one_line_error(runner.invoke(app, args), f"{inside}: inside the store's shard folder")
+    assert a_file.read_text() == "keep me" and not inside.exists()
+    for stray in ("plots", "submission", "tb"):  # as an older rcma let predict and train leave them
+        (shard_root(store) / stray).mkdir()
+        (shard_root(store) / stray / "a.h5").write_bytes(b"not a shard")
+    result = runner.invoke(app, ["status", "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    rows = [line.split("│")[1].strip() for line in result.output.splitlines() if line.startswith("│")]
+    assert rows == ["audio", "labels"]
+    rebuild_index(store)
+    with open_store(store) as f:
+        assert set(f["videos/a"]) == {"audio", "labels", "timestamps"}
 
 
 def test_temporary_files_of_killed_writers_are_removed_but_never_a_live_one(tmp_path):

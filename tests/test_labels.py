@@ -1,16 +1,27 @@
 """Label import: Aff-Wild2 .txt, CSV by frame, by time and per clip; mismatches; splits."""
 
+import shutil
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from conftest import CREMA_MP4
 from synthetic import FPS, add_video
+from test_store import extract
 from typer.testing import CliRunner
 
 from cli import app
 from pipeline.labels import LabelError, import_labels, tolerance
-from pipeline.store import GRID, read_shard_attrs, rebuild_index, shard_path, shard_root, write_shard
+from pipeline.store import (
+    GRID,
+    read_shard_attrs,
+    rebuild_index,
+    shard_path,
+    shard_root,
+    stage_counts,
+    write_shard,
+)
 
 
 def make_store(store: Path, lengths: dict[str, int]) -> Path:
@@ -128,6 +139,31 @@ def test_csv_errors(store, tmp_path):
         import_labels(store, [tmp_path / "bad0.csv"], split="holdout")
 
 
+def test_files_saved_by_excel_are_read_and_a_file_without_rows_is_one_line(store, tmp_path):
+    """Excel writes UTF-8 with a byte-order mark and CRLF line ends; the mark was read as part of
+    the first column's name."""
+    make_store(store, {"v1": 30, "v2": 30})
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes("video_id,valence,arousal\r\nv1,0.1,0.2\r\n".encode("utf-8-sig"))
+    splits = tmp_path / "splits.csv"
+    splits.write_bytes("video_id,split\r\nv1,train\r\nv2,val\r\n".encode("utf-8-sig"))
+    affwild = tmp_path / "v2.txt"
+    affwild.write_bytes(("valence,arousal\r\n" + "0.3,-0.4\r\n" * 30).encode("utf-8-sig"))
+    import_labels(store, [excel, affwild], split_file=splits)
+    v, a, present, split = read_labels(store, "v1")
+    assert split == "train" and present.all() and v[0] == pytest.approx(0.1) and a[29] == pytest.approx(0.2)
+    v, a, present, split = read_labels(store, "v2")
+    assert split == "val" and present.all() and v[0] == pytest.approx(0.3) and a[29] == pytest.approx(-0.4)
+
+    for name, text in (("header.csv", "video_id,valence,arousal\r\n"), ("v1.txt", "valence,arousal\n\n")):
+        path = tmp_path / "empty" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        result = CliRunner().invoke(app, ["labels", "import", str(path), "--store", str(store)])
+        assert result.exit_code == 2 and result.output == f"error: no labels in {path}\n", result.output
+    assert read_labels(store, "v1")[2].all()  # the refused files changed nothing
+
+
 def test_cli_labels_import(store, tmp_path):
     make_store(store, {"v1": 30})
     path = tmp_path / "l.csv"
@@ -160,6 +196,37 @@ def test_labels_shard_records_the_grid_it_was_made_for(store, tmp_path):
     rebuild_index(store)
     with h5py.File(store, "r") as f:
         assert "labels" not in f["videos/v1"]
+
+
+def test_labels_of_a_replaced_video_are_not_done_and_train_says_why(store, tmp_path):
+    """A source file replaced and extracted again gets a new frame grid; its labels, made for the old
+    one, were counted as done by status, and train said only "splits present: none"."""
+    video = tmp_path / "clip.mp4"
+    shutil.copy(CREMA_MP4[0], video)
+    extract(store, [video])
+    labels = tmp_path / "labels.csv"
+    labels.write_text("video_id,valence,arousal\nclip,0.5,0.2\n")
+    import_labels(store, [labels], split="train")
+    assert stage_counts(store)["labels"].done == ["clip"]
+    shutil.copy(CREMA_MP4[2], video)  # other footage under the same name
+    extract(store, [video])
+    counts = stage_counts(store)["labels"]
+    assert counts.done == [] and counts.other_grid == ["clip"]
+    runner = CliRunner()
+    status = runner.invoke(app, ["status", "--store", str(store)], env={"COLUMNS": "200"})
+    assert status.exit_code == 0, status.output
+    row = next(line for line in status.output.splitlines() if line.startswith("│ labels"))
+    assert [c.strip() for c in row.split("│")[1:-1]] == ["labels", "0", "0", "0", "0", "0", "1"]  # older grid
+    assert "labels: 1 shards made for an older frame grid" in status.output
+    assert "import them again with `rcma labels import`), e.g. clip" in status.output
+    args = ["train", "--features", str(store), "--out", str(tmp_path / "run"), "--modalities", "audio"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "the labels of 1 videos (e.g. clip) were made for another frame grid" in result.output
+    assert "import them again with `rcma labels import`" in result.output
+    import_labels(store, [labels])  # the way out: labels on the new grid, the split kept
+    assert stage_counts(store)["labels"].done == ["clip"]
+    assert read_labels(store, "clip")[3] == "train"
 
 
 def test_malformed_rows_name_the_file_and_line(store, tmp_path):

@@ -276,6 +276,19 @@ def test_bad_checkpoints_are_one_line_and_never_unpickled(model, tmp_path):
     torch.save({"model": {}, "model_config": {}, "data": _Payload(marker)}, tmp_path / "payload-zip.pt")
     torch.save(older, tmp_path / "older.pt")
     torch.save(moved, tmp_path / "moved.pt")
+    crafted = {  # checkpoints edited by hand: each refused in one line before any extraction
+        "window-0.pt": lambda c: (c["config"].update(window=0), c["model_config"].update(window=0)),
+        "no-config.pt": lambda c: c.pop("config"),
+        "bogus.pt": lambda c: c["data"].update(modalities=["bogus"]),
+        "bogus-model.pt": lambda c: c["model_config"].update(modalities=["bogus"]),
+        "wide.pt": lambda c: c["model_config"].update(width=10**9),
+        "nan.pt": lambda c: next(v for v in c["model"].values() if v.is_floating_point()).fill_(float("nan")),
+        "stage-record.pt": lambda c: c["data"]["stages"]["faces"].update(config={}),
+    }
+    for name, edit in crafted.items():
+        ckpt = torch.load(model, weights_only=True)
+        edit(ckpt)
+        torch.save(ckpt, tmp_path / name)
     expect = {
         "truncated.pt": "not a readable checkpoint",
         "random.pt": "not a readable checkpoint",
@@ -286,6 +299,13 @@ def test_bad_checkpoints_are_one_line_and_never_unpickled(model, tmp_path):
         "missing.pt": "no such checkpoint",
         "older.pt": "does not record how its features were extracted",
         "moved.pt": f"model file {tmp_path / 'gone' / 'ir50.onnx'} is missing",
+        "window-0.pt": "--window must be at least 1, not 0",
+        "no-config.pt": "lacks its run settings (config)",
+        "bogus.pt": "does not match its model settings",
+        "bogus-model.pt": "unknown modality bogus",
+        "wide.pt": "its model settings cannot be built",
+        "nan.pt": "its weights are NaN or infinite",
+        "stage-record.pt": "its record of the faces stage lacks the setting 'visual_model'",
     }
     for name, message in expect.items():
         out = tmp_path / f"out-{name}"

@@ -20,7 +20,7 @@ from pipeline.errors import ModelUnavailable
 from pipeline.media import SAMPLE_RATE, Media, read_audio
 from pipeline.stages import Extra, config_hash, resolved
 from pipeline.store import open_store, video_ids
-from pipeline.text import TextStage, frame_units
+from pipeline.text import TextStage, frame_units, resolve_text_model
 
 pytestmark = pytest.mark.slow
 JFK_TEXT = (JFK.parent / "jfk.transcript.txt").read_text()
@@ -276,6 +276,11 @@ def test_default_and_missing_whisper_models(tmp_path: Path, monkeypatch):
     assert "\n" not in str(error.value) and "--asr-model" in str(error.value)
     with pytest.raises(ModelUnavailable, match="not an openai-whisper checkpoint"):
         asr.resolve(str(tmp_path / "missing.pt"))
+    with pytest.raises(ModelUnavailable, match="no such CTranslate2 model folder"):
+        asr.resolve("/nonexistent", "faster-whisper")  # was taken for a hub id, and failed at load
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelUnavailable, match="not a sentence-transformers model folder"):
+        resolve_text_model(str(tmp_path / "empty"))  # was resolved, and failed at load
 
 
 def test_audio_is_decoded_once_per_file(text_stage: TextStage, store: Path, monkeypatch):

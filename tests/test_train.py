@@ -329,3 +329,64 @@ def test_a_modality_only_some_labelled_videos_have_is_named_not_dropped(tmp_path
     with pytest.raises(TrainError, match=r"3 of 4 labelled videos have faces features: extract the rest"):
         train(config(store, tmp_path / "run", epochs=1), quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_diverged_run_stops_naming_the_epoch_and_its_weights_are_refused(tmp_path):
+    """--lr 1000 once gave NaN validation every epoch, exit 0, a NaN best.pt, and NaN predictions."""
+    store = interaction_store(tmp_path / "s.h5", n_train=4, n_val=2, frames=100)
+    run = tmp_path / "run"
+    args = ["--features", str(store), "--out", str(run), "--modalities", "audio,visual", "--epochs", "3"]
+    small = ["--window", "32", "--hop", "16", "--width", "16", "--warmup-steps", "2", "--device", "cpu"]
+    result = CliRunner().invoke(app, ["train", *args, *small, "--lr", "1000", "--quiet"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "training diverged in epoch" in lines[0], result.output
+    assert "NaN or infinite" in lines[0] and "--lr 1000" in lines[0] and "learning rate" in lines[0]
+    epoch = int(lines[0].split("diverged in epoch ")[1].split(":")[0])
+    for name in ("best.pt", "last.pt"):  # those of earlier epochs only, and finite
+        if epoch == 1:
+            assert not (run / name).exists()
+        else:
+            assert load_checkpoint(run / name)["state"]["epoch"] == epoch - 1
+
+    healthy = tmp_path / "healthy"
+    train(config(store, healthy, modalities=["audio", "visual"], epochs=1), quiet=True)
+    ckpt = torch.load(healthy / "best.pt", weights_only=True)
+    ckpt["model"]["tcn_norm.audio.running_var"][0] = float("nan")  # as the diverged run left it
+    torch.save(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(PredictError, match="weights are NaN or infinite"):
+        evaluate(tmp_path / "nan.pt", store, "val", device="cpu")
+    out = tmp_path / "pred"
+    for command in (["evaluate"], ["predict", "--out", str(out)]):
+        cli = CliRunner().invoke(
+            app, [*command, "--model", str(tmp_path / "nan.pt"), "--features", str(store)]
+        )
+        assert cli.exit_code == 2 and len(cli.output.strip().splitlines()) == 1, cli.output
+        assert "weights are NaN or infinite" in cli.output
+    assert not out.exists()
+
+
+def test_evaluate_on_per_clip_labels_shows_undefined_per_video_scores_as_a_dash(tmp_path):
+    """Per-clip labels are constant in each video: its CCC was shown as 0.0000 and its PCC as nan."""
+    rng = np.random.default_rng(0)
+    store = tmp_path / "s.h5"
+    for i, (valence, arousal) in enumerate([(-0.6, 0.7), (0.5, 0.1), (0.7, 0.5), (-0.2, -0.4)]):
+        rows = {"present": np.ones(40, bool), "embedding": rng.normal(size=(40, 4)).astype(np.float16)}
+        labels = (np.full(40, valence), np.full(40, arousal))
+        add_video(store, f"v{i}", 40, {"audio": rows}, labels, "train" if i < 2 else "val")
+    rebuild_index(store)
+    run = tmp_path / "run"
+    train(config(store, run, modalities=["audio"], epochs=1, window=16, hop=8, eval_hop=8), quiet=True)
+    args = ["evaluate", "--model", str(run / "best.pt"), "--features", str(store), "--device", "cpu"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if line.count("│") > 8}
+    for vid in ("v2", "v3"):
+        cells = [c.strip() for c in rows[vid].split("│")[3:-1]]
+        assert cells[:4] == ["-"] * 4 and all(float(c) >= 0 for c in cells[4:]), rows[vid]
+    every = [c.strip() for c in rows["all frames"].split("│")[3:-1]]
+    assert "-" not in every and "nan" not in every
+    assert result.output.count("undefined for a video whose labels are constant") == 1
+    scores = json.loads(CliRunner().invoke(app, [*args, "--json"]).stdout)
+    assert scores["videos"]["v2"]["ccc_valence"] is None and scores["videos"]["v2"]["rmse_valence"] >= 0
+    assert isinstance(scores["overall"]["ccc_valence"], float)

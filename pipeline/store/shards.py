@@ -110,6 +110,16 @@ def check_store_path(store: Path, packed: bool = False) -> None:
         raise StoreError(f"{store}: exists and is {kind}; refusing to replace it (choose another path)")
 
 
+def check_output_folder(out: Path, store: Path) -> None:
+    """Refuses an output folder (`--out` of train or predict) that is an existing file, or that lies
+    in the store's shard folder, where its files would be taken for a stage's."""
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"{out}: exists and is not a folder; give --out a folder")
+    root = shard_root(store)
+    if out.resolve().is_relative_to(root.resolve()):
+        raise StoreError(f"{out}: inside the store's shard folder {root}; give --out a folder outside it")
+
+
 def _layout(path: Path) -> str:
     """An existing file's rcma layout ("" for a damaged HDF5 file, "other" for anything else)."""
     with open(path, "rb") as f:
@@ -301,4 +311,16 @@ def stage_names(store: Path) -> list[str]:
     root = shard_root(store)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in (GRID, FAILED))
+    return sorted(
+        p.name for p in root.iterdir() if p.is_dir() and p.name not in (GRID, FAILED) and _is_stage_folder(p)
+    )
+
+
+def _is_stage_folder(folder: Path) -> bool:
+    """A folder of the shard folder that holds a stage's shards: a registered stage's, the labels',
+    or one with a stage config record (a stage added outside the registry); never a stray folder
+    (plots/, tb/ of an `--out` pointed there)."""
+    from pipeline.labels import STAGE as LABELS  # both import this module
+    from pipeline.stages import STAGES
+
+    return folder.name in (*STAGES, LABELS) or (folder / CONFIG_FILE).is_file()

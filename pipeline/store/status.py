@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISLNK
 from typing import Any
@@ -27,6 +27,7 @@ class StageCount:
     damaged: dict[str, str]  # video id -> "<shard file>: <problem>"
     other_config: list[str]  # sound shards of another config than the stage's (not indexed)
     config: dict[str, Any] | None  # the stage's recorded {"config_hash", "config"}
+    other_grid: list[str] = field(default_factory=list)  # sound shards of an older frame grid (not indexed)
 
 
 def stage_counts(store: Path, verify: bool = False) -> dict[str, StageCount]:
@@ -60,11 +61,26 @@ def stage_counts(store: Path, verify: bool = False) -> dict[str, StageCount]:
             for vid, info in shards.items()
             if vid not in damaged and config and info.attrs.get("config_hash") != config["config_hash"]
         )
-        done = set(shards) - set(damaged) - set(other)
+        stale = _other_grid(grids, shards, {*damaged, *other})
+        done = set(shards) - set(damaged) - set(other) - set(stale)
         errors = {vid: r["error"] for vid, r in failed.get(stage, {}).items() if vid not in shards}
         missing = sorted(known - set(shards) - set(errors))
-        out[stage] = StageCount(sorted(done), errors, missing, dict(sorted(damaged.items())), other, config)
+        out[stage] = StageCount(
+            sorted(done), errors, missing, dict(sorted(damaged.items())), other, config, stale
+        )
     return out
+
+
+def _other_grid(grids: dict[str, ShardInfo], shards: dict[str, ShardInfo], skip: set[str]) -> list[str]:
+    """Videos whose shard was made on another frame grid than the video's grid shard holds (its file
+    was replaced and extracted again): the index does not link them (see `_Linker`)."""
+    return sorted(
+        vid
+        for vid, info in shards.items()
+        if vid in grids
+        and vid not in skip
+        and info.attrs.get("grid_hash") != grids[vid].attrs.get("grid_hash")
+    )
 
 
 def _problem(info: ShardInfo, verify: bool) -> str:
