@@ -43,13 +43,10 @@ face is detected: each frame's image is its crop, and boxes, landmarks and score
 from __future__ import annotations
 
 import math
-import queue
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import cv2
 import numpy as np
@@ -61,6 +58,7 @@ from pipeline.errors import resolve_device
 from pipeline.files import sha256_file
 from pipeline.media import VIDEO_EXTENSIONS, Media
 from pipeline.stages import Extra, Rows, Stage, library_versions
+from pipeline.threads import cv2_threads, prefetched, torch_threads
 from pipeline.visual import DEFAULT, NAMED, NONE, Embedder, build_embedder
 
 MIN_FACE_PX = 20  # MTCNN's default smallest face, kept so small faces (Hamilton's ~40 px) are found
@@ -81,7 +79,6 @@ SUBJECTS = ("largest", "left", "right")
 DECODE_BATCH = 16
 FIRST_DECODE_BATCH = 4  # detection starts after 4 decoded frames, not 16: short clips wait less
 RGB_CONVERSION = "opencv"  # pipeline.media.RGB_CONVERSIONS: a fifth of swscale's time per frame
-PREFETCH_BATCHES = 2
 # The networks run on a small window are too small to gain from intra-op threads on a CPU (their
 # synchronisation costs more, and collapses when other processes share the cores); one thread
 # detects while the decode thread keeps another core busy.
@@ -403,74 +400,6 @@ class SubjectTracker:
             if best_key is None or key > best_key:
                 best, best_key = face, key
         return best
-
-
-T = TypeVar("T")
-
-
-def prefetched(items: Iterator[T], depth: int = PREFETCH_BATCHES) -> Iterator[T]:
-    """`items`, produced by a thread up to `depth` ahead, so decoding overlaps the models."""
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
-
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put(item):
-                    break
-            else:
-                put(end)
-        except BaseException as e:  # handed to the consumer, raised there
-            put(e)
-        finally:
-            close = getattr(items, "close", None)
-            if close:
-                close()
-
-    thread = threading.Thread(target=produce, daemon=True, name="faces-decode")
-    thread.start()
-    try:
-        while (item := slots.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
-@contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """Runs the block with `count` intra-op threads (None: unchanged), then restores the caller's."""
-    before = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@contextmanager
-def cv2_threads(count: int) -> Iterator[None]:
-    """Runs the block with OpenCV on `count` threads: its small resizes and warps lose more to
-    handing work to a pool than they gain, and the decode thread has the other core."""
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(count)
-    try:
-        yield
-    finally:
-        cv2.setNumThreads(before)
 
 
 class FacesStage(Stage):

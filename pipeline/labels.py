@@ -34,6 +34,7 @@ import numpy as np
 from pipeline.errors import one_line
 from pipeline.media import nearest_rows
 from pipeline.store import (
+    LABELS,
     StoreError,
     damaged_members,
     open_store,
@@ -44,7 +45,7 @@ from pipeline.store import (
     write_shard,
 )
 
-STAGE = "labels"
+STAGE = LABELS
 UNANNOTATED = -5.0
 TWO_SUBJECTS = ("left", "right")  # Aff-Wild2 labels two-person videos as <video>_left / _right
 TOLERANCE_FRAMES = 5

@@ -26,10 +26,10 @@ import numpy as np
 from pipeline import asr
 from pipeline.audio import ROWS_PER_BLOCK
 from pipeline.errors import ModelUnavailable, one_line, resolve_device
-from pipeline.faces import torch_threads
 from pipeline.files import sha256_file
 from pipeline.media import SAMPLE_RATE, Media
 from pipeline.stages import Extra, Rows, Stage, library_versions
+from pipeline.threads import torch_threads
 from pipeline.weights import packaged_model, weights_checksum
 
 TEXT_MODEL_ENV = "RCMA_TEXT_MODEL"

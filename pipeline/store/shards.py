@@ -26,6 +26,7 @@ from pipeline.files import atomic_file
 
 GRID = "grid"
 FAILED = "failed"
+LABELS = "labels"  # the labels' shards (pipeline.labels writes them)
 CONFIG_FILE = "config.json"
 CHUNK_BYTES = 1 << 20
 VIDEO_ATTRS = (
@@ -320,7 +321,6 @@ def _is_stage_folder(folder: Path) -> bool:
     """A folder of the shard folder that holds a stage's shards: a registered stage's, the labels',
     or one with a stage config record (a stage added outside the registry); never a stray folder
     (plots/, tb/ of an `--out` pointed there)."""
-    from pipeline.labels import STAGE as LABELS  # both import this module
-    from pipeline.stages import STAGES
+    from pipeline.stages import STAGES  # the registry of stage names; it imports no store module
 
     return folder.name in (*STAGES, LABELS) or (folder / CONFIG_FILE).is_file()
