@@ -186,15 +186,20 @@ def test_whisper_doubts_are_dropped(text_stage: TextStage):
     """Whisper's own output on real clips, fed to the filter: on speech-va clip 40 tiny.en (beam 5,
     the whole clip as one window) writes "it's bad" six times over, its first copies at word
     probabilities under 0.1; on clip 45 a loop of "u'll" that Whisper itself flags (compression
-    ratio above 2.4). Neither loop is kept; every kept word keeps its probability."""
+    ratio above 2.4). Neither loop is kept; every kept word keeps its probability. CTranslate2's int8
+    kernels differ between processors, and on some clip 40 comes out as a fluent sentence Whisper
+    itself doubts (average log-probability under -1) instead of the loop: that is dropped too."""
     filters = text_stage.filters
     for clip in SPEECH_VA[40], SPEECH_VA[45]:
         audio = read_audio(clip)
         whole = np.array([[0.0, len(audio) / SAMPLE_RATE]])
         heard = asr.transcribe_batched(text_stage.asr, audio, whole, beam_size=5)
         looped = asr.loop_words(heard.words, heard.word_prob, filters).sum() >= 6
-        assert looped or max(heard.segment_compression_ratio) > filters.max_compression_ratio, heard.text
+        doubted = min(heard.segment_avg_logprob) < filters.min_avg_logprob
+        flagged = max(heard.segment_compression_ratio) > filters.max_compression_ratio
+        assert looped or flagged or doubted, heard.text
         kept = asr.drop_hallucinations(heard, audio, whole, SAMPLE_RATE, filters)
+        assert all(logprob >= filters.min_avg_logprob for logprob in kept.segment_avg_logprob), kept.text
         assert not asr.loop_words(kept.words, kept.word_prob, asr.Filters(loop_max_prob=1.1)).any(), kept.text
         assert len(kept.word_prob) == len(kept.words)
         assert "it's bad, it's bad, it's bad" not in kept.text.lower()
