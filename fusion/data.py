@@ -25,7 +25,6 @@ from .model import CNN_CHANNELS, CROP_STORED
 
 STAGE_OF = {"audio": "audio", "visual": "faces", "text": "text"}
 READ_BLOCK = 4096  # crops are read and resized this many frames at a time
-PER_VIDEO = {"faces": ("subject",)}  # settings chosen per video (whose face), not per feature set
 
 
 class DataError(Exception):
@@ -297,7 +296,7 @@ def stage_configs(store: Path, videos: list[str], modalities: list[str]) -> dict
     are an error: the model would have been trained on a mix of two feature sets.
     """
 
-    from pipeline.stages import hash_config
+    from pipeline.stages import hash_config, shared_config
 
     out: dict[str, dict] = {}
     first: dict[str, str] = {}
@@ -312,7 +311,7 @@ def stage_configs(store: Path, videos: list[str], modalities: list[str]) -> dict
                     continue
                 config = attrs["config"]
                 config = json.loads(_text(config))
-                shared = {k: v for k, v in config.items() if k not in PER_VIDEO.get(stage, ())}
+                shared = shared_config(stage, config)  # the subject of a two-person video is per video
                 shared_hash = hash_config(stage, shared)
                 if stage in out and out[stage]["config_hash"] != shared_hash:
                     raise DataError(

@@ -40,7 +40,17 @@ from pipeline.media import (
     read_audio,
     shared_grid,
 )
-from pipeline.stages import Extra, Rows, Stage, build_stage, config_hash, library_versions
+from pipeline.stages import (
+    Extra,
+    Rows,
+    Stage,
+    build_stage,
+    config_hash,
+    hash_config,
+    library_versions,
+    shared_config,
+    video_settings,
+)
 from pipeline.store import (
     GRID,
     ShardWriter,
@@ -57,6 +67,7 @@ from pipeline.store import (
     read_shard_attrs,
     rebuild_index,
     record_failure,
+    restamp_stage,
     set_attrs,
     shard_path,
     shard_problem,
@@ -248,7 +259,7 @@ class Extractor:
             grid_digest = grid_hash(media.timestamps)
             attrs = read_shard_attrs(shard) if not self.force else None
             current = (
-                attrs and attrs.get("config_hash") == config_digest and attrs.get("grid_hash") == grid_digest
+                made_with(attrs, stage.name, config_digest, config) and attrs.get("grid_hash") == grid_digest
             )
             if current and not shard_problem(shard, full=True):  # a damaged shard is recomputed
                 return Outcome(job.video_id, source, stage.name, "skipped")
@@ -357,7 +368,7 @@ class Extractor:
         if self.force:
             return True
         attrs = read_shard_attrs(shard_path(self.store, stage.name, job.video_id))
-        return not attrs or attrs.get("config_hash") != self.prepare()[stage.name][0]
+        return not made_with(attrs, stage.name, *self.prepare()[stage.name])
 
     def _video_stage(self) -> Stage | None:
         """The first stage that decodes the frames: the one whose pass can also give the grid."""
@@ -429,6 +440,18 @@ class Extractor:
                 {"grid_hash": grid_hash(media.timestamps), "seconds": time.perf_counter() - started},
             )
         return warning
+
+
+def made_with(attrs: dict[str, Any] | None, stage: str, config_digest: str, config: dict[str, Any]) -> bool:
+    """Whether a shard's attrs say it was made with `config`: the store's settings (the config hash)
+    and this video's own (the subject of a two-person video), which that hash leaves out."""
+    if not attrs or attrs.get("config_hash") != config_digest:
+        return False
+    try:
+        made = json.loads(attrs.get("config") or "{}")
+    except ValueError:
+        return False
+    return isinstance(made, dict) and video_settings(stage, made) == video_settings(stage, config)
 
 
 def check_fps(fps: float) -> None:
@@ -537,11 +560,22 @@ def run_local(
 
 def claim_configs(store: Path, configs: dict[str, tuple[str, dict[str, Any]]], force: bool) -> None:
     """The store's check that each stage keeps one configuration (see `store.claim_stage_configs`),
-    as a run error."""
+    as a run error. The store records a stage's config without its per-video settings; a stage an
+    earlier rcma recorded with them (a store of `--subject left` videos) is first re-stamped to
+    today's hash (`store.restamp_stage`), so its videos keep their features."""
     try:
-        claim_stage_configs(store, configs, force)
+        for name in configs:
+            restamp_stage(
+                store,
+                name,
+                lambda config, name=name: (hash_config(name, config), shared_config(name, config)),
+            )
+        shared = {name: (digest, shared_config(name, config)) for name, (digest, config) in configs.items()}
+        claim_stage_configs(store, shared, force)
     except StoreError as e:
         raise FatalError(str(e)) from None
+    except OSError as e:  # a shard that cannot be re-stamped (a full disk)
+        raise FatalError(f"{store}: {_one_line(e)}") from None
 
 
 class IndexRefresher:
