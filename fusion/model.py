@@ -317,14 +317,14 @@ class RCMA(nn.Module):
             getattr(self, f"std_{m}").copy_(std.clamp_min(NORM_EPS))
 
     def _drop_modalities(self, present: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Marks each modality absent from whole windows at random, never all of one window's."""
-        mods = self.cfg.modalities
-        b = next(iter(present.values())).shape[0]
-        device = next(iter(present.values())).device
-        drop = torch.rand(b, len(mods), device=device) < self.cfg.modality_dropout
-        spared = torch.randint(len(mods), (b,), device=device)
-        drop[torch.arange(b, device=device), spared] &= ~drop.all(1)
-        return {m: present[m] & ~drop[:, i : i + 1] for i, m in enumerate(mods)}
+        """Marks modalities absent from whole windows at random: only modalities the window has,
+        and never all of them (one of those it has, drawn at random, is spared)."""
+        has = modalities_in_window(present, self.cfg.modalities)  # (B, M)
+        drop = (torch.rand(has.shape, device=has.device) < self.cfg.modality_dropout) & has
+        emptied = has.any(1) & ~(has & ~drop).any(1)
+        spared = torch.rand(has.shape, device=has.device).masked_fill(~has, -1.0).argmax(1)
+        drop[torch.arange(len(has), device=has.device), spared] &= ~emptied
+        return {m: present[m] & ~drop[:, i : i + 1] for i, m in enumerate(self.cfg.modalities)}
 
     def forward(
         self, inputs: dict[str, torch.Tensor], present: dict[str, torch.Tensor], valid: torch.Tensor
@@ -348,6 +348,11 @@ class RCMA(nn.Module):
         if self.attention is not None:
             xs = self.attention(xs, keep)
         return self.head(torch.cat([xs[m] for m in self.cfg.modalities], -1), keep)
+
+
+def modalities_in_window(present: dict[str, torch.Tensor], modalities: list[str]) -> torch.Tensor:
+    """(B, M) bool: whether each window (B, K) has any frame of each modality (padding has none)."""
+    return torch.stack([present[m].any(1) for m in modalities], 1)
 
 
 class Ensemble(nn.Module):

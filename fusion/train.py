@@ -32,7 +32,16 @@ from pipeline.store import atomic_file
 from .config import FIXED_ON_RESUME, LEGACY, ModelConfig, TrainConfig, TrainError
 from .data import DataError, StoreData, cut, load_store, select_videos, window_index, windows
 from .metrics import ccc_loss, scores
-from .model import RCMA, Ensemble, autocast, build_model, load_checkpoint, save_checkpoint, upgrade_state
+from .model import (
+    RCMA,
+    Ensemble,
+    autocast,
+    build_model,
+    load_checkpoint,
+    modalities_in_window,
+    save_checkpoint,
+    upgrade_state,
+)
 from .plots import curves_png
 from .predict import predict_frames
 
@@ -368,7 +377,9 @@ def fit(
                 data_time += time.perf_counter() - t0
                 with autocast(device):
                     pred = model(batch["inputs"], batch["present"], valid)
-                loss = ccc_loss(pred, batch["labels"], batch["labelled"])
+                # a window with no input at all has nothing to learn from: its frames never count
+                has_input = modalities_in_window(batch["present"], cfg.modalities).any(1, keepdim=True)
+                loss = ccc_loss(pred, batch["labels"], batch["labelled"] & has_input)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)

@@ -309,3 +309,23 @@ def test_a_model_refuses_features_made_with_other_settings(tmp_path):
     del ckpt["data"]["stages"]  # as written before configs were recorded
     torch.save(ckpt, tmp_path / "old.pt")
     assert evaluate(tmp_path / "old.pt", other, "val", device="cpu")["overall"]["frames"] == 64
+
+
+def test_windows_with_no_input_never_count_in_the_loss(tmp_path):
+    """A training video on which no modality is ever present trains exactly as if it had no labels."""
+    runs = {}
+    for name, labelled in (("labelled", True), ("unlabelled", False)):
+        store = write_av_store(tmp_path / f"{name}.h5", [40, 40, 40, 40])
+        n = 48
+        blank = {"present": np.zeros(n, bool), "embedding": np.zeros((n, 4), np.float16)}
+        blank_faces = {"present": np.zeros(n, bool), "embedding": np.zeros((n, 6), np.float16)}
+        y = np.linspace(-0.9, 0.9, n)
+        add_video(
+            store, "blank", n, {"audio": blank, "faces": blank_faces}, (y, -y), "train", np.full(n, labelled)
+        )
+        rebuild_index(store)
+        out = tmp_path / name
+        train(config(store, out, modalities=["audio", "visual"], epochs=2), quiet=True)
+        runs[name] = load_checkpoint(out / "last.pt")
+    for key, value in runs["labelled"]["model"].items():
+        assert torch.equal(value, runs["unlabelled"]["model"][key]), key
