@@ -84,13 +84,20 @@ class MaskedBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(channels))
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """A batch with fewer than two real frames has no variance of its own: it is normalised with
+        the running statistics, as in evaluation, and leaves them as they are."""
         if self.training:
-            n = keep.sum().clamp_min(2.0)
-            mean = (x * keep).sum((0, 1)) / n
-            var = (((x - mean) * keep) ** 2).sum((0, 1)) / n
+            n = keep.sum()
+            mean = (x * keep).sum((0, 1)) / n.clamp_min(1.0)
+            var = (((x - mean) * keep) ** 2).sum((0, 1)) / n.clamp_min(1.0)
+            enough = n >= 2
             with torch.no_grad():
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(var * n / (n - 1), self.momentum)
+                step = self.momentum * enough.to(self.running_mean.dtype)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), step)
+                unbiased = var.detach() * n / (n - 1).clamp_min(1.0)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), step)
+            mean = torch.where(enough, mean, self.running_mean)
+            var = torch.where(enough, var, self.running_var)
         else:
             mean, var = self.running_mean, self.running_var
         return ((x - mean) * torch.rsqrt(var + NORM_EPS) * self.weight + self.bias) * keep

@@ -14,6 +14,7 @@ from fusion.model import (
     CROP_TRAIN,
     RCMA,
     CrossModalAttention,
+    MaskedBatchNorm,
     ModelConfig,
     RecursiveCrossModalAttention,
 )
@@ -235,3 +236,31 @@ def test_modality_dropout_hides_only_what_a_window_has_and_spares_one_of_it():
                 continue
             expected = {1: 0.0, 2: 0.375, 3: 0.4375}[len(has)]  # p, less the windows spared
             assert abs(lost[j] - expected) < 0.03, (name, m, lost[j])
+
+
+def test_masked_batch_norm_with_one_real_frame_uses_the_running_statistics():
+    torch.manual_seed(0)
+    norm = MaskedBatchNorm(3).train()
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        norm.running_var.copy_(torch.tensor([4.0, 1.0, 0.25]))
+    x = torch.randn(2, 5, 3) * 3 + 1
+    keep = torch.zeros(2, 5, 1)
+    keep[1, 3] = 1  # one real frame in the whole batch
+    out = norm(x, keep)
+    expected = (x[1, 3] - norm.running_mean) / torch.sqrt(norm.running_var + 1e-5)
+    torch.testing.assert_close(out[1, 3], expected)
+    torch.testing.assert_close(norm.running_mean, torch.tensor([0.5, -1.0, 2.0]))  # left as they were
+    torch.testing.assert_close(norm.running_var, torch.tensor([4.0, 1.0, 0.25]))
+    assert (out * (1 - keep) == 0).all()
+
+    keep[0, 1] = 1  # two real frames: PyTorch's BatchNorm over exactly those frames
+    reference = torch.nn.BatchNorm1d(3).train()
+    with torch.no_grad():
+        reference.running_mean.copy_(norm.running_mean)
+        reference.running_var.copy_(norm.running_var)
+    out = norm(x, keep)
+    expected = reference(torch.stack([x[0, 1], x[1, 3]]))
+    torch.testing.assert_close(torch.stack([out[0, 1], out[1, 3]]), expected)
+    torch.testing.assert_close(norm.running_mean, reference.running_mean)
+    torch.testing.assert_close(norm.running_var, reference.running_var)
