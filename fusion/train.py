@@ -2,8 +2,8 @@
 
 One plain `TrainConfig` holds every setting, checks itself, and is what the CLI's options are made
 from. A run folder gets config.json, metrics.csv, TensorBoard logs (tb/), curves.png, and two
-checkpoints written atomically: last.pt after every epoch (with optimizer, scheduler, RNG,
-early-stopping state and the metrics so far, so `resume` continues exactly) and best.pt at the
+checkpoints written atomically: last.pt after every epoch (with optimizer, scheduler, loss scaler,
+RNG, early-stopping state and the metrics so far, so `resume` continues exactly) and best.pt at the
 best validation CCC. With `seeds` > 1 each seed trains in seed-<i>/ and best.pt holds all their
 best weights: one model that predicts their mean. With `folds` = K the labelled videos are split
 into K folds by group (a speaker never in two folds), and fold k tests a model trained on the
@@ -313,9 +313,7 @@ def fit(
         optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr
     )
     shuffle = torch.Generator().manual_seed(cfg.seed)
-    scaler = torch.amp.GradScaler(
-        "cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    )
+    scaler = loss_scaler(device)
     state = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0}
     history: list[dict[str, Any]] = []
     if ckpt is not None:
@@ -324,6 +322,8 @@ def fit(
         plateau.load_state_dict(ckpt["scheduler"])
         state = dict(ckpt["state"])
         history = [dict(r) for r in ckpt.get("history", _history(out / "metrics.csv", state["epoch"]))]
+        if ckpt.get("scaler"):  # empty when no scaler ran; absent in runs from before it was saved
+            scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         shuffle.set_state(ckpt["rng"]["shuffle"])
         if device.type == "cuda" and ckpt["rng"]["cuda"]:
@@ -429,6 +429,7 @@ def fit(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": plateau.state_dict(),
+                "scaler": scaler.state_dict(),
                 "rng": {
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
@@ -459,6 +460,12 @@ def fit(
         "epochs": state["epoch"],
         "best": str(out / "best.pt"),
     }
+
+
+def loss_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """The fp16 loss scaler: on where autocast runs in float16 (CUDA without bfloat16), else off.
+    Its scale is part of a run's state: saved in last.pt and restored on resume."""
+    return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
 
 
 def _check_resumable(out: Path, cfg: TrainConfig) -> None:
