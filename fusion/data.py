@@ -300,11 +300,12 @@ def stage_configs(store: Path, videos: list[str], modalities: list[str]) -> dict
 
     out: dict[str, dict] = {}
     first: dict[str, str] = {}
+    rates = audio_only_fps(store, videos)
+    if rates:
+        out["grid"] = {"audio_fps": next(iter(rates.values()))}
     with _open(store) as f:
         for vid in videos:
             group = f[f"videos/{vid}"]
-            if "has_video" in group.attrs and not bool(group.attrs["has_video"]):
-                out.setdefault("grid", {"audio_fps": float(group.attrs["fps"])})
             for stage in dict.fromkeys(STAGE_OF[m] for m in modalities if m in STAGE_OF):
                 attrs = group[stage].attrs if stage in group else {}
                 if "config_hash" not in attrs:
@@ -322,3 +323,15 @@ def stage_configs(store: Path, videos: list[str], modalities: list[str]) -> dict
                     out[stage] = {"config": shared, "config_hash": shared_hash}
                     first[stage] = vid
     return out
+
+
+def audio_only_fps(store: Path, videos: list[str]) -> dict[str, float]:
+    """The frame rate of each audio-only file among `videos`, in their order: its frame grid is
+    the one `rcma extract --fps` gave it, not the file's own."""
+    with _open(store) as f:
+        groups = {vid: f[f"videos/{vid}"].attrs for vid in videos}
+        return {
+            vid: float(attrs["fps"])
+            for vid, attrs in groups.items()
+            if "has_video" in attrs and not bool(attrs["has_video"])
+        }
