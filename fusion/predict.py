@@ -437,7 +437,7 @@ def predict_media(
         tell(f"skipped: {line}")
     if not jobs:
         raise PredictError("no media files found in " + ", ".join(map(str, inputs)))
-    extractor = runner.Extractor(store, stages, fps or DEFAULT_FPS)
+    extractor = runner.Extractor(store, stages, fps or DEFAULT_FPS, forceable=False)
     bad: set[str] = set()
     with runner.progress_bars(console, quiet) as bars:
         files = bars.add_task("files", total=len(jobs))

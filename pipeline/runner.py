@@ -52,6 +52,7 @@ from pipeline.stages import (
     video_settings,
 )
 from pipeline.store import (
+    FORCE_REMEDY,
     GRID,
     ShardWriter,
     StoreError,
@@ -85,6 +86,7 @@ WORKERS_PER_GPU = 2  # one decodes while the other computes on the GPU
 MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_"  # set by Dask for its workers; see worker_environ
 RUNNER_LIBRARIES = library_versions("rcma", "torch", "numpy", "av", "h5py")
 Progress = Callable[[str, int, int], None]  # (label, frames done, frames total)
+ANOTHER_STORE = "give another --store"  # the way out of a store conflict where there is no --force
 
 
 @dataclass(frozen=True)
@@ -207,12 +209,22 @@ def _shortest_unique_tail(path: Path, others: list[Path]) -> str:
 class Extractor:
     """Runs the given stages over jobs in this process, loading each stage's models once."""
 
-    def __init__(self, store: Path, stages: list[Stage], fps: float = DEFAULT_FPS, force: bool = False):
+    def __init__(
+        self,
+        store: Path,
+        stages: list[Stage],
+        fps: float = DEFAULT_FPS,
+        force: bool = False,
+        forceable: bool = True,
+    ):
+        """`forceable`: whether the command has --force (`rcma predict` has not), so that its
+        one-line errors suggest only what the user can do."""
         check_fps(fps)
         self.store = store
         self.stages = stages
         self.fps = fps
         self.force = force
+        self.forceable = forceable
         self._loaded: set[str] = set()
         self._unloadable: dict[str, str] = {}
         self._configs: dict[str, tuple[str, dict[str, Any]]] | None = None
@@ -342,9 +354,14 @@ class Extractor:
             info = MediaInfo(**{k: attrs[k] for k in MediaInfo.__dataclass_fields__})
             return Media(job.path, job.video_id, info, timestamps), identity
         if attrs and attrs.get("source") != source and not self.force:
+            way_out = (
+                "extract both files in one run (their ids then include their folders), rename one, or use "
+                "--force"
+                if self.forceable
+                else f"rename one, or {ANOTHER_STORE}"
+            )
             raise MediaError(
-                f"video id {job.video_id!r} already holds {attrs.get('source')} in this store; extract "
-                "both files in one run (their ids then include their folders), rename one, or use --force"
+                f"video id {job.video_id!r} already holds {attrs.get('source')} in this store; {way_out}"
             )
         info = probe(job.path)
         if not info.has_video:
@@ -544,7 +561,7 @@ def run_local(
     on_job_done: Callable[[Job, list[Outcome]], None] | None = None,
 ) -> list[Outcome]:
     outcomes: list[Outcome] = []
-    claim_configs(extractor.store, extractor.prepare(), extractor.force)
+    claim_configs(extractor.store, extractor.prepare(), extractor.force, extractor.forceable)
     index = IndexRefresher(extractor.store)
     try:
         for job in jobs:
@@ -558,7 +575,9 @@ def run_local(
     return outcomes
 
 
-def claim_configs(store: Path, configs: dict[str, tuple[str, dict[str, Any]]], force: bool) -> None:
+def claim_configs(
+    store: Path, configs: dict[str, tuple[str, dict[str, Any]]], force: bool, forceable: bool = True
+) -> None:
     """The store's check that each stage keeps one configuration (see `store.claim_stage_configs`),
     as a run error. The store records a stage's config without its per-video settings; a stage an
     earlier rcma recorded with them (a store of `--subject left` videos) is first re-stamped to
@@ -571,7 +590,7 @@ def claim_configs(store: Path, configs: dict[str, tuple[str, dict[str, Any]]], f
                 lambda config, name=name: (hash_config(name, config), shared_config(name, config)),
             )
         shared = {name: (digest, shared_config(name, config)) for name, (digest, config) in configs.items()}
-        claim_stage_configs(store, shared, force)
+        claim_stage_configs(store, shared, force, FORCE_REMEDY if forceable else ANOTHER_STORE)
     except StoreError as e:
         raise FatalError(str(e)) from None
     except OSError as e:  # a shard that cannot be re-stamped (a full disk)

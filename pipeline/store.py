@@ -379,9 +379,14 @@ def stage_config(store: Path, stage: str) -> dict[str, Any] | None:
         return None
 
 
-def claim_stage_configs(store: Path, configs: dict[str, tuple[str, dict[str, Any]]], force: bool) -> None:
+FORCE_REMEDY = "use --force to recompute them with these settings, or another --store"
+
+
+def claim_stage_configs(
+    store: Path, configs: dict[str, tuple[str, dict[str, Any]]], force: bool, remedy: str = FORCE_REMEDY
+) -> None:
     """Records each stage's (config hash, config) as the store's, refusing, unless `force`, a stage
-    the store holds with another config: one line naming the differing settings and the ways out.
+    the store holds with another config: one line naming the differing settings and `remedy`.
 
     A store made before configs were recorded is read once: its shards' most common config is
     taken as the store's. With `force`, the new config replaces the old, and the old config's
@@ -395,8 +400,7 @@ def claim_stage_configs(store: Path, configs: dict[str, tuple[str, dict[str, Any
             if held and held["config_hash"] != config_digest and not force:
                 raise StoreError(
                     f"{store}: its {stage} features were made with other settings "
-                    f"({config_difference(held.get('config', {}), config)}); use --force to recompute "
-                    f"them with these settings, or another --store"
+                    f"({config_difference(held.get('config', {}), config)}); {remedy}"
                 )
         for stage, (config_digest, config) in configs.items():
             if (stage_config(store, stage) or {}).get("config_hash") != config_digest:

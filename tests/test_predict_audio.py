@@ -1,7 +1,8 @@
 """A model trained on real audio-only files (speech clips on a 30 fps grid, log-mel audio):
 `evaluate` and `predict --features` compare the frame rate of the store's audio-only files with
-the model's."""
+the model's, and `rcma predict`'s one-line errors name only options it has."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,22 @@ def test_audio_only_files_on_another_frame_rate_are_refused(model, tmp_path):
         assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
         assert "on a 25 fps frame grid" in result.output
         assert not out.exists()
+
+
+def test_predict_suggests_only_what_it_has(model, tmp_path):
+    """`rcma predict` has no --force: a store it cannot use is left for another --store."""
+    other = extract_audio(tmp_path / "flat.h5", CLIPS[:1], 30.0, logmel_pool="flat")
+    args = ["predict", str(CLIPS[1]), "--model", str(model), "--out", str(tmp_path / "out"), "--quiet"]
+    result = CliRunner().invoke(app, [*args, "--store", str(other), "--device", "cpu"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "made with other settings" in result.output and "give another --store" in result.output
+    assert "--force" not in result.output
+
+    store = extract_audio(tmp_path / "s.h5", CLIPS[:1], 30.0)  # the same name, another file
+    renamed = tmp_path / "elsewhere" / CLIPS[0].name
+    renamed.parent.mkdir()
+    shutil.copy(CLIPS[1], renamed)
+    result = CliRunner().invoke(app, [*args, str(renamed), "--store", str(store), "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert f"failed: {renamed}: audio: video id {CLIPS[0].stem!r} already holds" in result.output
+    assert "rename one, or give another --store" in result.output and "--force" not in result.output
