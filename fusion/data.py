@@ -25,7 +25,6 @@ from .model import CNN_CHANNELS, CROP_STORED
 
 STAGE_OF = {"audio": "audio", "visual": "faces", "text": "text"}
 READ_BLOCK = 4096  # crops are read and resized this many frames at a time
-PER_VIDEO = {"faces": ("subject",)}  # settings chosen per video (whose face), not per feature set
 
 
 class DataError(Exception):
@@ -323,22 +322,23 @@ def stage_configs(store: Path, videos: list[str], modalities: list[str]) -> dict
     are an error: the model would have been trained on a mix of two feature sets.
     """
 
-    from pipeline.stages import hash_config
+    from pipeline.stages import hash_config, shared_config
 
     out: dict[str, dict] = {}
     first: dict[str, str] = {}
+    rates = audio_only_fps(store, videos)
+    if rates:
+        out["grid"] = {"audio_fps": next(iter(rates.values()))}
     with _open(store) as f:
         for vid in videos:
             group = f[f"videos/{vid}"]
-            if "has_video" in group.attrs and not bool(group.attrs["has_video"]):
-                out.setdefault("grid", {"audio_fps": float(group.attrs["fps"])})
             for stage in dict.fromkeys(STAGE_OF[m] for m in modalities if m in STAGE_OF):
                 attrs = group[stage].attrs if stage in group else {}
                 if "config_hash" not in attrs:
                     continue
                 config = attrs["config"]
                 config = json.loads(_text(config))
-                shared = {k: v for k, v in config.items() if k not in PER_VIDEO.get(stage, ())}
+                shared = shared_config(stage, config)  # the subject of a two-person video is per video
                 shared_hash = hash_config(stage, shared)
                 if stage in out and out[stage]["config_hash"] != shared_hash:
                     raise DataError(
@@ -349,3 +349,15 @@ def stage_configs(store: Path, videos: list[str], modalities: list[str]) -> dict
                     out[stage] = {"config": shared, "config_hash": shared_hash}
                     first[stage] = vid
     return out
+
+
+def audio_only_fps(store: Path, videos: list[str]) -> dict[str, float]:
+    """The frame rate of each audio-only file among `videos`, in their order: its frame grid is
+    the one `rcma extract --fps` gave it, not the file's own."""
+    with _open(store) as f:
+        groups = {vid: f[f"videos/{vid}"].attrs for vid in videos}
+        return {
+            vid: float(attrs["fps"])
+            for vid, attrs in groups.items()
+            if "has_video" in attrs and not bool(attrs["has_video"])
+        }

@@ -84,13 +84,20 @@ class MaskedBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(channels))
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """A batch with fewer than two real frames has no variance of its own: it is normalised with
+        the running statistics, as in evaluation, and leaves them as they are."""
         if self.training:
-            n = keep.sum().clamp_min(2.0)
-            mean = (x * keep).sum((0, 1)) / n
-            var = (((x - mean) * keep) ** 2).sum((0, 1)) / n
+            n = keep.sum()
+            mean = (x * keep).sum((0, 1)) / n.clamp_min(1.0)
+            var = (((x - mean) * keep) ** 2).sum((0, 1)) / n.clamp_min(1.0)
+            enough = n >= 2
             with torch.no_grad():
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(var * n / (n - 1), self.momentum)
+                step = self.momentum * enough.to(self.running_mean.dtype)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), step)
+                unbiased = var.detach() * n / (n - 1).clamp_min(1.0)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), step)
+            mean = torch.where(enough, mean, self.running_mean)
+            var = torch.where(enough, var, self.running_var)
         else:
             mean, var = self.running_mean, self.running_var
         return ((x - mean) * torch.rsqrt(var + NORM_EPS) * self.weight + self.bias) * keep
@@ -317,14 +324,14 @@ class RCMA(nn.Module):
             getattr(self, f"std_{m}").copy_(std.clamp_min(NORM_EPS))
 
     def _drop_modalities(self, present: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Marks each modality absent from whole windows at random, never all of one window's."""
-        mods = self.cfg.modalities
-        b = next(iter(present.values())).shape[0]
-        device = next(iter(present.values())).device
-        drop = torch.rand(b, len(mods), device=device) < self.cfg.modality_dropout
-        spared = torch.randint(len(mods), (b,), device=device)
-        drop[torch.arange(b, device=device), spared] &= ~drop.all(1)
-        return {m: present[m] & ~drop[:, i : i + 1] for i, m in enumerate(mods)}
+        """Marks modalities absent from whole windows at random: only modalities the window has,
+        and never all of them (one of those it has, drawn at random, is spared)."""
+        has = modalities_in_window(present, self.cfg.modalities)  # (B, M)
+        drop = (torch.rand(has.shape, device=has.device) < self.cfg.modality_dropout) & has
+        emptied = has.any(1) & ~(has & ~drop).any(1)
+        spared = torch.rand(has.shape, device=has.device).masked_fill(~has, -1.0).argmax(1)
+        drop[torch.arange(len(has), device=has.device), spared] &= ~emptied
+        return {m: present[m] & ~drop[:, i : i + 1] for i, m in enumerate(self.cfg.modalities)}
 
     def forward(
         self, inputs: dict[str, torch.Tensor], present: dict[str, torch.Tensor], valid: torch.Tensor
@@ -348,6 +355,11 @@ class RCMA(nn.Module):
         if self.attention is not None:
             xs = self.attention(xs, keep)
         return self.head(torch.cat([xs[m] for m in self.cfg.modalities], -1), keep)
+
+
+def modalities_in_window(present: dict[str, torch.Tensor], modalities: list[str]) -> torch.Tensor:
+    """(B, M) bool: whether each window (B, K) has any frame of each modality (padding has none)."""
+    return torch.stack([present[m].any(1) for m in modalities], 1)
 
 
 class Ensemble(nn.Module):

@@ -11,6 +11,7 @@ pipeline.runner into a store, then predicts from that store like `predict`.
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,17 @@ from pipeline.files import atomic_file
 from pipeline.store import StoreError, check_output_folder, config_difference, id_file
 
 from .config import TrainError
-from .data import STAGE_OF, DataError, StoreData, cut, load_store, select_videos, window_index, windows
+from .data import (
+    STAGE_OF,
+    DataError,
+    StoreData,
+    audio_only_fps,
+    cut,
+    load_store,
+    select_videos,
+    window_index,
+    windows,
+)
 from .metrics import scores, video_scores
 from .model import RCMA, Ensemble, autocast, build_model, load_checkpoint
 from .plots import video_png
@@ -104,10 +115,28 @@ def _prepare(
                 f"{store}: its {stage} features were made with other settings than {model_path} was "
                 f"trained on ({difference}); extract them with the model's settings"
             )
+    _check_audio_fps(model_path, (trained or {}).get("grid", {}).get("audio_fps"), store, data.video_ids)
     try:
         return build_model(ckpt, dev), ckpt, data
     except TrainError as e:
         raise PredictError(f"{model_path}: {e}") from None
+
+
+def _check_audio_fps(model_path: Path, trained: float | None, store: Path, videos: list[str]) -> None:
+    """Audio-only files on the frame grid the model's were on (`rcma extract --fps`): a model that
+    learnt at 30 frames a second would read a 25 fps grid as speech a fifth faster."""
+    if trained is None:
+        return
+    try:
+        rates = audio_only_fps(store, videos)
+    except DataError as e:
+        raise PredictError(str(e)) from None
+    for vid, fps in rates.items():
+        if not math.isclose(fps, trained, rel_tol=1e-9):
+            raise PredictError(
+                f"{store}: video {vid} is an audio-only file on a {fps:g} fps frame grid, but {model_path} "
+                f"was trained on audio-only files at {trained:g} fps; extract it with --fps {trained:g}"
+            )
 
 
 def _hop(ckpt: dict[str, Any]) -> tuple[int, int]:
@@ -438,7 +467,7 @@ def predict_media(
         tell(f"skipped: {line}")
     if not jobs:
         raise PredictError("no media files found in " + ", ".join(map(str, inputs)))
-    extractor = runner.Extractor(store, stages, fps or DEFAULT_FPS)
+    extractor = runner.Extractor(store, stages, fps or DEFAULT_FPS, forceable=False)
     bad: set[str] = set()
     with runner.progress_bars(console, quiet) as bars:
         files = bars.add_task("files", total=len(jobs))

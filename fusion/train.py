@@ -2,8 +2,8 @@
 
 One plain `TrainConfig` holds every setting, checks itself, and is what the CLI's options are made
 from. A run folder gets config.json, metrics.csv, TensorBoard logs (tb/), curves.png, and two
-checkpoints written atomically: last.pt after every epoch (with optimizer, scheduler, RNG,
-early-stopping state and the metrics so far, so `resume` continues exactly) and best.pt at the
+checkpoints written atomically: last.pt after every epoch (with optimizer, scheduler, loss scaler,
+RNG, early-stopping state and the metrics so far, so `resume` continues exactly) and best.pt at the
 best validation CCC. With `seeds` > 1 each seed trains in seed-<i>/ and best.pt holds all their
 best weights: one model that predicts their mean. With `folds` = K the labelled videos are split
 into K folds by group (a speaker never in two folds), and fold k tests a model trained on the
@@ -49,6 +49,7 @@ from .model import (
     build_model,
     finite,
     load_checkpoint,
+    modalities_in_window,
     save_checkpoint,
     upgrade_state,
 )
@@ -332,9 +333,7 @@ def fit(
         optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr
     )
     shuffle = torch.Generator().manual_seed(cfg.seed)
-    scaler = torch.amp.GradScaler(
-        "cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    )
+    scaler = loss_scaler(device)
     state = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": 0, "bad_epochs": 0}
     history: list[dict[str, Any]] = []
     if ckpt is not None:
@@ -343,6 +342,8 @@ def fit(
         plateau.load_state_dict(ckpt["scheduler"])
         state = dict(ckpt["state"])
         history = [dict(r) for r in ckpt.get("history", _history(out / "metrics.csv", state["epoch"]))]
+        if ckpt.get("scaler"):  # empty when no scaler ran; absent in runs from before it was saved
+            scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         shuffle.set_state(ckpt["rng"]["shuffle"])
         if device.type == "cuda" and ckpt["rng"]["cuda"]:
@@ -396,7 +397,9 @@ def fit(
                 data_time += time.perf_counter() - t0
                 with autocast(device):
                     pred = model(batch["inputs"], batch["present"], valid)
-                loss = ccc_loss(pred, batch["labels"], batch["labelled"])
+                # a window with no input at all has nothing to learn from: its frames never count
+                has_input = modalities_in_window(batch["present"], cfg.modalities).any(1, keepdim=True)
+                loss = ccc_loss(pred, batch["labels"], batch["labelled"] & has_input)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
@@ -453,6 +456,7 @@ def fit(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": plateau.state_dict(),
+                "scaler": scaler.state_dict(),
                 "rng": {
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
@@ -491,6 +495,12 @@ def _diverged(model: RCMA, loss_sum: torch.Tensor) -> str:
     if not torch.isfinite(loss_sum):
         return "training loss"
     return "" if finite(model.state_dict()) else "weights"
+
+
+def loss_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """The fp16 loss scaler: on where autocast runs in float16 (CUDA without bfloat16), else off.
+    Its scale is part of a run's state: saved in last.pt and restored on resume."""
+    return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
 
 
 def _check_resumable(out: Path, cfg: TrainConfig) -> None:

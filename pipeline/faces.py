@@ -436,7 +436,9 @@ class FacesStage(Stage):
 
     def config(self) -> dict[str, Any]:
         self.check_resolved()
-        subject = {} if self.subject == "largest" else {"subject": self.subject}  # older hashes stay valid
+        # per video (stages.PER_VIDEO): in the shard's config, out of the store's; the default is left
+        # out, so shards made before the option have the same per-video settings
+        subject = {} if self.subject == "largest" else {"subject": self.subject}
         embedding = {
             "visual_model": self.visual_model,
             "visual_model_sha256": self.visual_model_sha256,

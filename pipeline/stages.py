@@ -30,6 +30,10 @@ STAGES = {
     "text": "pipeline.text:TextStage",
 }
 ALL = "all"
+# Settings chosen per video rather than per feature set (which face of a two-person video is the
+# subject): each shard records them in its config, but the config hash, of which a store holds one
+# per stage, leaves them out, so videos with different subjects share a store.
+PER_VIDEO = {"faces": ("subject",)}
 
 
 @dataclass
@@ -103,8 +107,19 @@ def config_hash(stage: Stage) -> str:
 
 
 def hash_config(name: str, config: dict[str, Any]) -> str:
-    text = json.dumps({"stage": name, **config}, sort_keys=True)
+    """The hash a store compares: of the config without its per-video settings."""
+    text = json.dumps({"stage": name, **shared_config(name, config)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def shared_config(name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """A stage's config without its per-video settings (PER_VIDEO): what all its shards in a store share."""
+    return {k: v for k, v in config.items() if k not in PER_VIDEO.get(name, ())}
+
+
+def video_settings(name: str, config: dict[str, Any]) -> dict[str, Any]:
+    """A stage's per-video settings in `config` (PER_VIDEO); a default is left out of a config."""
+    return {k: v for k, v in config.items() if k in PER_VIDEO.get(name, ())}
 
 
 def build_stage(name: str, options: dict[str, Any]) -> Stage:

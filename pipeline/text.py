@@ -76,15 +76,15 @@ def resolve_text_model(text_model: str | None) -> tuple[str, Path | None]:
 def frame_units(times: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Per frame, the index of the unit (word or segment) spoken at that time, or -1.
 
-    Unit k covers start_k <= t < end_k; where two overlap, the later-starting one wins.
+    Unit k covers start_k <= t < end_k; where two overlap, the later-starting one wins, and a
+    longer unit holds the frames after a shorter one nested in it has ended. `times` increase.
     """
-    if len(starts) == 0:
-        return np.full(len(times), -1, np.int64)
-    order = np.argsort(starts, kind="stable")
-    k = np.searchsorted(starts[order], times, side="right") - 1
-    unit = np.where(k >= 0, order[np.clip(k, 0, None)], -1)
-    spoken = (unit >= 0) & (times < ends[np.clip(unit, 0, None)])
-    return np.where(spoken, unit, -1)
+    unit = np.full(len(times), -1, np.int64)
+    first = np.searchsorted(times, starts, side="left")
+    stop = np.searchsorted(times, ends, side="left")
+    for k in np.argsort(starts, kind="stable"):  # each unit over the earlier-starting ones
+        unit[first[k] : stop[k]] = k
+    return unit
 
 
 class TextStage(Stage):

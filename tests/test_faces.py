@@ -513,3 +513,121 @@ def test_a_small_first_decode_batch_gives_the_same_frames_sooner():
     for part in (0, 1):  # timestamps, then pixels
         whole = [np.concatenate([batch[part] for batch in run]) for run in (plain, early)]
         np.testing.assert_array_equal(*whole)
+
+
+def extract_faces(store: Path, video: Path, *options: str) -> tuple[int, str]:
+    """`rcma extract VIDEO --stage faces --visual-model none` (crops kept), in this process, on the CPU."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    args = ["extract", str(video), "--stage", "faces", "--visual-model", "none", "--store", str(store)]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--workers", "1", "--quiet", *options])
+    return result.exit_code, result.output
+
+
+def subjects_of(store: Path) -> dict[str, str]:
+    """The subject each video's faces shard in the index records."""
+    import json
+
+    with open_store(store) as f:
+        return {
+            vid: json.loads(f[f"videos/{vid}/faces"].attrs["config"]).get("subject", "largest")
+            for vid in f["videos"]
+            if "faces" in f[f"videos/{vid}"]
+        }
+
+
+def test_two_subject_videos_share_a_store_with_others_and_train(tmp_path: Path):
+    """Aff-Wild2's workflow: a two-person video extracted once per subject (`--subject left`) into
+    the store of the other videos; --force on one video keeps the others' faces; both train."""
+    from fusion.data import load_store
+    from fusion.train import TrainConfig, train
+    from pipeline.labels import import_labels
+    from pipeline.store import stage_config, stage_counts
+
+    one = first_frames(SINGLE_FACE, tmp_path / "one.mp4", 12)
+    two = first_frames(HAMILTON, tmp_path / "two.mp4", len(HAMILTON_FIRST_SHOT))
+    store = tmp_path / "store.h5"
+    code, output = extract_faces(store, one)
+    assert code == 0, output
+    code, output = extract_faces(store, two, "--subject", "left")
+    assert code == 0, output
+    record = stage_config(store, "faces")
+    assert "subject" not in record["config"]  # the store's settings: not the subject of one video
+    assert subjects_of(store) == {"one": "largest", "two": "left"}
+
+    code, output = extract_faces(store, two, "--subject", "left", "--force")
+    assert code == 0, output
+    assert stage_config(store, "faces") == record
+    counts = stage_counts(store)["faces"]
+    assert counts.done == ["one", "two"] and counts.other_config == [], counts
+    assert subjects_of(store) == {"one": "largest", "two": "left"}
+    code, output = extract_faces(store, one)
+    assert code == 0 and "0 done, 1 already done" in output, output  # `one` kept its faces
+
+    # the other subject is a new result for this video, not a new store setting: recomputed, no --force
+    code, output = extract_faces(store, two, "--subject", "right")
+    assert code == 0 and "1 done, 0 already done" in output, output
+    assert subjects_of(store) == {"one": "largest", "two": "right"}
+    code, output = extract_faces(store, two, "--subject", "right")
+    assert code == 0 and "0 done, 1 already done" in output, output
+
+    labels = tmp_path / "labels.csv"
+    splits = tmp_path / "splits.csv"
+    labels.write_text("video_id,valence,arousal\none,0.5,0.2\ntwo,-0.3,0.4\n")
+    splits.write_text("one,train\ntwo,val\n")
+    import_labels(store, [labels], split_file=splits)
+    data = load_store(store, ["visual"], ["one", "two"], "crops")
+    assert data.stages["faces"]["config"] == record["config"]
+    assert data.present["visual"][:-1].float().mean() > 0.5
+    cfg = TrainConfig(
+        features=str(store),
+        out=str(tmp_path / "run"),
+        modalities=["visual"],
+        window=8,
+        hop=4,
+        eval_hop=4,
+        width=8,
+        batch_size=4,
+        epochs=1,
+        device="cpu",
+    )
+    assert np.isfinite(train(cfg, quiet=True)["best_ccc"])
+
+
+def test_a_store_whose_faces_hash_held_the_subject_keeps_its_videos(tmp_path: Path, monkeypatch):
+    """A store written before the subject left the config hash (by `--subject left`) takes other
+    videos: its shards are re-stamped with today's hash, their arrays untouched, none recomputed."""
+    import json
+
+    import h5py
+
+    from pipeline import runner, stages
+    from pipeline.store import shard_path, stage_config, stage_counts
+
+    two = first_frames(HAMILTON, tmp_path / "two.mp4", 8)
+    one = first_frames(SINGLE_FACE, tmp_path / "one.mp4", 8)
+    store = tmp_path / "store.h5"
+    with monkeypatch.context() as old:  # the earlier rule: every setting in the hash and the record
+        for module in (stages, runner):
+            old.setattr(module, "shared_config", lambda name, config: config)
+        assert extract_faces(store, two, "--subject", "left")[0] == 0
+    legacy = stage_config(store, "faces")
+    assert legacy["config"]["subject"] == "left"
+    shard = shard_path(store, "faces", "two")
+    with h5py.File(shard, "r") as f:
+        crops = f["crops"][:]
+        assert f.attrs["config_hash"] == legacy["config_hash"]
+
+    code, output = extract_faces(store, one)
+    assert code == 0 and "1 done" in output, output
+    record = stage_config(store, "faces")
+    assert "subject" not in record["config"] and record["config_hash"] != legacy["config_hash"]
+    with h5py.File(shard, "r") as f:
+        assert f.attrs["config_hash"] == record["config_hash"]
+        assert json.loads(f.attrs["config"])["subject"] == "left"
+        np.testing.assert_array_equal(f["crops"][:], crops)
+    assert stage_counts(store)["faces"].done == ["one", "two"]
+    code, output = extract_faces(store, two, "--subject", "left")
+    assert code == 0 and "0 done, 1 already done" in output, output

@@ -14,6 +14,7 @@ from fusion.model import (
     CROP_TRAIN,
     RCMA,
     CrossModalAttention,
+    MaskedBatchNorm,
     ModelConfig,
     RecursiveCrossModalAttention,
 )
@@ -202,3 +203,64 @@ def test_modality_dropout_hides_whole_windows_in_training_only_and_never_every_m
     everything = {m: torch.ones(2, 8, dtype=torch.bool) for m in dims}
     model.eval()
     torch.testing.assert_close(model(inputs, everything, valid), model(inputs, everything, valid))
+
+
+def test_modality_dropout_hides_only_what_a_window_has_and_spares_one_of_it():
+    """Windows with some modalities absent (no words in a silent stretch, no face): dropout never
+    leaves a window that had an input with none, and still hides what a window has often."""
+    torch.manual_seed(0)
+    dims = {"audio": 4, "visual": 5, "text": 3}
+    model = RCMA(ModelConfig(inputs=dims, window=8, width=8, modality_dropout=0.5))
+    cases = {  # which modalities each group of windows has: on every frame, or (text) on a few
+        "audio": {"audio"},
+        "audio, text": {"audio", "text"},
+        "audio, visual": {"audio", "visual"},
+        "every one": {"audio", "visual", "text"},
+        "none": set(),
+    }
+    n = 4000
+    present = {m: torch.zeros(n * len(cases), 8, dtype=torch.bool) for m in dims}
+    for i, has in enumerate(cases.values()):
+        for m in has:
+            present[m][i * n : (i + 1) * n] = True
+    present["text"][:, :5] = False  # text on the last three frames only: still a present modality
+    kept = model._drop_modalities(present)
+    before = torch.stack([present[m].any(1) for m in dims], 1)
+    after = torch.stack([kept[m].any(1) for m in dims], 1)
+    assert not (after & ~before).any()  # nothing appears
+    assert torch.equal(after.any(1), before.any(1))  # a window with an input keeps one; none stays none
+    for i, (name, has) in enumerate(cases.items()):
+        lost = (before & ~after)[i * n : (i + 1) * n].float().mean(0)
+        for j, m in enumerate(dims):
+            if m not in has:
+                continue
+            expected = {1: 0.0, 2: 0.375, 3: 0.4375}[len(has)]  # p, less the windows spared
+            assert abs(lost[j] - expected) < 0.03, (name, m, lost[j])
+
+
+def test_masked_batch_norm_with_one_real_frame_uses_the_running_statistics():
+    torch.manual_seed(0)
+    norm = MaskedBatchNorm(3).train()
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        norm.running_var.copy_(torch.tensor([4.0, 1.0, 0.25]))
+    x = torch.randn(2, 5, 3) * 3 + 1
+    keep = torch.zeros(2, 5, 1)
+    keep[1, 3] = 1  # one real frame in the whole batch
+    out = norm(x, keep)
+    expected = (x[1, 3] - norm.running_mean) / torch.sqrt(norm.running_var + 1e-5)
+    torch.testing.assert_close(out[1, 3], expected)
+    torch.testing.assert_close(norm.running_mean, torch.tensor([0.5, -1.0, 2.0]))  # left as they were
+    torch.testing.assert_close(norm.running_var, torch.tensor([4.0, 1.0, 0.25]))
+    assert (out * (1 - keep) == 0).all()
+
+    keep[0, 1] = 1  # two real frames: PyTorch's BatchNorm over exactly those frames
+    reference = torch.nn.BatchNorm1d(3).train()
+    with torch.no_grad():
+        reference.running_mean.copy_(norm.running_mean)
+        reference.running_var.copy_(norm.running_var)
+    out = norm(x, keep)
+    expected = reference(torch.stack([x[0, 1], x[1, 3]]))
+    torch.testing.assert_close(torch.stack([out[0, 1], out[1, 3]]), expected)
+    torch.testing.assert_close(norm.running_mean, reference.running_mean)
+    torch.testing.assert_close(norm.running_var, reference.running_var)

@@ -267,6 +267,10 @@ def test_frame_units():
     starts, ends = np.array([0.4, 1.0, 1.9]), np.array([1.0, 1.4, 2.6])
     np.testing.assert_array_equal(frame_units(times, starts, ends), [-1, 0, 1, -1, 2, 2])
     assert (frame_units(times, np.array([]), np.array([])) == -1).all()
+    # a longer unit holds its frames after a shorter one nested in it ends (a word in its segment)
+    np.testing.assert_array_equal(
+        frame_units(times, np.array([0.0, 0.4, 1.9]), np.array([2.6, 1.2, 2.1])), [0, 1, 1, 0, 2, 0]
+    )
 
 
 def test_default_and_missing_whisper_models(tmp_path: Path, monkeypatch):

@@ -390,3 +390,47 @@ def test_evaluate_on_per_clip_labels_shows_undefined_per_video_scores_as_a_dash(
     scores = json.loads(CliRunner().invoke(app, [*args, "--json"]).stdout)
     assert scores["videos"]["v2"]["ccc_valence"] is None and scores["videos"]["v2"]["rmse_valence"] >= 0
     assert isinstance(scores["overall"]["ccc_valence"], float)
+
+
+def test_windows_with_no_input_never_count_in_the_loss(tmp_path):
+    """A training video on which no modality is ever present trains exactly as if it had no labels."""
+    runs = {}
+    for name, labelled in (("labelled", True), ("unlabelled", False)):
+        store = write_av_store(tmp_path / f"{name}.h5", [40, 40, 40, 40])
+        n = 48
+        blank = {"present": np.zeros(n, bool), "embedding": np.zeros((n, 4), np.float16)}
+        blank_faces = {"present": np.zeros(n, bool), "embedding": np.zeros((n, 6), np.float16)}
+        y = np.linspace(-0.9, 0.9, n)
+        add_video(
+            store, "blank", n, {"audio": blank, "faces": blank_faces}, (y, -y), "train", np.full(n, labelled)
+        )
+        rebuild_index(store)
+        out = tmp_path / name
+        train(config(store, out, modalities=["audio", "visual"], epochs=2), quiet=True)
+        runs[name] = load_checkpoint(out / "last.pt")
+    for key, value in runs["labelled"]["model"].items():
+        assert torch.equal(value, runs["unlabelled"]["model"][key]), key
+
+
+def test_the_loss_scaler_is_saved_and_restored_on_resume(tmp_path, monkeypatch):
+    """The fp16 loss scaler runs on CUDA only; here a CPU scaler that doubles its scale every step
+    stands in for it, so that a resume that started a fresh scaler would end on another scale."""
+    import fusion.train as ft
+
+    monkeypatch.setattr(
+        ft, "loss_scaler", lambda device: torch.amp.GradScaler("cpu", init_scale=2.0, growth_interval=1)
+    )
+    store = write_av_store(tmp_path / "s.h5", [40, 40, 40, 40])
+    train(config(store, tmp_path / "whole", modalities=["audio"], epochs=3), quiet=True)
+    train(config(store, tmp_path / "split", modalities=["audio"], epochs=1), quiet=True)
+    first = load_checkpoint(tmp_path / "split" / "last.pt")
+    steps = first["state"]["step"]
+    assert first["scaler"]["scale"] == 2.0 * 2**steps  # every step grew it: it was saved after them
+    train(config(store, tmp_path / "split", modalities=["audio"], epochs=3), resume=True, quiet=True)
+    whole = load_checkpoint(tmp_path / "whole" / "last.pt")
+    split = load_checkpoint(tmp_path / "split" / "last.pt")
+    assert (
+        split["scaler"] == whole["scaler"] and whole["scaler"]["scale"] == 2.0 * 2 ** whole["state"]["step"]
+    )
+    for key, value in whole["model"].items():
+        assert torch.equal(value, split["model"][key]), key

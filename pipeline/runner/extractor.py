@@ -28,8 +28,8 @@ from pipeline.media import (
     read_audio,
     shared_grid,
 )
-from pipeline.runner.jobs import FatalError, Job, Outcome, Progress, _one_line, check_fps
-from pipeline.stages import Extra, Rows, Stage, config_hash, library_versions
+from pipeline.runner.jobs import ANOTHER_STORE, FatalError, Job, Outcome, Progress, _one_line, check_fps
+from pipeline.stages import Extra, Rows, Stage, config_hash, library_versions, video_settings
 from pipeline.store import (
     GRID,
     ShardWriter,
@@ -56,12 +56,22 @@ RUNNER_LIBRARIES = library_versions("rcma", "torch", "numpy", "av", "h5py")
 class Extractor:
     """Runs the given stages over jobs in this process, loading each stage's models once."""
 
-    def __init__(self, store: Path, stages: list[Stage], fps: float = DEFAULT_FPS, force: bool = False):
+    def __init__(
+        self,
+        store: Path,
+        stages: list[Stage],
+        fps: float = DEFAULT_FPS,
+        force: bool = False,
+        forceable: bool = True,
+    ):
+        """`forceable`: whether the command has --force (`rcma predict` has not), so that its
+        one-line errors suggest only what the user can do."""
         check_fps(fps)
         self.store = store
         self.stages = stages
         self.fps = fps
         self.force = force
+        self.forceable = forceable
         self._loaded: set[str] = set()
         self._unloadable: dict[str, str] = {}
         self._configs: dict[str, tuple[str, dict[str, Any]]] | None = None
@@ -108,7 +118,7 @@ class Extractor:
             grid_digest = grid_hash(media.timestamps)
             attrs = read_shard_attrs(shard) if not self.force else None
             current = (
-                attrs and attrs.get("config_hash") == config_digest and attrs.get("grid_hash") == grid_digest
+                made_with(attrs, stage.name, config_digest, config) and attrs.get("grid_hash") == grid_digest
             )
             if current and not shard_problem(shard, full=True):  # a damaged shard is recomputed
                 return Outcome(job.video_id, source, stage.name, "skipped")
@@ -191,9 +201,14 @@ class Extractor:
             info = MediaInfo(**{k: attrs[k] for k in MediaInfo.__dataclass_fields__})
             return Media(job.path, job.video_id, info, timestamps), identity
         if attrs and attrs.get("source") != source and not self.force:
+            way_out = (
+                "extract both files in one run (their ids then include their folders), rename one, or use "
+                "--force"
+                if self.forceable
+                else f"rename one, or {ANOTHER_STORE}"
+            )
             raise MediaError(
-                f"video id {job.video_id!r} already holds {attrs.get('source')} in this store; extract "
-                "both files in one run (their ids then include their folders), rename one, or use --force"
+                f"video id {job.video_id!r} already holds {attrs.get('source')} in this store; {way_out}"
             )
         info = probe(job.path)
         if not info.has_video:
@@ -217,7 +232,7 @@ class Extractor:
         if self.force:
             return True
         attrs = read_shard_attrs(shard_path(self.store, stage.name, job.video_id))
-        return not attrs or attrs.get("config_hash") != self.prepare()[stage.name][0]
+        return not made_with(attrs, stage.name, *self.prepare()[stage.name])
 
     def _video_stage(self) -> Stage | None:
         """The first stage that decodes the frames: the one whose pass can also give the grid."""
@@ -289,3 +304,15 @@ class Extractor:
                 {"grid_hash": grid_hash(media.timestamps), "seconds": time.perf_counter() - started},
             )
         return warning
+
+
+def made_with(attrs: dict[str, Any] | None, stage: str, config_digest: str, config: dict[str, Any]) -> bool:
+    """Whether a shard's attrs say it was made with `config`: the store's settings (the config hash)
+    and this video's own (the subject of a two-person video), which that hash leaves out."""
+    if not attrs or attrs.get("config_hash") != config_digest:
+        return False
+    try:
+        made = json.loads(attrs.get("config") or "{}")
+    except ValueError:
+        return False
+    return isinstance(made, dict) and video_settings(stage, made) == video_settings(stage, config)

@@ -16,9 +16,18 @@ from typing import Any
 
 from pipeline.errors import one_line
 from pipeline.media import MEDIA_EXTENSIONS, NOT_MEDIA_EXTENSIONS, MediaError, probe
-from pipeline.store import StoreError, check_id, claim_stage_configs, rebuild_index
+from pipeline.stages import hash_config, shared_config
+from pipeline.store import (
+    FORCE_REMEDY,
+    StoreError,
+    check_id,
+    claim_stage_configs,
+    rebuild_index,
+    restamp_stage,
+)
 
 INDEX_EVERY_S = 2.0
+ANOTHER_STORE = "give another --store"  # the way out of a store conflict where there is no --force
 Progress = Callable[[str, int, int], None]  # (label, frames done, frames total)
 
 
@@ -151,13 +160,26 @@ def _one_line(error: BaseException) -> str:
     return one_line(error, with_type=not isinstance(error, MediaError | OSError | ValueError))
 
 
-def claim_configs(store: Path, configs: dict[str, tuple[str, dict[str, Any]]], force: bool) -> None:
+def claim_configs(
+    store: Path, configs: dict[str, tuple[str, dict[str, Any]]], force: bool, forceable: bool = True
+) -> None:
     """The store's check that each stage keeps one configuration (see `store.claim_stage_configs`),
-    as a run error."""
+    as a run error. The store records a stage's config without its per-video settings; a stage an
+    earlier rcma recorded with them (a store of `--subject left` videos) is first re-stamped to
+    today's hash (`store.restamp_stage`), so its videos keep their features."""
     try:
-        claim_stage_configs(store, configs, force)
+        for name in configs:
+            restamp_stage(
+                store,
+                name,
+                lambda config, name=name: (hash_config(name, config), shared_config(name, config)),
+            )
+        shared = {name: (digest, shared_config(name, config)) for name, (digest, config) in configs.items()}
+        claim_stage_configs(store, shared, force, FORCE_REMEDY if forceable else ANOTHER_STORE)
     except StoreError as e:
         raise FatalError(str(e)) from None
+    except OSError as e:  # a shard that cannot be re-stamped (a full disk)
+        raise FatalError(f"{store}: {_one_line(e)}") from None
 
 
 class IndexRefresher:

@@ -88,7 +88,7 @@ def run_local(
     on_job_done: Callable[[Job, list[Outcome]], None] | None = None,
 ) -> list[Outcome]:
     outcomes: list[Outcome] = []
-    claim_configs(extractor.store, extractor.prepare(), extractor.force)
+    claim_configs(extractor.store, extractor.prepare(), extractor.force, extractor.forceable)
     index = IndexRefresher(extractor.store)
     try:
         for job in jobs:

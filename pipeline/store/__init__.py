@@ -26,9 +26,11 @@ docs/reliability.md.
 """
 
 from pipeline.store.configs import (
+    FORCE_REMEDY,
     claim_stage_configs,
     config_difference,
     config_summary,
+    restamp_stage,
     stage_config,
     stage_config_path,
 )
@@ -87,7 +89,9 @@ __all__ = [
     "check_id",
     "check_output_folder",
     "check_store_path",
+    "FORCE_REMEDY",
     "claim_stage_configs",
+    "restamp_stage",
     "clean_store_temps",
     "clear_failure",
     "config_difference",

@@ -7,9 +7,13 @@ another unless forced; the index links only shards of the recorded configuration
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import h5py
 
 from pipeline.files import atomic_file
 from pipeline.store.locks import _locked
@@ -30,9 +34,14 @@ def stage_config(store: Path, stage: str) -> dict[str, Any] | None:
         return None
 
 
-def claim_stage_configs(store: Path, configs: dict[str, tuple[str, dict[str, Any]]], force: bool) -> None:
+FORCE_REMEDY = "use --force to recompute them with these settings, or another --store"
+
+
+def claim_stage_configs(
+    store: Path, configs: dict[str, tuple[str, dict[str, Any]]], force: bool, remedy: str = FORCE_REMEDY
+) -> None:
     """Records each stage's (config hash, config) as the store's, refusing, unless `force`, a stage
-    the store holds with another config: one line naming the differing settings and the ways out.
+    the store holds with another config: one line naming the differing settings and `remedy`.
 
     A store made before configs were recorded is read once: its shards' most common config is
     taken as the store's. With `force`, the new config replaces the old, and the old config's
@@ -46,17 +55,59 @@ def claim_stage_configs(store: Path, configs: dict[str, tuple[str, dict[str, Any
             if held and held["config_hash"] != config_digest and not force:
                 raise StoreError(
                     f"{store}: its {stage} features were made with other settings "
-                    f"({config_difference(held.get('config', {}), config)}); use --force to recompute "
-                    f"them with these settings, or another --store"
+                    f"({config_difference(held.get('config', {}), config)}); {remedy}"
                 )
         for stage, (config_digest, config) in configs.items():
-            if (stage_config(store, stage) or {}).get("config_hash") == config_digest:
+            if (stage_config(store, stage) or {}).get("config_hash") != config_digest:
+                _write_stage_config(store, stage, config_digest, config)
+
+
+def _write_stage_config(store: Path, stage: str, config_digest: str, config: dict[str, Any]) -> None:
+    path = stage_config_path(store, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"stage": stage, "config_hash": config_digest, "config": config}
+    with atomic_file(path, shard_root(store)) as tmp:
+        tmp.write_text(json.dumps(record, sort_keys=True, indent=1) + "\n")
+
+
+def restamp_stage(
+    store: Path, stage: str, rehash: Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]
+) -> int:
+    """Brings a stage hashed by an earlier rule up to date; returns how many shards it re-stamped.
+
+    `rehash` gives a config's (hash, the store's config) by today's rule. When it gives the
+    stage's recorded config another hash than the record's (a store written before per-video
+    settings left the hash), each shard whose own config it gives that hash is written again with
+    the new hash in its attrs (copied to a temporary name, then renamed: its arrays untouched, no
+    feature recomputed), and the record takes the new hash. A store already up to date costs one
+    read of its record.
+    """
+    root = shard_root(store)
+    held = stage_config(store, stage)
+    if held is None or rehash(held.get("config", {}))[0] == held["config_hash"]:
+        return 0
+    with _locked(root / ".index.lock"):
+        held = stage_config(store, stage) or {}
+        config_digest, config = rehash(held.get("config", {}))
+        if config_digest == held.get("config_hash"):
+            return 0  # another process did it first
+        count = 0
+        for _, path in _ids_under(root / stage, ".h5"):
+            attrs = {} if path.is_symlink() else read_shard_attrs(path) or {}
+            try:
+                made = json.loads(attrs.get("config") or "null")
+            except ValueError:
                 continue
-            path = stage_config_path(store, stage)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            record = {"stage": stage, "config_hash": config_digest, "config": config}
-            with atomic_file(path, root) as tmp:
-                tmp.write_text(json.dumps(record, sort_keys=True, indent=1) + "\n")
+            if attrs.get("config_hash") == config_digest or not isinstance(made, dict):
+                continue
+            if rehash(made)[0] == config_digest:
+                with atomic_file(path, root) as tmp:
+                    shutil.copyfile(path, tmp)
+                    with h5py.File(tmp, "r+") as f:
+                        f.attrs["config_hash"] = config_digest
+                count += 1
+        _write_stage_config(store, stage, config_digest, config)
+    return count
 
 
 def _config_of_shards(store: Path, stage: str, wanted: str) -> dict[str, Any] | None:
