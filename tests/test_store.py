@@ -388,6 +388,7 @@ def test_weights_swapped_behind_a_path_or_variable_are_a_config_change(tmp_path,
     folder = tmp_path / "my-text-model"
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"a")
+    (folder / "modules.json").write_text("[]")  # what makes a folder a sentence-transformers model
     monkeypatch.setenv(TEXT_MODEL_ENV, str(folder))
     before = resolved(TextStage(device="cpu")).config()
     (folder / "model.safetensors").write_bytes(b"b")
