@@ -223,7 +223,7 @@ def test_a_worker_killed_mid_run_loses_nothing(clips, one_worker, cluster, tmp_p
     for line in status.stdout.splitlines():
         if line.startswith("│ ") and line.split("│")[1].strip() in ("faces", "audio", "text"):
             cells = [c.strip() for c in line.split("│")[2:-1]]
-            assert cells == ["8", "0", "0", "0", "0"], line
+            assert cells == ["8", "0", "0", "0", "0", "0"], line
     assert_same_arrays(one_worker, arrays(store))
     assert [p.name for p in shard_root(store).rglob(".*.tmp")] == []
 
