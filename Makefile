@@ -21,20 +21,24 @@ $(STAMP): requirements.lock pyproject.toml
 DEMO := demo-out
 DEMO_STORE := $(DEMO)/store.h5
 
-# Extract faces, audio and text from the bundled clips (offline: crops, no face embedder), train
-# audio+text RCMA and the audio-only baseline (each the mean of 3 seeds) on the 47 labelled speech
-# clips, score both, predict every file of the store, then run the one-command path on raw videos and audio that were not
-# trained on: `rcma predict FILES --model ... --store ...` extracts what the checkpoint needs (here
-# already in the demo store, so it is reused) and writes CSVs, plots and report.html.
+# Extract faces (fer: offline, expression-trained), audio and text from the bundled clips; import
+# the labels of the 47 speech clips and of CREMA-D's six acted faces (intended emotion as valence and
+# arousal); train RCMA on every modality the store has (audio, visual, text; presence flags cover
+# the speech clips' missing faces) and the audio-only baseline (each the mean of 3 seeds); score
+# both, predict every file of the store, then run the one-command path on raw videos and audio that
+# were not trained on: `rcma predict FILES --model ... --store ...` extracts what the checkpoint
+# needs (here already in the demo store, so it is reused) and writes CSVs, plots and report.html.
 demo: setup
 	rm -rf $(DEMO)  # a fresh store: one made by an older rcma may hold other stage settings
 	mkdir -p $(DEMO)
 	$(BIN)/rcma extract data/crema-d/mp4 data/pexels data/hamilton data/jfk data/speech-va \
-	  --stage all --visual-model none --store $(DEMO_STORE)
+	  --stage all --store $(DEMO_STORE)
 	$(BIN)/rcma labels import data/speech-va/labels_va.csv --store $(DEMO_STORE) \
 	  --split-file data/speech-va/demo_splits.csv
+	$(BIN)/rcma labels import data/crema-d/labels_va.csv --store $(DEMO_STORE) \
+	  --split-file data/crema-d/demo_splits.csv
 	rm -rf $(DEMO)/run
-	$(BIN)/rcma train --features $(DEMO_STORE) --out $(DEMO)/run --modalities audio,text \
+	$(BIN)/rcma train --features $(DEMO_STORE) --out $(DEMO)/run \
 	  --window 64 --hop 32 --width 32 --epochs 25 --patience 8 --seeds 3
 	$(BIN)/rcma evaluate --model $(DEMO)/run/best.pt --features $(DEMO_STORE) --split val
 	rm -rf $(DEMO)/audio-only

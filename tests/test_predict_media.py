@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import CREMA_MP4, HAMILTON, SINGLE_FACE
+from conftest import CREMA_MP4, DATA, HAMILTON, SINGLE_FACE
 from typer.testing import CliRunner
 
 from cli import app
@@ -37,9 +37,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("RCMA_TEST_ARTIFACTS", REPO / "test-artifacts"))
-ACTED = {"ANG": (-0.6, 0.7), "DIS": (-0.6, 0.3), "FEA": (-0.5, 0.6), "HAP": (0.7, 0.5), "NEU": (0.0, -0.2)}
-ACTED["SAD"] = (-0.6, -0.4)
-VALIDATION = ("FEA", "NEU")
 MODALITIES = ["audio", "visual", "text"]
 STAGE = {"audio": "audio", "visual": "faces", "text": "text"}
 
@@ -54,17 +51,8 @@ def model(tmp_path_factory) -> Path:
     jobs, _ = runner.discover(CREMA_MP4)
     outcomes = runner.run_local(jobs, extractor)
     assert all(o.status == "done" for o in outcomes), [o.error for o in outcomes if o.error]
-    labels, splits = folder / "labels.csv", folder / "splits.csv"
-    labels.write_text(
-        "video_id,valence,arousal\n"
-        + "".join(
-            f"{p.stem},{ACTED[p.stem.split('_')[2]][0]},{ACTED[p.stem.split('_')[2]][1]}\n" for p in CREMA_MP4
-        )
-    )
-    splits.write_text(
-        "".join(f"{p.stem},{'val' if p.stem.split('_')[2] in VALIDATION else 'train'}\n" for p in CREMA_MP4)
-    )
-    import_labels(store, [labels], split_file=splits)
+    crema = DATA / "crema-d"  # the intended emotions as valence/arousal, as `make demo` imports them
+    import_labels(store, [crema / "labels_va.csv"], split_file=crema / "demo_splits.csv")
     cfg = TrainConfig(
         features=str(store),
         out=str(folder / "run"),
