@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from fusion.data import DataError, load_store, select_videos
+from pipeline.files import temp_name
 from pipeline.store import (
     GRID,
     ShardWriter,
@@ -321,8 +322,8 @@ def test_out_at_a_file_or_in_the_shard_folder_is_one_line_and_stray_folders_are_
 def test_temporary_files_of_killed_writers_are_removed_but_never_a_live_one(tmp_path):
     store = small_store(tmp_path / "store.h5")
     root = shard_root(store)
-    stale_index = tmp_path / ".store.h5.0123abcd.tmp"  # as a kill during an index rebuild leaves it
-    stale_shard = root / "audio" / ".a.h5.0123abcd.tmp"
+    stale_index = temp_name(store)  # as a kill during an index rebuild leaves it
+    stale_shard = temp_name(root / "audio" / "a.h5")
     for path in (stale_index, stale_shard):
         path.write_bytes(b"partial")
     live = ShardWriter(shard_path(store, "audio", "c"), 3, {"video_id": "c"}, root)  # an extract
@@ -335,10 +336,29 @@ def test_temporary_files_of_killed_writers_are_removed_but_never_a_live_one(tmp_
     result = CliRunner().invoke(app, ["index", "--store", str(store)])
     assert result.exit_code == 0 and "left alone" not in result.output
     assert not stale_index.exists() and not stale_shard.exists()
-    stale_pack = tmp_path / ".packed.h5.0123abcd.tmp"  # a 1 GB leftover of a killed pack
+    stale_pack = temp_name(tmp_path / "packed.h5")  # a 1 GB leftover of a killed pack
     stale_pack.write_bytes(b"partial")
     pack_store(store, tmp_path / "packed.h5")
     assert not stale_pack.exists() and (tmp_path / "packed.h5").exists()
+
+
+def test_the_temp_cleaner_removes_only_names_the_writers_make(tmp_path):
+    store = small_store(tmp_path / "store.h5")
+    root = shard_root(store)
+    stale = [temp_name(store), temp_name(root / "audio" / "a.h5"), temp_name(tmp_path / "packed.h5")]
+    users = [
+        tmp_path / ".store.h5.notes.tmp",
+        tmp_path / ".store.h5.0123abcd.tmp",
+        root / "audio" / ".my draft.tmp",
+        tmp_path / ".packed.h5.backup.tmp",
+        tmp_path / f".other.h5.{'0' * 32}.tmp",  # another file's temp: not this store's
+    ]
+    for path in stale + users:
+        path.write_bytes(b"mine")
+    assert CliRunner().invoke(app, ["index", "--store", str(store)]).exit_code == 0
+    pack_store(store, tmp_path / "packed.h5")
+    assert [path.exists() for path in stale] == [False, False, False]
+    assert all(path.read_bytes() == b"mine" for path in users)
 
 
 def test_a_link_inside_a_shard_is_not_copied_by_pack(tmp_path):
