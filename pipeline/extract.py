@@ -59,6 +59,10 @@ def extract(settings: ExtractSettings, console: Any) -> bool:
     except (StoreError, ValueError) as e:
         raise FatalError(str(e)) from None
     jobs, report = runner.discover(settings.paths)
+    if report.missing:  # a typo'd path is caught before an hour of extracting the others
+        raise FatalError(
+            f"{', '.join(map(str, report.missing))}: {runner.NO_SUCH_PATH}; nothing was extracted"
+        )
     for path, problem in report.bad_paths:
         _say(console, f"[red]error:[/red] {path}: {problem}")
     for path, problem in report.not_media:

@@ -75,6 +75,17 @@ def test_store_in_a_missing_folder_and_missing_input_are_one_line_errors(tmp_pat
     assert "nope.mp4: no such file or folder" in result.output
 
 
+def test_a_wrong_path_among_good_ones_stops_the_run_before_anything_is_extracted(tmp_path):
+    store = tmp_path / "s.h5"
+    missing = tmp_path / "typo.mp4"
+    args = ["extract", str(SINGLE_FACE), str(missing), "--store", str(store), "--workers", "1", *FACES]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and f"{missing}: no such file or folder" in lines[0], result.output
+    assert not store.exists() and not list(tmp_path.rglob("*.h5")), "nothing may run"
+
+
 def test_unknown_stage_is_a_clear_error(store):
     result = CliRunner().invoke(app, ["extract", str(SINGLE_FACE), "--store", str(store), "--stage", "pose"])
     assert result.exit_code == 2 and "unknown stage 'pose'" in result.output

@@ -12,7 +12,17 @@ One module a concern:
 
 from pipeline.runner.cluster import connect, gpu_count, run_dask, run_local_cluster
 from pipeline.runner.extractor import MODEL_LOCK, Extractor
-from pipeline.runner.jobs import FatalError, Job, Outcome, Progress, Report, check_fps, discover, shard_of
+from pipeline.runner.jobs import (
+    NO_SUCH_PATH,
+    FatalError,
+    Job,
+    Outcome,
+    Progress,
+    Report,
+    check_fps,
+    discover,
+    shard_of,
+)
 from pipeline.runner.run import auto_workers, extract, progress_bars, resolve_workers, run_local
 from pipeline.runner.worker import WorkerSetup, local_cluster
 from pipeline.stages import build_stage
@@ -20,6 +30,7 @@ from pipeline.store.scan import cpu_count
 
 __all__ = [
     "MODEL_LOCK",
+    "NO_SUCH_PATH",
     "Extractor",
     "FatalError",
     "Job",

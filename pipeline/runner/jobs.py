@@ -19,6 +19,7 @@ from pipeline.media import MEDIA_EXTENSIONS, NOT_MEDIA_EXTENSIONS, MediaError, p
 from pipeline.store import StoreError, check_id, claim_stage_configs, rebuild_index
 
 INDEX_EVERY_S = 2.0
+NO_SUCH_PATH = "no such file or folder"
 Progress = Callable[[str, int, int], None]  # (label, frames done, frames total)
 
 
@@ -49,6 +50,11 @@ class Report:
     @property
     def failed(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.status == "failed"]
+
+    @property
+    def missing(self) -> list[Path]:
+        """Inputs that do not exist (a typo'd path): extract refuses the run before any job."""
+        return [path for path, problem in self.bad_paths if problem == NO_SUCH_PATH]
 
     @property
     def ok(self) -> bool:
@@ -92,7 +98,7 @@ def discover(inputs: Iterable[Path]) -> tuple[list[Job], Report]:
         elif given.exists() or given.is_symlink():
             found.append((given, None))
         else:
-            report.bad_paths.append((given, "no such file or folder"))
+            report.bad_paths.append((given, NO_SUCH_PATH))
     unique: dict[Path, tuple[Path, Path | None]] = {}
     for path, root in found:
         unique.setdefault(path.absolute(), (path, root))  # the same file named twice runs once
