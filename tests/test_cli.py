@@ -107,6 +107,46 @@ def test_a_bad_asr_or_text_model_is_one_line_before_any_job(option, value, tmp_p
     assert not store.exists() and not shard_root(store).exists()  # no job ran: no grid, no shard
 
 
+def _config_refused(result) -> bool:
+    return result.exit_code == 2 and "made with other settings" in result.output
+
+
+@pytest.mark.parametrize("failure", ["vggface2 download", "every file fails"])
+def test_a_run_that_fails_before_a_shard_claims_no_settings(failure, tmp_path, monkeypatch):
+    """A missing vggface2 download, a run whose every file fails: the rerun with other settings is
+    accepted, and a stage's settings are the store's once a shard of them exists."""
+    monkeypatch.setenv("RCMA_CACHE", str(tmp_path / "cache"))  # no vggface2 weights, none to download
+    monkeypatch.delenv("RCMA_VGGFACE2_WEIGHTS", raising=False)
+    store = tmp_path / "s.h5"
+    run = ["extract", "--store", str(store), "--stage", "faces", "--workers", "1", "--quiet"]
+    if failure == "vggface2 download":
+        first = CliRunner().invoke(app, [*run, str(SINGLE_FACE), "--visual-model", "vggface2"])
+        assert first.exit_code == 2 and "vggface2" in first.output, first.output
+    else:
+        empty = tmp_path / "empty.mp4"
+        empty.write_bytes(b"")
+        first = CliRunner().invoke(app, [*run, str(empty), "--visual-model", "none"])  # crops=True
+        assert first.exit_code == 1 and "failed" in first.output, first.output
+    rerun = CliRunner().invoke(app, [*run, str(SINGLE_FACE), "--visual-model", "none", "--no-crops"])
+    assert rerun.exit_code == 0, rerun.output
+    assert json.loads((shard_root(store) / "faces" / "config.json").read_text())["config"]["crops"] is False
+    refused = CliRunner().invoke(app, [*run, str(SINGLE_FACE), "--visual-model", "none"])
+    assert _config_refused(refused) and "crops: False in the store, True now" in refused.output
+
+
+def test_a_missing_asr_model_claims_no_text_settings(tmp_path, monkeypatch):
+    monkeypatch.delenv("RCMA_ASR_MODEL", raising=False)
+    monkeypatch.delenv("RCMA_TEXT_MODEL", raising=False)
+    store = tmp_path / "s.h5"
+    run = ["extract", str(JFK), "--store", str(store), "--stage", "text", "--device", "cpu", "--workers", "1"]
+    missing = CliRunner().invoke(app, [*run, "--quiet", "--asr-model", "/nonexistent"])
+    assert missing.exit_code == 2 and "/nonexistent" in missing.output, missing.output
+    rerun = CliRunner().invoke(app, [*run, "--quiet"])
+    assert rerun.exit_code == 0, rerun.output
+    with open_store(store) as f:
+        assert f[f"videos/{JFK.stem}/text"].attrs["asr_model"] == "tiny.en"
+
+
 @pytest.mark.slow
 def test_kill_9_loses_no_finished_video_and_the_rerun_completes_identically(tmp_path):
     videos = tmp_path / "videos"

@@ -3,7 +3,7 @@ and writes shards.
 
 One module a concern:
     jobs.py        discovery (files -> jobs with unique ids), outcomes, run errors, `--shard i/N`,
-                   the configs claim and the index refreshes every run does around its jobs
+                   the configs check and the index refreshes every run does around its jobs
     extractor.py   the Extractor: one video's stages, in turn, into its shards
     run.py         where jobs run: `extract` chooses; `run_local` runs them in this process
     cluster.py     on Dask: a LocalCluster started here, or an existing scheduler (`connect`)

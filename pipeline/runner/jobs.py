@@ -1,5 +1,5 @@
 """Jobs: the media files to extract and their video ids, what a job came to, and what every run
-does around its jobs (claims the stages' configs, refreshes the index as jobs finish).
+does around its jobs (checks the stages' configs, refreshes the index as jobs finish).
 
 A job is one input file; it runs every requested stage of that file in turn (extractor.py).
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.errors import one_line
 from pipeline.media import MEDIA_EXTENSIONS, NOT_MEDIA_EXTENSIONS, MediaError, probe
-from pipeline.store import StoreError, check_id, claim_stage_configs, rebuild_index
+from pipeline.store import StoreError, check_id, check_stage_configs, rebuild_index
 
 INDEX_EVERY_S = 2.0
 NO_SUCH_PATH = "no such file or folder"
@@ -157,11 +157,11 @@ def _one_line(error: BaseException) -> str:
     return one_line(error, with_type=not isinstance(error, MediaError | OSError | ValueError))
 
 
-def claim_configs(store: Path, configs: dict[str, tuple[str, dict[str, Any]]], force: bool) -> None:
-    """The store's check that each stage keeps one configuration (see `store.claim_stage_configs`),
-    as a run error."""
+def check_configs(store: Path, configs: dict[str, tuple[str, dict[str, Any]]], force: bool) -> None:
+    """The store's check that each stage keeps one configuration (see `store.check_stage_configs`),
+    as a run error. Nothing is claimed here: a stage's first shard claims its config."""
     try:
-        claim_stage_configs(store, configs, force)
+        check_stage_configs(store, configs, force)
     except StoreError as e:
         raise FatalError(str(e)) from None
 

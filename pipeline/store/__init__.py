@@ -26,7 +26,8 @@ docs/reliability.md.
 """
 
 from pipeline.store.configs import (
-    claim_stage_configs,
+    check_stage_configs,
+    claim_stage_config,
     config_difference,
     config_summary,
     stage_config,
@@ -87,7 +88,8 @@ __all__ = [
     "check_id",
     "check_output_folder",
     "check_store_path",
-    "claim_stage_configs",
+    "check_stage_configs",
+    "claim_stage_config",
     "clean_store_temps",
     "clear_failure",
     "config_difference",
