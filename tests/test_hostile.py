@@ -80,6 +80,43 @@ def test_an_existing_file_that_is_not_a_store_is_never_replaced(tmp_path, kind):
     assert not shard_root(victim).exists()
 
 
+@pytest.mark.parametrize("damage", ["header", "group", "foreign"])
+def test_a_damaged_or_replaced_index_is_one_line_in_every_command_and_rcma_index_repairs_it(tmp_path, damage):
+    """Random bytes over the index's header or over a group's metadata, or another HDF5 file in
+    its place: show, train, pack and predict --features each say in one line that `rcma index`
+    repairs it (they gave 67-115-line tracebacks), and `rcma index` does, keeping a foreign file."""
+    store = small_store(tmp_path / "store.h5")
+    runner = CliRunner()
+    small = ["--window", "8", "--hop", "4", "--width", "8", "--epochs", "1", "--device", "cpu", "-q"]
+    train = ["train", "--features", str(store), "--modalities", "audio", *small]
+    assert runner.invoke(app, [*train, "--out", str(tmp_path / "model")]).exit_code == 0
+    with h5py.File(store, "r") as f:
+        at = 0 if damage == "header" else h5py.h5o.get_info(f["videos"].id).addr
+    if damage == "foreign":
+        store.unlink()
+        with h5py.File(store, "w") as f:
+            f["data"] = np.arange(3)
+    else:
+        with open(store, "r+b") as f:
+            f.seek(at)
+            f.write(np.random.default_rng(0).integers(0, 256, 64, dtype=np.uint8).tobytes())
+    model = str(tmp_path / "model" / "best.pt")
+    for args in (
+        ["show", "--store", str(store)],
+        [*train, "--out", str(tmp_path / "run")],
+        ["pack", "--store", str(store), "--out", str(tmp_path / "packed.h5")],
+        ["predict", "--model", model, "--features", str(store), "--out", str(tmp_path / "predictions")],
+    ):
+        one_line_error(runner.invoke(app, args), str(store), f"rcma index --store {store}")
+    before = store.read_bytes()
+    result = runner.invoke(app, ["index", "--store", str(store)])
+    assert result.exit_code == 0 and "2 videos indexed" in result.output, result.output
+    with open_store(store) as f:
+        assert video_ids(f) == ["a", "b"]
+    if damage == "foreign":  # the file found in the index's place is kept
+        assert (tmp_path / "store.h5.not-an-index").read_bytes() == before
+
+
 def test_a_packed_store_may_be_packed_over_but_an_index_is_not_a_pack(tmp_path):
     store = small_store(tmp_path / "store.h5")
     out = tmp_path / "packed.h5"
