@@ -45,7 +45,7 @@ from pipeline.store import (  # noqa: E402
     GRID,
     INDEX_RECORD,
     INDEX_STAMP,
-    claim_stage_configs,
+    check_stage_configs,
     grid_hash,
     open_store,
     rebuild_index,
@@ -98,7 +98,7 @@ def build(store: Path, n: int) -> None:
         source = shard_path(template, kind, "v")
         for i in range(n):
             shutil.copyfile(source, folder / f"video{i:06d}.h5")
-    claim_stage_configs(store, configs, force=False)
+    check_stage_configs(store, configs, force=False)
 
 
 def timed(action) -> float:

@@ -11,7 +11,14 @@ from typing import Any
 from pipeline import runner
 from pipeline.runner import FatalError, Job, Outcome
 from pipeline.stages import expand
-from pipeline.store import StoreError, check_store_path, clean_store_temps, rebuild_index, shard_root
+from pipeline.store import (
+    StoreError,
+    check_store_path,
+    clean_store_temps,
+    rebuild_index,
+    set_aside_foreign_index,
+    shard_root,
+)
 
 
 @dataclass
@@ -59,6 +66,10 @@ def extract(settings: ExtractSettings, console: Any) -> bool:
     except (StoreError, ValueError) as e:
         raise FatalError(str(e)) from None
     jobs, report = runner.discover(settings.paths)
+    if report.missing:  # a typo'd path is caught before an hour of extracting the others
+        raise FatalError(
+            f"{', '.join(map(str, report.missing))}: {runner.NO_SUCH_PATH}; nothing was extracted"
+        )
     for path, problem in report.bad_paths:
         _say(console, f"[red]error:[/red] {path}: {problem}")
     for path, problem in report.not_media:
@@ -117,7 +128,12 @@ def _say(console: Any, line: str) -> None:
 
 def reindex(store: Path, console: Any) -> None:
     """Rebuilds the index from the shards after a crash (or a damaged index), first removing the
-    temporary files of killed writers, never those of a running extract. StoreError or OSError."""
+    temporary files of killed writers, never those of a running extract. A file put in the index's
+    place (not an rcma index) beside the shard folder is kept under another name. StoreError or
+    OSError."""
+    aside = set_aside_foreign_index(store)
+    if aside:
+        console.print(f"{store}: not an rcma index; kept as {aside.name}", highlight=False)
     check_store_path(store)
     if not shard_root(store).is_dir():
         raise StoreError(f"{store}: no {shard_root(store).name}/ folder of shards to index")

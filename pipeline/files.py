@@ -3,7 +3,8 @@ folder, and a file's SHA-256.
 
 `atomic_file` is the one way rcma writes a file (a temporary name beside it, synced, then
 renamed), so a killed process leaves a whole file or none; `remove_stale_temps` removes what
-killed writers left, never a live writer's file.
+killed writers left, never a live writer's file. `temp_name` and `temps_in` are the one place the
+temporary names are made and recognised, so a cleaner removes only those, never a user's file.
 """
 
 from __future__ import annotations
@@ -12,11 +13,27 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 CACHE_ENV = "RCMA_CACHE"
+_TEMP = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{32}\.tmp")  # what temp_name makes, and nothing else
+
+
+def temp_name(path: Path) -> Path:
+    """The temporary name `atomic_file` writes `path` under: `.<name>.<32 hex digits>.tmp`."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+
+
+def temps_in(folder: Path, of: str | None = None, recursive: bool = False) -> Iterator[Path]:
+    """The temporary files of `atomic_file` in `folder` (and below, if `recursive`), of the file
+    named `of` only when given; any other name (a user's `.store.h5.notes.tmp`) is not one."""
+    for path in folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"):
+        match = _TEMP.fullmatch(path.name)
+        if match and (of is None or match["name"] == of):
+            yield path
 
 
 def cache_dir() -> Path:
@@ -39,7 +56,7 @@ def atomic_file(path: Path, guard: Path | None = None) -> Iterator[Path]:
     `remove_stale_temps`. While writing, a shared lock is held on the folder `guard` (default:
     the file's own folder), so a cleaner that takes the exclusive lock knows no writer is live.
     """
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = temp_name(path)
     with _folder_lock(guard or path.parent, fcntl.LOCK_SH):
         try:
             yield tmp

@@ -75,6 +75,17 @@ def test_store_in_a_missing_folder_and_missing_input_are_one_line_errors(tmp_pat
     assert "nope.mp4: no such file or folder" in result.output
 
 
+def test_a_wrong_path_among_good_ones_stops_the_run_before_anything_is_extracted(tmp_path):
+    store = tmp_path / "s.h5"
+    missing = tmp_path / "typo.mp4"
+    args = ["extract", str(SINGLE_FACE), str(missing), "--store", str(store), "--workers", "1", *FACES]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and f"{missing}: no such file or folder" in lines[0], result.output
+    assert not store.exists() and not list(tmp_path.rglob("*.h5")), "nothing may run"
+
+
 def test_unknown_stage_is_a_clear_error(store):
     result = CliRunner().invoke(app, ["extract", str(SINGLE_FACE), "--store", str(store), "--stage", "pose"])
     assert result.exit_code == 2 and "unknown stage 'pose'" in result.output
@@ -94,6 +105,46 @@ def test_a_bad_asr_or_text_model_is_one_line_before_any_job(option, value, tmp_p
     assert result.output.startswith("error: text: ") and len(result.output.strip().splitlines()) == 1
     assert option in result.output and value in result.output
     assert not store.exists() and not shard_root(store).exists()  # no job ran: no grid, no shard
+
+
+def _config_refused(result) -> bool:
+    return result.exit_code == 2 and "made with other settings" in result.output
+
+
+@pytest.mark.parametrize("failure", ["vggface2 download", "every file fails"])
+def test_a_run_that_fails_before_a_shard_claims_no_settings(failure, tmp_path, monkeypatch):
+    """A missing vggface2 download, a run whose every file fails: the rerun with other settings is
+    accepted, and a stage's settings are the store's once a shard of them exists."""
+    monkeypatch.setenv("RCMA_CACHE", str(tmp_path / "cache"))  # no vggface2 weights, none to download
+    monkeypatch.delenv("RCMA_VGGFACE2_WEIGHTS", raising=False)
+    store = tmp_path / "s.h5"
+    run = ["extract", "--store", str(store), "--stage", "faces", "--workers", "1", "--quiet"]
+    if failure == "vggface2 download":
+        first = CliRunner().invoke(app, [*run, str(SINGLE_FACE), "--visual-model", "vggface2"])
+        assert first.exit_code == 2 and "vggface2" in first.output, first.output
+    else:
+        empty = tmp_path / "empty.mp4"
+        empty.write_bytes(b"")
+        first = CliRunner().invoke(app, [*run, str(empty), "--visual-model", "none"])  # crops=True
+        assert first.exit_code == 1 and "failed" in first.output, first.output
+    rerun = CliRunner().invoke(app, [*run, str(SINGLE_FACE), "--visual-model", "none", "--no-crops"])
+    assert rerun.exit_code == 0, rerun.output
+    assert json.loads((shard_root(store) / "faces" / "config.json").read_text())["config"]["crops"] is False
+    refused = CliRunner().invoke(app, [*run, str(SINGLE_FACE), "--visual-model", "none"])
+    assert _config_refused(refused) and "crops: False in the store, True now" in refused.output
+
+
+def test_a_missing_asr_model_claims_no_text_settings(tmp_path, monkeypatch):
+    monkeypatch.delenv("RCMA_ASR_MODEL", raising=False)
+    monkeypatch.delenv("RCMA_TEXT_MODEL", raising=False)
+    store = tmp_path / "s.h5"
+    run = ["extract", str(JFK), "--store", str(store), "--stage", "text", "--device", "cpu", "--workers", "1"]
+    missing = CliRunner().invoke(app, [*run, "--quiet", "--asr-model", "/nonexistent"])
+    assert missing.exit_code == 2 and "/nonexistent" in missing.output, missing.output
+    rerun = CliRunner().invoke(app, [*run, "--quiet"])
+    assert rerun.exit_code == 0, rerun.output
+    with open_store(store) as f:
+        assert f[f"videos/{JFK.stem}/text"].attrs["asr_model"] == "tiny.en"
 
 
 @pytest.mark.slow

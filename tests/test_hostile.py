@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from fusion.data import DataError, load_store, select_videos
+from pipeline.files import temp_name
 from pipeline.store import (
     GRID,
     ShardWriter,
@@ -77,6 +78,43 @@ def test_an_existing_file_that_is_not_a_store_is_never_replaced(tmp_path, kind):
         rebuild_index(victim)
     assert victim.read_bytes() == before
     assert not shard_root(victim).exists()
+
+
+@pytest.mark.parametrize("damage", ["header", "group", "foreign"])
+def test_a_damaged_or_replaced_index_is_one_line_in_every_command_and_rcma_index_repairs_it(tmp_path, damage):
+    """Random bytes over the index's header or over a group's metadata, or another HDF5 file in
+    its place: show, train, pack and predict --features each say in one line that `rcma index`
+    repairs it (they gave 67-115-line tracebacks), and `rcma index` does, keeping a foreign file."""
+    store = small_store(tmp_path / "store.h5")
+    runner = CliRunner()
+    small = ["--window", "8", "--hop", "4", "--width", "8", "--epochs", "1", "--device", "cpu", "-q"]
+    train = ["train", "--features", str(store), "--modalities", "audio", *small]
+    assert runner.invoke(app, [*train, "--out", str(tmp_path / "model")]).exit_code == 0
+    with h5py.File(store, "r") as f:
+        at = 0 if damage == "header" else h5py.h5o.get_info(f["videos"].id).addr
+    if damage == "foreign":
+        store.unlink()
+        with h5py.File(store, "w") as f:
+            f["data"] = np.arange(3)
+    else:
+        with open(store, "r+b") as f:
+            f.seek(at)
+            f.write(np.random.default_rng(0).integers(0, 256, 64, dtype=np.uint8).tobytes())
+    model = str(tmp_path / "model" / "best.pt")
+    for args in (
+        ["show", "--store", str(store)],
+        [*train, "--out", str(tmp_path / "run")],
+        ["pack", "--store", str(store), "--out", str(tmp_path / "packed.h5")],
+        ["predict", "--model", model, "--features", str(store), "--out", str(tmp_path / "predictions")],
+    ):
+        one_line_error(runner.invoke(app, args), str(store), f"rcma index --store {store}")
+    before = store.read_bytes()
+    result = runner.invoke(app, ["index", "--store", str(store)])
+    assert result.exit_code == 0 and "2 videos indexed" in result.output, result.output
+    with open_store(store) as f:
+        assert video_ids(f) == ["a", "b"]
+    if damage == "foreign":  # the file found in the index's place is kept
+        assert (tmp_path / "store.h5.not-an-index").read_bytes() == before
 
 
 def test_a_packed_store_may_be_packed_over_but_an_index_is_not_a_pack(tmp_path):
@@ -321,8 +359,8 @@ def test_out_at_a_file_or_in_the_shard_folder_is_one_line_and_stray_folders_are_
 def test_temporary_files_of_killed_writers_are_removed_but_never_a_live_one(tmp_path):
     store = small_store(tmp_path / "store.h5")
     root = shard_root(store)
-    stale_index = tmp_path / ".store.h5.0123abcd.tmp"  # as a kill during an index rebuild leaves it
-    stale_shard = root / "audio" / ".a.h5.0123abcd.tmp"
+    stale_index = temp_name(store)  # as a kill during an index rebuild leaves it
+    stale_shard = temp_name(root / "audio" / "a.h5")
     for path in (stale_index, stale_shard):
         path.write_bytes(b"partial")
     live = ShardWriter(shard_path(store, "audio", "c"), 3, {"video_id": "c"}, root)  # an extract
@@ -335,10 +373,29 @@ def test_temporary_files_of_killed_writers_are_removed_but_never_a_live_one(tmp_
     result = CliRunner().invoke(app, ["index", "--store", str(store)])
     assert result.exit_code == 0 and "left alone" not in result.output
     assert not stale_index.exists() and not stale_shard.exists()
-    stale_pack = tmp_path / ".packed.h5.0123abcd.tmp"  # a 1 GB leftover of a killed pack
+    stale_pack = temp_name(tmp_path / "packed.h5")  # a 1 GB leftover of a killed pack
     stale_pack.write_bytes(b"partial")
     pack_store(store, tmp_path / "packed.h5")
     assert not stale_pack.exists() and (tmp_path / "packed.h5").exists()
+
+
+def test_the_temp_cleaner_removes_only_names_the_writers_make(tmp_path):
+    store = small_store(tmp_path / "store.h5")
+    root = shard_root(store)
+    stale = [temp_name(store), temp_name(root / "audio" / "a.h5"), temp_name(tmp_path / "packed.h5")]
+    users = [
+        tmp_path / ".store.h5.notes.tmp",
+        tmp_path / ".store.h5.0123abcd.tmp",
+        root / "audio" / ".my draft.tmp",
+        tmp_path / ".packed.h5.backup.tmp",
+        tmp_path / f".other.h5.{'0' * 32}.tmp",  # another file's temp: not this store's
+    ]
+    for path in stale + users:
+        path.write_bytes(b"mine")
+    assert CliRunner().invoke(app, ["index", "--store", str(store)]).exit_code == 0
+    pack_store(store, tmp_path / "packed.h5")
+    assert [path.exists() for path in stale] == [False, False, False]
+    assert all(path.read_bytes() == b"mine" for path in users)
 
 
 def test_a_link_inside_a_shard_is_not_copied_by_pack(tmp_path):

@@ -20,6 +20,7 @@ from pipeline.stages import Extra, Rows, Stage
 from pipeline.store import (
     StoreError,
     check_store_path,
+    claim_stage_config,
     damaged_members,
     open_store,
     pack_store,
@@ -152,6 +153,29 @@ def test_a_failed_forced_recompute_keeps_the_previous_good_shard(store, tmp_path
     assert shard.read_bytes() == before
     with open_store(store) as f:
         assert "meancolour" in f["videos/clip"] and not damaged_members(store, f["videos/clip"], full=True)
+
+
+def test_settings_are_claimed_by_a_written_shard_and_by_one_run_only(store, tmp_path):
+    video = tmp_path / "clip.mp4"
+    shutil.copy(CREMA_MP4[0], video)
+    extract(store, [video])
+
+    class Failing(FrameMean):
+        def run(self, media: Media):
+            raise RuntimeError("out of memory")
+
+    report = extract(store, [video], stage=Failing(scale=2.0), force=True)
+    assert report.counts() == {"failed": 1}
+    assert stage_config(store, "meancolour")["config"] == {"scale": 1.0}  # --force claims with a shard only
+    with open_store(store) as f:
+        assert "meancolour" in f["videos/clip"]
+    # A second run with other settings, past the check before its jobs, meets the first's claim
+    # when it commits its first shard: it stops, and the shard of the first run's config stays.
+    with pytest.raises(StoreError, match="another run claimed its meancolour features"):
+        claim_stage_config(store, "meancolour", "other", {"scale": 3.0}, force=False)
+    assert stage_config(store, "meancolour")["config"] == {"scale": 1.0}
+    claim_stage_config(store, "meancolour", "other", {"scale": 3.0}, force=True)
+    assert stage_config(store, "meancolour")["config"] == {"scale": 3.0}
 
 
 def test_changed_source_file_is_recomputed(store, tmp_path):

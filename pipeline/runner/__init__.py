@@ -3,7 +3,7 @@ and writes shards.
 
 One module a concern:
     jobs.py        discovery (files -> jobs with unique ids), outcomes, run errors, `--shard i/N`,
-                   the configs claim and the index refreshes every run does around its jobs
+                   the configs check and the index refreshes every run does around its jobs
     extractor.py   the Extractor: one video's stages, in turn, into its shards
     run.py         where jobs run: `extract` chooses; `run_local` runs them in this process
     cluster.py     on Dask: a LocalCluster started here, or an existing scheduler (`connect`)
@@ -12,7 +12,17 @@ One module a concern:
 
 from pipeline.runner.cluster import connect, gpu_count, run_dask, run_local_cluster
 from pipeline.runner.extractor import MODEL_LOCK, Extractor
-from pipeline.runner.jobs import FatalError, Job, Outcome, Progress, Report, check_fps, discover, shard_of
+from pipeline.runner.jobs import (
+    NO_SUCH_PATH,
+    FatalError,
+    Job,
+    Outcome,
+    Progress,
+    Report,
+    check_fps,
+    discover,
+    shard_of,
+)
 from pipeline.runner.run import auto_workers, extract, progress_bars, resolve_workers, run_local
 from pipeline.runner.worker import WorkerSetup, local_cluster
 from pipeline.stages import build_stage
@@ -20,6 +30,7 @@ from pipeline.store.scan import cpu_count
 
 __all__ = [
     "MODEL_LOCK",
+    "NO_SUCH_PATH",
     "Extractor",
     "FatalError",
     "Job",

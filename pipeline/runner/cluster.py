@@ -20,8 +20,8 @@ from pipeline.runner.jobs import (
     Outcome,
     Progress,
     _one_line,
+    check_configs,
     check_fps,
-    claim_configs,
 )
 from pipeline.runner.worker import (
     GPU_RESOURCE,
@@ -202,7 +202,7 @@ def _run_on_client(
         prepared = _lost_cluster_is_a_run_error(
             scheduler, lambda: _prepare_every_worker(client, where, specs, fps, force, setup, resources)
         )
-        claim_configs(store, prepared, force)
+        check_configs(store, prepared, force)
         futures = {
             client.submit(
                 _extract_on_worker,

@@ -29,10 +29,12 @@ from pipeline.media import (
     shared_grid,
 )
 from pipeline.runner.jobs import ANOTHER_STORE, FatalError, Job, Outcome, Progress, _one_line, check_fps
-from pipeline.stages import Extra, Rows, Stage, config_hash, library_versions, video_settings
+from pipeline.stages import Extra, Rows, Stage, config_hash, library_versions, shared_config, video_settings
 from pipeline.store import (
     GRID,
     ShardWriter,
+    StoreError,
+    claim_stage_config,
     clear_failure,
     grid_hash,
     read_rows,
@@ -264,7 +266,9 @@ class Extractor:
     ) -> str:
         """Runs the stage into its shard; returns the stage's warning, if it gave one.
 
-        The grid hash is recorded at the end: a pending grid is complete only then."""
+        The grid hash is recorded at the end: a pending grid is complete only then. The stage's
+        config is claimed for the store just before the shard is committed (a run error if another
+        run claimed another config meanwhile)."""
         provenance = dict(stage.provenance())
         versions = {**RUNNER_LIBRARIES, **provenance.pop("versions", {})}
         attrs: dict[str, Any] = {
@@ -303,6 +307,11 @@ class Extractor:
                 writer.file,
                 {"grid_hash": grid_hash(media.timestamps), "seconds": time.perf_counter() - started},
             )
+            try:  # the stage's settings are claimed by its first shard written, never before
+                shared = shared_config(stage.name, config)  # the per-video subject stays in the shard
+                claim_stage_config(self.store, stage.name, config_digest, shared, self.force)
+            except StoreError as e:
+                raise FatalError(str(e)) from None
         return warning
 
 

@@ -1,5 +1,5 @@
 """Jobs: the media files to extract and their video ids, what a job came to, and what every run
-does around its jobs (claims the stages' configs, refreshes the index as jobs finish).
+does around its jobs (checks the stages' configs, refreshes the index as jobs finish).
 
 A job is one input file; it runs every requested stage of that file in turn (extractor.py).
 """
@@ -21,12 +21,13 @@ from pipeline.store import (
     FORCE_REMEDY,
     StoreError,
     check_id,
-    claim_stage_configs,
+    check_stage_configs,
     rebuild_index,
     restamp_stage,
 )
 
 INDEX_EVERY_S = 2.0
+NO_SUCH_PATH = "no such file or folder"
 ANOTHER_STORE = "give another --store"  # the way out of a store conflict where there is no --force
 Progress = Callable[[str, int, int], None]  # (label, frames done, frames total)
 
@@ -58,6 +59,11 @@ class Report:
     @property
     def failed(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.status == "failed"]
+
+    @property
+    def missing(self) -> list[Path]:
+        """Inputs that do not exist (a typo'd path): extract refuses the run before any job."""
+        return [path for path, problem in self.bad_paths if problem == NO_SUCH_PATH]
 
     @property
     def ok(self) -> bool:
@@ -101,7 +107,7 @@ def discover(inputs: Iterable[Path]) -> tuple[list[Job], Report]:
         elif given.exists() or given.is_symlink():
             found.append((given, None))
         else:
-            report.bad_paths.append((given, "no such file or folder"))
+            report.bad_paths.append((given, NO_SUCH_PATH))
     unique: dict[Path, tuple[Path, Path | None]] = {}
     for path, root in found:
         unique.setdefault(path.absolute(), (path, root))  # the same file named twice runs once
@@ -160,13 +166,14 @@ def _one_line(error: BaseException) -> str:
     return one_line(error, with_type=not isinstance(error, MediaError | OSError | ValueError))
 
 
-def claim_configs(
+def check_configs(
     store: Path, configs: dict[str, tuple[str, dict[str, Any]]], force: bool, forceable: bool = True
 ) -> None:
-    """The store's check that each stage keeps one configuration (see `store.claim_stage_configs`),
-    as a run error. The store records a stage's config without its per-video settings; a stage an
-    earlier rcma recorded with them (a store of `--subject left` videos) is first re-stamped to
-    today's hash (`store.restamp_stage`), so its videos keep their features."""
+    """The store's check that each stage keeps one configuration (see `store.check_stage_configs`),
+    as a run error. Nothing is claimed here: a stage's first shard claims its config. The store
+    records a stage's config without its per-video settings; a stage an earlier rcma recorded with
+    them (a store of `--subject left` videos) is first re-stamped to today's hash
+    (`store.restamp_stage`), so its videos keep their features."""
     try:
         for name in configs:
             restamp_stage(
@@ -175,7 +182,7 @@ def claim_configs(
                 lambda config, name=name: (hash_config(name, config), shared_config(name, config)),
             )
         shared = {name: (digest, shared_config(name, config)) for name, (digest, config) in configs.items()}
-        claim_stage_configs(store, shared, force, FORCE_REMEDY if forceable else ANOTHER_STORE)
+        check_stage_configs(store, shared, force, FORCE_REMEDY if forceable else ANOTHER_STORE)
     except StoreError as e:
         raise FatalError(str(e)) from None
     except OSError as e:  # a shard that cannot be re-stamped (a full disk)

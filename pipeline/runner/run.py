@@ -11,7 +11,7 @@ from typing import Any
 from pipeline.media import DEFAULT_FPS
 from pipeline.runner.cluster import gpu_count, run_dask, run_local_cluster
 from pipeline.runner.extractor import Extractor
-from pipeline.runner.jobs import IndexRefresher, Job, Outcome, Progress, claim_configs
+from pipeline.runner.jobs import IndexRefresher, Job, Outcome, Progress, check_configs
 from pipeline.stages import build_stage
 from pipeline.store import clean_store_temps, shard_root
 from pipeline.store.scan import cpu_count
@@ -88,7 +88,7 @@ def run_local(
     on_job_done: Callable[[Job, list[Outcome]], None] | None = None,
 ) -> list[Outcome]:
     outcomes: list[Outcome] = []
-    claim_configs(extractor.store, extractor.prepare(), extractor.force, extractor.forceable)
+    check_configs(extractor.store, extractor.prepare(), extractor.force, extractor.forceable)
     index = IndexRefresher(extractor.store)
     try:
         for job in jobs:

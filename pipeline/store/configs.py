@@ -1,7 +1,9 @@
 """Stage configs: a stage's shards in one store all come from one configuration.
 
-`claim_stage_configs` records it (`store.h5.d/<stage>/config.json`) and refuses a run with
-another unless forced; the index links only shards of the recorded configuration.
+`check_stage_configs` refuses, before any job, a run with another config than the one the
+stage's shards have (unless forced); `claim_stage_config` records it
+(`store.h5.d/<stage>/config.json`) with the stage's first shard, so a failed run claims nothing.
+The index links only shards of the recorded configuration.
 """
 
 from __future__ import annotations
@@ -37,32 +39,73 @@ def stage_config(store: Path, stage: str) -> dict[str, Any] | None:
 FORCE_REMEDY = "use --force to recompute them with these settings, or another --store"
 
 
-def claim_stage_configs(
+def check_stage_configs(
     store: Path, configs: dict[str, tuple[str, dict[str, Any]]], force: bool, remedy: str = FORCE_REMEDY
 ) -> None:
-    """Records each stage's (config hash, config) as the store's, refusing, unless `force`, a stage
-    the store holds with another config: one line naming the differing settings and `remedy`.
+    """Before any job: refuses, unless `force`, a stage the store holds with another config, in
+    one line naming the differing settings and the ways out. Writes nothing but a record of a
+    config whose shards are here (a store made before records, or one a failed run mis-recorded).
 
-    A store made before configs were recorded is read once: its shards' most common config is
-    taken as the store's. With `force`, the new config replaces the old, and the old config's
-    shards are no longer indexed (each is recomputed when its video is extracted again).
+    The store holds a config only when a shard of it exists (`held_config`): a run that failed
+    before writing a shard (a missing model, every file bad) claims nothing, so a rerun with other
+    settings is accepted. The record itself is written with a stage's first shard
+    (`claim_stage_config`).
     """
     root = shard_root(store)
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / ".index.lock"):
         for stage, (config_digest, config) in configs.items():
-            held = stage_config(store, stage) or _config_of_shards(store, stage, config_digest)
+            held = held_config(store, stage, config_digest)
             if held and held["config_hash"] != config_digest and not force:
                 raise StoreError(
                     f"{store}: its {stage} features were made with other settings "
                     f"({config_difference(held.get('config', {}), config)}); {remedy}"
                 )
-        for stage, (config_digest, config) in configs.items():
-            if (stage_config(store, stage) or {}).get("config_hash") != config_digest:
-                _write_stage_config(store, stage, config_digest, config)
+            if held and held["config_hash"] == config_digest:
+                _record(store, stage, config_digest, config)
 
 
-def _write_stage_config(store: Path, stage: str, config_digest: str, config: dict[str, Any]) -> None:
+def claim_stage_config(
+    store: Path, stage: str, config_digest: str, config: dict[str, Any], force: bool
+) -> None:
+    """Records (config hash, config) as the stage's, just before its shard of that config is
+    committed (in whichever process writes it: a Dask worker too). Re-checked under the store's
+    lock, so of two runs with different settings only one claims; the other gets a StoreError.
+    With `force` the record is replaced, and the old config's shards are no longer indexed (each
+    is recomputed when its video is extracted again)."""
+    if (stage_config(store, stage) or {}).get("config_hash") == config_digest:
+        return  # claimed already: no lock, no scan (every shard after a stage's first)
+    with _locked(shard_root(store) / ".index.lock"):
+        held = None if force else held_config(store, stage, config_digest)
+        if held and held["config_hash"] != config_digest:
+            raise StoreError(
+                f"{store}: another run claimed its {stage} features with other settings "
+                f"({config_difference(held.get('config', {}), config)}) while this one ran"
+            )
+        _record(store, stage, config_digest, config)
+
+
+def held_config(store: Path, stage: str, wanted: str) -> dict[str, Any] | None:
+    """The config the store's `stage` holds: its record when that is `wanted` or a shard of it
+    exists (found by a scan that stops at the first), else the config of the stage's shards;
+    None when the stage has no shards."""
+    record = stage_config(store, stage)
+    if record and (record["config_hash"] == wanted or _has_shard_of(store, stage, record["config_hash"])):
+        return record
+    return _config_of_shards(store, stage, wanted)
+
+
+def _has_shard_of(store: Path, stage: str, config_digest: str) -> bool:
+    return any(
+        (read_shard_attrs(path) or {}).get("config_hash") == config_digest
+        for _, path in _ids_under(shard_root(store) / stage, ".h5")
+    )
+
+
+def _record(store: Path, stage: str, config_digest: str, config: dict[str, Any]) -> None:
+    """Writes the stage's config record (called under the store's lock), if it is not that already."""
+    if (stage_config(store, stage) or {}).get("config_hash") == config_digest:
+        return
     path = stage_config_path(store, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"stage": stage, "config_hash": config_digest, "config": config}
@@ -106,13 +149,13 @@ def restamp_stage(
                     with h5py.File(tmp, "r+") as f:
                         f.attrs["config_hash"] = config_digest
                 count += 1
-        _write_stage_config(store, stage, config_digest, config)
+        _record(store, stage, config_digest, config)
     return count
 
 
 def _config_of_shards(store: Path, stage: str, wanted: str) -> dict[str, Any] | None:
-    """The config record of a store made before records: `wanted` if any shard has it, else the
-    most common one; None when the stage has no shards."""
+    """The config of the stage's shards, for a store whose record is missing or backed by none:
+    `wanted` if any shard has it, else the most common one; None when the stage has no shards."""
     found: dict[str, dict[str, Any]] = {}
     counts: Counter = Counter()
     for _, path in _ids_under(shard_root(store) / stage, ".h5"):

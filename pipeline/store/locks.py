@@ -7,7 +7,7 @@ import fcntl
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.files import remove_stale_temps
+from pipeline.files import remove_stale_temps, temps_in
 from pipeline.store.shards import shard_root
 
 
@@ -26,4 +26,5 @@ def clean_store_temps(store: Path) -> int | None:
     index); None, removing nothing, while any writer is writing one (a running extract)."""
     root = shard_root(store)
     with _locked(root / ".index.lock"):
-        return remove_stale_temps(root, [root.rglob(".*.tmp"), store.parent.glob(f".{store.name}.*.tmp")])
+        found = [temps_in(root, recursive=True), temps_in(store.parent, of=store.name)]
+        return remove_stale_temps(root, found)

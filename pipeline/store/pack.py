@@ -6,7 +6,7 @@ from pathlib import Path
 
 import h5py
 
-from pipeline.files import atomic_file, remove_stale_temps
+from pipeline.files import atomic_file, remove_stale_temps, temps_in
 from pipeline.store.read import damaged_members, open_store, video_ids
 from pipeline.store.shards import StoreError, check_store_path, set_attrs
 
@@ -14,7 +14,7 @@ from pipeline.store.shards import StoreError, check_store_path, set_attrs
 def pack_store(store: Path, out: Path) -> None:
     """Copies every video, following the external links, into one self-contained file."""
     check_store_path(out, packed=True)
-    remove_stale_temps(out.parent, [out.parent.glob(f".{out.name}.*.tmp")])  # of killed packs
+    remove_stale_temps(out.parent, [temps_in(out.parent, of=out.name)])  # of killed packs
     with open_store(store) as src, atomic_file(out) as tmp, h5py.File(tmp, "w") as dst:
         set_attrs(dst, {"layout": "rcma-packed-v1"})
         for video_id in video_ids(src):

@@ -14,9 +14,10 @@ from typing import Any
 
 import h5py
 
+from pipeline.errors import one_line
 from pipeline.store.index import TABLE
 from pipeline.store.record import _stamped
-from pipeline.store.shards import StoreError, _layout, _text, check_id, shard_problem, shard_root
+from pipeline.store.shards import GRID, StoreError, _layout, _text, check_id, shard_problem, shard_root
 
 
 def open_store(store: Path) -> h5py.File:
@@ -32,14 +33,13 @@ def open_store(store: Path) -> h5py.File:
     try:
         f = h5py.File(store, "r")
     except OSError:
-        if _layout(store) == "other":
+        if _layout(store) == "other" and not (shard_root(store) / GRID).is_dir():
             raise StoreError(f"{store}: not an rcma store (not an HDF5 file)") from None
-        raise StoreError(
-            f"{store}: not a readable HDF5 store (truncated or corrupt); "
-            f"`rcma index --store {store}` rebuilds it from {shard_root(store).name}/"
-        ) from None
+        raise damaged_index(store, "truncated or corrupt") from None
     try:
         if "videos" not in f:
+            if (shard_root(store) / GRID).is_dir():  # another HDF5 file put in the index's place
+                raise damaged_index(store, "not an rcma index")
             raise StoreError(f"{store}: not an rcma store (no /videos group)")
         shards = _text(f.attrs.get("shards", ""))
         if shards and shards != shard_root(store).name:
@@ -51,7 +51,19 @@ def open_store(store: Path) -> h5py.File:
     except StoreError:
         f.close()
         raise
+    except (KeyError, OSError, RuntimeError, ValueError) as e:  # HDF5's errors on damaged metadata
+        f.close()
+        raise damaged_index(store, one_line(e)) from None
     return f
+
+
+def damaged_index(store: Path, problem: str) -> StoreError:
+    """The one line for an index that cannot be read: the shards are the truth, `rcma index`
+    writes it again from them."""
+    return StoreError(
+        f"{store}: the index is damaged ({problem}); `rcma index --store {store}` rebuilds it "
+        f"from {shard_root(store).name}/"
+    )
 
 
 _opened_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # open_store's walk, by file

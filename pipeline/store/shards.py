@@ -111,6 +111,24 @@ def check_store_path(store: Path, packed: bool = False) -> None:
         raise StoreError(f"{store}: exists and is {kind}; refusing to replace it (choose another path)")
 
 
+def set_aside_foreign_index(store: Path) -> Path | None:
+    """Renames a file that is not an rcma index but sits in the index's place beside a shard
+    folder (another HDF5 file, bytes over the header) to a free `<store>.not-an-index[.N]`, so
+    `rcma index` can write the index again from the shards and nothing is lost; returns its new
+    name, or None when there was nothing to set aside."""
+    if not (store.is_file() and (shard_root(store) / GRID).is_dir()):
+        return None
+    if _layout(store) in ("rcma-sharded-v1", ""):  # an index, or a damaged one: rebuilt in place
+        return None
+    aside = store.with_name(f"{store.name}.not-an-index")
+    n = 0
+    while aside.exists():
+        n += 1
+        aside = store.with_name(f"{store.name}.not-an-index.{n}")
+    os.rename(store, aside)
+    return aside
+
+
 def check_output_folder(out: Path, store: Path) -> None:
     """Refuses an output folder (`--out` of train or predict) that is an existing file, or that lies
     in the store's shard folder, where its files would be taken for a stage's."""
