@@ -603,14 +603,15 @@ def test_a_store_whose_faces_hash_held_the_subject_keeps_its_videos(tmp_path: Pa
 
     import h5py
 
-    from pipeline import runner, stages
+    from pipeline import stages
+    from pipeline.runner import extractor, jobs
     from pipeline.store import shard_path, stage_config, stage_counts
 
     two = first_frames(HAMILTON, tmp_path / "two.mp4", 8)
     one = first_frames(SINGLE_FACE, tmp_path / "one.mp4", 8)
     store = tmp_path / "store.h5"
     with monkeypatch.context() as old:  # the earlier rule: every setting in the hash and the record
-        for module in (stages, runner):
+        for module in (stages, jobs, extractor):
             old.setattr(module, "shared_config", lambda name, config: config)
         assert extract_faces(store, two, "--subject", "left")[0] == 0
     legacy = stage_config(store, "faces")
