@@ -525,7 +525,6 @@ class FacesStage(Stage):
             reacquire_after = max(1, round(REACQUIRE_AFTER_S * media.info.fps))
             tracker = SubjectTracker(self.detector, reacquire_after, self.subject)
             threads = DETECTOR_CPU_THREADS if self.detector.device == "cpu" else None
-            embed_threads = self.embedder.cpu_threads if self.embedder and threads else None
             for rows, frames in prefetched(
                 media.video_frames(DECODE_BATCH, RGB_CONVERSION, FIRST_DECODE_BATCH)
             ):
@@ -539,21 +538,23 @@ class FacesStage(Stage):
                     stop = max(stop, row + 1)
                     if face is not None:
                         found.append((row - next_row, frame, face))
-                with cv2_threads(1), torch_threads(embed_threads):  # None: the caller's torch threads
+                with cv2_threads(1):
                     block = self._block(stop - next_row, found) if stop > next_row else None
                 faces_found += len(found)
                 if block is not None:
                     yield Rows(next_row, block)
                     next_row = stop
-        while next_row < n:
-            count = min(ABSENT_BLOCK, n - next_row)
-            yield Rows(next_row, self._absent(count))
-            next_row += count
+        yield from self._absent_rows(next_row, n)
         if not media.info.has_video:
             if media.path.suffix.lower() in VIDEO_EXTENSIONS:  # audio files are not expected to have one
                 yield Extra(attrs={"warning": "no video stream: every frame marked absent"})
         elif not faces_found:
             yield Extra(attrs={"warning": "no face found: every frame marked absent"})
+
+    def _absent_rows(self, start: int, stop: int) -> Iterator[Rows]:
+        """Rows `start` to `stop` with no face, in blocks of ABSENT_BLOCK."""
+        for first in range(start, stop, ABSENT_BLOCK):
+            yield Rows(first, self._absent(min(ABSENT_BLOCK, stop - first)))
 
     def _absent(self, count: int) -> dict[str, np.ndarray]:
         arrays = {
@@ -590,7 +591,9 @@ class FacesStage(Stage):
         if self.crops:
             arrays["crops"][index] = crops
         if self.embedder is not None:
-            embedding = self.embedder(crops)
+            on_cpu = self.torch_device == "cpu"  # elsewhere the caller's torch threads
+            with torch_threads(self.embedder.cpu_threads if on_cpu else None):
+                embedding = self.embedder(crops)
             arrays["embedding"][index] = embedding.astype(np.float16)
             if self.embedder.classes:
                 arrays["expression"][index] = self.embedder.expression(embedding).astype(np.float16)
@@ -600,8 +603,7 @@ class FacesStage(Stage):
         n = media.n_frames
         folder = face_folder.find_folder(self.faces_from, media.video_id, self.subject)
         if folder is None:
-            for start in range(0, n, ABSENT_BLOCK):
-                yield Rows(start, self._absent(min(ABSENT_BLOCK, n - start)))
+            yield from self._absent_rows(0, n)
             yield Extra(
                 attrs={
                     "warning": f"no folder {media.video_id} in {self.faces_from}: every frame marked absent"
@@ -609,8 +611,6 @@ class FacesStage(Stage):
             )
             return
         images = face_folder.list_images(folder)
-        on_cpu = self.embedder is not None and self.torch_device == "cpu"
-        embed_threads = self.embedder.cpu_threads if on_cpu else None
         damaged: list[str] = []
         next_row = 0
         for rows, crops, bad in images.blocks(n):
@@ -622,12 +622,10 @@ class FacesStage(Stage):
             index = rows - next_row
             arrays["present"][index] = True
             arrays["score"][index] = np.nan
-            with torch_threads(embed_threads):
-                self._put_crops(arrays, index, crops)
+            self._put_crops(arrays, index, crops)
             yield Rows(next_row, arrays)
             next_row = stop
-        for start in range(next_row, n, ABSENT_BLOCK):
-            yield Rows(start, self._absent(min(ABSENT_BLOCK, n - start)))
+        yield from self._absent_rows(next_row, n)
         warning = face_folder.warning(folder, damaged, images.skipped)
         if warning:
             yield Extra(attrs={"warning": warning})

@@ -55,8 +55,11 @@ class Embedder(ABC):
         """uint8 (b,112,112,3) RGB faces -> (b,D) float32."""
 
     def expression(self, embedding: np.ndarray) -> np.ndarray:
-        """(b,len(classes)) class probabilities read from this embedder's (b,D) output."""
-        raise NotImplementedError(f"{self.name} gives no expression classes")
+        """(b,len(classes)) class probabilities from this embedder's (b,D) output, whose last
+        len(classes) columns are their log-probabilities; (b,0) for an embedder without classes."""
+        if not self.classes:
+            return np.zeros((len(embedding), 0), dtype=np.float32)
+        return np.exp(embedding[:, -len(self.classes) :])
 
 
 def to_unit_range(faces: np.ndarray) -> np.ndarray:
@@ -82,9 +85,6 @@ class FerEmbedder(Embedder):
     @torch.no_grad()
     def __call__(self, faces: np.ndarray) -> np.ndarray:
         return self.model(torch.from_numpy(fer.to_input(faces)).to(self.device)).float().cpu().numpy()
-
-    def expression(self, embedding: np.ndarray) -> np.ndarray:
-        return np.exp(embedding[:, -len(self.classes) :])
 
 
 class FacenetEmbedder(Embedder):
