@@ -74,7 +74,7 @@ def video_png(
         _expression_strip(axes[2], times, *expression)
     if present:
         band = axes[-1]
-        step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0
+        step = _frame_step(times)
         for row, mask in enumerate(present.values()):
             runs = _runs(mask)
             band.broken_barh(
@@ -92,6 +92,11 @@ def video_png(
     return _png(fig, VIDEO_DPI)
 
 
+def _frame_step(times: np.ndarray) -> float:
+    """A frame's duration on the plot's time axis (1 s for a single frame)."""
+    return float(np.median(np.diff(times))) if len(times) > 1 else 1.0
+
+
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """(start, end) index pairs of the runs of True in a boolean array."""
     edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
@@ -100,7 +105,7 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
 
 def _expression_strip(ax: Any, times: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> None:
     """Each class's probability over time as a row of shades; frames without a face stay blank."""
-    step = float(np.median(np.diff(times))) if len(times) > 1 else 1.0
+    step = _frame_step(times)
     shown = np.ma.masked_invalid(np.asarray(probabilities, dtype=np.float32).T)
     extent = (float(times[0]), float(times[-1]) + step, len(classes), 0) if len(times) else (0, 1, 1, 0)
     ax.imshow(shown, aspect="auto", cmap="Purples", vmin=0, vmax=1, extent=extent, interpolation="nearest")
