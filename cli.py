@@ -58,8 +58,12 @@ def extract(
         ),
     ] = None,
     audio_model: Annotated[
-        str, typer.Option(help="logmel, wav2vec2, hubert, wavlm or whisper-encoder.")
-    ] = "logmel",
+        str | None,
+        typer.Option(
+            help="whisper-encoder (default: the text stage's Whisper), logmel, wav2vec2, hubert or wavlm.",
+            show_default=False,
+        ),
+    ] = None,
     audio_layer: Annotated[
         int | None, typer.Option(help="Transformer layer of the audio model (default: the last).")
     ] = None,
@@ -69,6 +73,13 @@ def extract(
     logmel_pool: Annotated[
         str, typer.Option(help="logmel: stats (band mean+std, 128) or flat (96x64 patch).")
     ] = "stats",
+    audio_window: Annotated[
+        str | None,
+        typer.Option(
+            help="whisper-encoder: clip (default: each file at its own length) or padded (to 30 s).",
+            show_default=False,
+        ),
+    ] = None,
     asr_model: Annotated[
         str | None,
         typer.Option(help="Whisper name, .pt checkpoint or CTranslate2 folder ($RCMA_ASR_MODEL)."),
@@ -87,8 +98,12 @@ def extract(
         str | None, typer.Option(help="sentence-transformers name or folder ($RCMA_TEXT_MODEL).")
     ] = None,
     text_unit: Annotated[
-        str, typer.Option(help="Per frame: word-context (the word in its segment), word, or segment.")
-    ] = "word-context",
+        str | None,
+        typer.Option(
+            help="Per frame: word-context (default: the word in its segment), word, or segment.",
+            show_default=False,
+        ),
+    ] = None,
     fps: Annotated[float, typer.Option(help="Frame rate of the grid given to audio-only files.")] = 30.0,
     device: Annotated[str, typer.Option(help="cpu, cuda, or auto.")] = "auto",
     force: Annotated[bool, typer.Option(help="Recompute even what is already done.")] = False,

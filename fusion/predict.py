@@ -407,8 +407,13 @@ def _stage_options(name: str, config: dict[str, Any], device: str) -> Iterator[d
             "logmel_pool": config.get("logmel_pool", "stats"),
             "audio_layer": config.get("audio_layer"),
             "audio_weights": config.get("audio_weights"),
+            "audio_window": config.get("audio_window"),
             "device": device,
         }
+        if config.get("whisper_runtime"):  # the encoder ran on the text stage's backend, or torch
+            ctranslate2 = config["whisper_runtime"] == "ctranslate2"
+            options["asr_backend"] = "faster-whisper" if ctranslate2 else "openai-whisper"
+            options["asr_compute_type"] = config.get("whisper_compute_type")
         yield {**options, "asr_model": None}
         if config.get("whisper_model"):
             yield {**options, "asr_model": config["whisper_model"]}

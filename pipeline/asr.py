@@ -246,6 +246,27 @@ def _resolve_ct2(given: str | None) -> WhisperSource:
     return WhisperSource(given, "download", None, "")
 
 
+# Models loaded in this process, by what they were loaded from: the audio stage's Whisper encoder
+# and the text stage's Whisper are one model in memory when they name the same weights.
+_LOADED: dict[tuple, Any] = {}
+_LOADED_LOCK = threading.Lock()
+
+
+def shared(kind: str, source: WhisperSource, device: str, compute_type: str | None = None):
+    """The model `source` names, loaded once per process for each backend `kind`
+    ("openai-whisper" or "faster-whisper"), device and compute type, and thread count (what
+    CTranslate2 is built with). Calls into it take MODEL_LOCK: one thread at a time."""
+    key = (kind, source.origin, str(source.path or source.name), source.sha256, device, compute_type)
+    key += (torch.get_num_threads(),)
+    with _LOADED_LOCK:
+        if key not in _LOADED:
+            if kind == "openai-whisper":
+                _LOADED[key] = load_whisper(source, device)
+            else:
+                _LOADED[key] = load_faster_whisper(source, device, compute_type)
+        return _LOADED[key]
+
+
 def load_whisper(source: WhisperSource, device: str = "cpu"):
     """An openai-whisper model in eval mode; checkpoints are read with `weights_only=True`."""
     import whisper
@@ -313,15 +334,16 @@ def load_faster_whisper(source: WhisperSource, device: str = "cpu", compute_type
         ) from None
 
 
-# One transcription at a time in a process: openai-whisper's word timestamps hook the model's
-# attention (a second thread's tokens would land in the first's timings), and its temperature
-# fallback draws from torch's global generator, which `fork_rng` saves and restores per call.
-TRANSCRIBE_LOCK = threading.Lock()
+# One call into a Whisper model at a time in a process: openai-whisper's word timestamps hook the
+# model's attention (a second thread's tokens would land in the first's timings), its temperature
+# fallback draws from torch's global generator, which `fork_rng` saves and restores per call, and
+# the audio and text stages share one loaded model (`shared`).
+MODEL_LOCK = threading.Lock()
 
 
 def transcribe_openai(model, audio: np.ndarray) -> Transcript:
     """openai-whisper's own `transcribe` on a 16 kHz waveform, with word timestamps, greedy."""
-    with TRANSCRIBE_LOCK:
+    with MODEL_LOCK:
         return _transcribe_openai(model, audio)
 
 
@@ -382,7 +404,7 @@ def transcribe_batched(model, audio: np.ndarray, speech: np.ndarray, beam_size: 
     windows = speech_windows(speech)
     if not windows:
         return Transcript(language=language or "", language_detected=not english_only)
-    with TRANSCRIBE_LOCK:  # segments decode lazily: read them all under the lock
+    with MODEL_LOCK:  # segments decode lazily: read them all under the lock
         segments, info = BatchedInferencePipeline(model).transcribe(
             audio,
             language=language,

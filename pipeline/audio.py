@@ -33,6 +33,7 @@ from pipeline.stages import Extra, Rows, Stage, library_versions
 from pipeline.weights import fetch_weights, weights_checksum
 
 AUDIO_MODELS = ("logmel", "wav2vec2", "hubert", "wavlm", "whisper-encoder")
+DEFAULT_AUDIO_MODEL = "logmel"
 AUDIO_WEIGHTS_ENV = "RCMA_AUDIO_WEIGHTS"
 AUDIO_WEIGHTS_OPTION = "--audio-weights"
 ROWS_PER_BLOCK = 1024
@@ -54,6 +55,8 @@ SSL_FIELD = 400  # samples seen by one state
 CHUNK_SAMPLES = 30 * SAMPLE_RATE  # a Whisper window; also bounds memory for the SSL models
 WHISPER_STRIDE = 320  # 10 ms mel hops, conv2 stride 2 (checked against the model when it loads)
 WHISPER_BATCH = 4
+WHISPER_WINDOWS = ("clip", "padded")
+DEFAULT_WHISPER_WINDOW = "clip"
 
 
 class AudioEmbedder(ABC):
@@ -245,15 +248,36 @@ def whisper_state_timing(encoder) -> tuple[int, float]:
 
 
 class WhisperEncoder(StateSequence):
-    """Whisper's encoder on 30 s windows (zero-padded as Whisper itself pads its last window)."""
+    """Whisper's encoder on windows of at most 30 s.
+
+    `window`: "clip" encodes each window at its own length (a 2 s file costs 2 s of encoder,
+    not 30; the positional embedding is cut to the window), "padded" zero-pads each window to
+    30 s, as Whisper does when it transcribes. `runtime`: "torch" runs openai-whisper's encoder
+    (any block, float32); "ctranslate2" takes the final states from the faster-whisper model the
+    text stage transcribes with, at its compute type: one model in memory for both stages.
+    """
 
     name = "whisper-encoder"
     stride = WHISPER_STRIDE
-    centre = 0.0  # replaced by `whisper_state_timing` of the loaded model
+    centre = 0.0  # replaced by `whisper_state_timing` of the loaded torch model
 
-    def __init__(self, asr_model: str | None = None, layer: int | None = None):
+    def __init__(
+        self,
+        asr_model: str | None = None,
+        layer: int | None = None,
+        window: str = DEFAULT_WHISPER_WINDOW,
+        runtime: str = "torch",
+        compute_type: str | None = None,
+    ):
+        if window not in WHISPER_WINDOWS:
+            raise ValueError(f"unknown --audio-window {window!r}; choose from {', '.join(WHISPER_WINDOWS)}")
+        if runtime == "ctranslate2" and layer is not None:
+            raise ValueError("CTranslate2 gives only the encoder's final states: no --audio-layer")
         self.asr_model = asr_model
         self.layer = layer
+        self.window = window
+        self.runtime = runtime
+        self.compute_type = compute_type
         self._source: asr.WhisperSource | None = None
 
     @property
@@ -261,8 +285,9 @@ class WhisperEncoder(StateSequence):
         return WHISPER_BATCH
 
     def resolve(self) -> None:
-        """Finds the Whisper model (converting the packaged one on first use)."""
-        self._source = asr.resolve(self.asr_model)
+        """Finds the Whisper model (for torch, converting the packaged one on first use)."""
+        backend = "faster-whisper" if self.runtime == "ctranslate2" else "openai-whisper"
+        self._source = asr.resolve(self.asr_model, backend)
 
     @property
     def source(self) -> asr.WhisperSource:
@@ -271,14 +296,22 @@ class WhisperEncoder(StateSequence):
         return self._source
 
     def load(self, device: str) -> None:
-        self.model = asr.load_whisper(self.source, device)
+        self.device = device
+        if self.runtime == "ctranslate2":
+            self.model = asr.shared("faster-whisper", self.source, device, self.compute_type)
+            self.n_mels = self.model.model.n_mels
+            # The same convolutions as openai-whisper's (tests/test_audio.py checks the states).
+            self.stride, self.centre = WHISPER_STRIDE, 0.0
+            self.dim = self.states([np.zeros(self.stride, np.float32)])[0].shape[1]
+            return
+        self.model = asr.shared("openai-whisper", self.source, device)
         n_layers = self.model.dims.n_audio_layer
         if self.layer is not None and not 0 <= self.layer <= n_layers:
             raise ValueError(
                 f"--audio-layer {self.layer}: Whisper {self.source.name} has blocks 0..{n_layers}"
             )
+        self.n_mels = self.model.dims.n_mels
         self.dim = self.model.dims.n_audio_state
-        self.device = device
         self.stride, self.centre = whisper_state_timing(self.model.encoder)
         if CHUNK_SAMPLES % self.stride:
             raise ValueError(
@@ -291,27 +324,47 @@ class WhisperEncoder(StateSequence):
     def n_states(self, n_samples: int) -> int:
         return -(-n_samples // self.stride)
 
-    def states(self, chunks: list[np.ndarray]) -> list[np.ndarray]:
+    def log_mel(self, chunk: np.ndarray) -> torch.Tensor:
+        """Whisper's log-mel of the window: padded to 30 s, or to a whole number of states."""
         import whisper
 
+        audio = torch.from_numpy(chunk)
+        if self.window == "padded":
+            audio = whisper.pad_or_trim(audio)
+        else:
+            audio = torch.nn.functional.pad(audio, (0, -len(chunk) % self.stride))
+        return whisper.log_mel_spectrogram(audio, n_mels=self.n_mels)
+
+    def states(self, chunks: list[np.ndarray]) -> list[np.ndarray]:
+        mels = [self.log_mel(c) for c in chunks]
+        out: list[np.ndarray] = []
+        for lo in range(len(mels)):  # windows of one length are encoded together
+            if lo and mels[lo].shape == mels[lo - 1].shape:
+                continue
+            hi = lo + 1
+            while hi < len(mels) and mels[hi].shape == mels[lo].shape:
+                hi += 1
+            out += list(self._encode(torch.stack(mels[lo:hi])))
+        return [x[: self.n_states(len(c))] for x, c in zip(out, chunks, strict=True)]
+
+    def _encode(self, mel: torch.Tensor) -> np.ndarray:
+        """(batch, states, dim) float32 from (batch, n_mels, frames)."""
+        if self.runtime == "ctranslate2":
+            import ctranslate2
+
+            features = ctranslate2.StorageView.from_array(np.ascontiguousarray(mel.numpy()))
+            with asr.MODEL_LOCK:
+                return np.asarray(self.model.model.encode(features, to_cpu=True), np.float32)
         encoder = self.model.encoder
-        mels = [
-            whisper.log_mel_spectrogram(
-                whisper.pad_or_trim(torch.from_numpy(c)), n_mels=self.model.dims.n_mels
-            )
-            for c in chunks
-        ]
-        with torch.inference_mode():
-            x = torch.stack(mels).to(self.device)
-            x = torch.nn.functional.gelu(encoder.conv1(x))
+        with asr.MODEL_LOCK, torch.inference_mode():
+            x = torch.nn.functional.gelu(encoder.conv1(mel.to(self.device)))
             x = torch.nn.functional.gelu(encoder.conv2(x))
-            x = (x.permute(0, 2, 1) + encoder.positional_embedding).to(x.dtype)
+            x = (x.permute(0, 2, 1) + encoder.positional_embedding[: x.shape[2]]).to(x.dtype)
             for block in encoder.blocks[: self.layer]:
                 x = block(x)
             if self.layer is None:
                 x = encoder.ln_post(x)
-        x = x.float().cpu().numpy()
-        return [x[i, : self.n_states(len(c))] for i, c in enumerate(chunks)]
+        return x.float().cpu().numpy()
 
 
 def build_embedder(
@@ -319,8 +372,13 @@ def build_embedder(
     audio_layer: int | None,
     audio_weights: str | None,
     logmel_pool: str,
+    audio_window: str | None,
     asr_model: str | None,
+    asr_backend: str,
+    asr_compute_type: str | None,
 ) -> AudioEmbedder:
+    if audio_model != "whisper-encoder" and audio_window is not None:
+        raise ValueError(f"--audio-window is for whisper-encoder, not {audio_model}")
     if audio_model == "logmel":
         if audio_layer is not None:
             raise ValueError("--audio-layer is for wav2vec2, hubert, wavlm and whisper-encoder, not logmel")
@@ -328,7 +386,12 @@ def build_embedder(
     if audio_model in SSL_BUNDLES:
         return SelfSupervised(audio_model, audio_layer, audio_weights)
     if audio_model == "whisper-encoder":
-        return WhisperEncoder(asr_model, audio_layer)
+        if asr_backend not in asr.BACKENDS:
+            raise ValueError(f"unknown --asr-backend {asr_backend!r}; choose from {', '.join(asr.BACKENDS)}")
+        # The final states from the text stage's own faster-whisper model; inner blocks from torch.
+        runtime = "ctranslate2" if audio_layer is None and asr_backend == "faster-whisper" else "torch"
+        window = audio_window or DEFAULT_WHISPER_WINDOW
+        return WhisperEncoder(asr_model, audio_layer, window, runtime, asr_compute_type)
     raise ValueError(f"unknown --audio-model {audio_model!r}; choose from {', '.join(AUDIO_MODELS)}")
 
 
@@ -337,18 +400,31 @@ class AudioStage(Stage):
 
     def __init__(
         self,
-        audio_model: str = "logmel",
+        audio_model: str | None = None,
         audio_layer: int | None = None,
         audio_weights: str | None = None,
         logmel_pool: str = "stats",
+        audio_window: str | None = None,
         asr_model: str | None = None,
+        asr_backend: str | None = None,
+        asr_compute_type: str | None = None,
         device: str = "auto",
     ):
-        self.audio_model = audio_model
+        self.audio_model = audio_model or DEFAULT_AUDIO_MODEL
         self.audio_layer = audio_layer
         self.logmel_pool = logmel_pool
+        self.asr_compute_type = asr_compute_type or asr.DEFAULT_COMPUTE_TYPE
         self.device = device
-        self.embedder = build_embedder(audio_model, audio_layer, audio_weights, logmel_pool, asr_model)
+        self.embedder = build_embedder(
+            self.audio_model,
+            audio_layer,
+            audio_weights,
+            logmel_pool,
+            audio_window,
+            asr_model,
+            asr_backend or asr.DEFAULT_BACKEND,
+            None,  # resolved with the device
+        )
         self.weights_sha256 = ""
 
     def resolve(self) -> None:
@@ -358,6 +434,9 @@ class AudioStage(Stage):
             if local and os.path.isfile(local):  # user-given weights: their content is the config
                 self.weights_sha256 = weights_checksum(local)
         if isinstance(self.embedder, WhisperEncoder):
+            if self.embedder.runtime == "ctranslate2":  # the text stage's compute type: one model
+                compute_type = asr.resolve_compute_type(self.asr_compute_type, self.torch_device)
+                self.embedder.compute_type = compute_type
             self.embedder.resolve()
         super().resolve()
 
@@ -375,6 +454,10 @@ class AudioStage(Stage):
         if isinstance(self.embedder, WhisperEncoder):
             config["whisper_model"] = self.embedder.source.name
             config["whisper_weights_sha256"] = self.embedder.source.sha256
+            config["audio_window"] = self.embedder.window
+            config["whisper_runtime"] = self.embedder.runtime
+            if self.embedder.runtime == "ctranslate2":
+                config["whisper_compute_type"] = self.embedder.compute_type
             # States were once placed half a state late; stores made then are recomputed.
             config["whisper_state_timing"] = "centre from conv strides and paddings"
         return config
@@ -388,7 +471,7 @@ class AudioStage(Stage):
         return {
             "audio_embedder": self.audio_model,
             "embedding_dim": self.embedder.dim,
-            "versions": library_versions("torchaudio", "openai-whisper"),
+            "versions": library_versions("torchaudio", "openai-whisper", "faster-whisper", "ctranslate2"),
             **self.embedder.provenance(),
         }
 

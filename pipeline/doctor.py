@@ -216,11 +216,15 @@ def _whisper_url(name: str, backend: str) -> str:
     return f"https://huggingface.co/{_MODELS.get(name, name)}"
 
 
+# What each audio model needs beyond the packages, as doctor reports it.
+AUDIO_NEEDS = {"logmel": "no weights", "whisper-encoder": "the text stage's Whisper model (above)"}
+
+
 def _audio() -> Check:
-    from pipeline.audio import AUDIO_WEIGHTS_ENV
+    from pipeline.audio import AUDIO_WEIGHTS_ENV, DEFAULT_AUDIO_MODEL
 
     weights = os.environ.get(AUDIO_WEIGHTS_ENV)
-    detail = "logmel (default) needs none; wav2vec2/hubert/wavlm: "
+    detail = f"{DEFAULT_AUDIO_MODEL} (default): {AUDIO_NEEDS[DEFAULT_AUDIO_MODEL]}; wav2vec2/hubert/wavlm: "
     if weights:
         found = Path(weights).expanduser().is_file()
         detail += f"${AUDIO_WEIGHTS_ENV}={weights}{'' if found else ': no such file'}"

@@ -32,15 +32,16 @@ class ExtractSettings:
     crops: bool
     subject: str
     faces_from: Path | None  # Aff-Wild2-style folder of aligned crops: no detection
-    audio_model: str
+    audio_model: str | None  # None: the audio stage's default (pipeline.audio.DEFAULT_AUDIO_MODEL)
     audio_layer: int | None
     audio_weights: str | None
     logmel_pool: str
+    audio_window: str | None  # None: whisper-encoder's default (pipeline.audio)
     asr_model: str | None
     asr_backend: str | None
     asr_compute_type: str | None
     text_model: str | None
-    text_unit: str
+    text_unit: str | None  # None: the text stage's default (pipeline.text.DEFAULT_TEXT_UNIT)
     fps: float  # frame rate of the grid given to audio-only files
     device: str
     force: bool

@@ -37,6 +37,7 @@ TEXT_MODEL_OPTION = "--text-model"
 DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
 PACKAGED_TEXT_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 TEXT_UNITS = ("word", "word-context", "segment")
+DEFAULT_TEXT_UNIT = "word-context"
 ENCODE_BATCH = 64
 # The sentence encoder runs on one CPU thread, as the faces detector does, so its vectors do not
 # depend on how many threads a worker process was given (a reduction split differently changes
@@ -96,12 +97,13 @@ class TextStage(Stage):
         asr_backend: str | None = None,
         asr_compute_type: str | None = None,
         text_model: str | None = None,
-        text_unit: str = "word-context",
+        text_unit: str | None = None,
         device: str = "auto",
     ):
         asr_backend = asr_backend or asr.DEFAULT_BACKEND
         if asr_backend not in asr.BACKENDS:
             raise ValueError(f"unknown --asr-backend {asr_backend!r}; choose from {', '.join(asr.BACKENDS)}")
+        text_unit = text_unit or DEFAULT_TEXT_UNIT
         if text_unit not in TEXT_UNITS:
             raise ValueError(f"unknown --text-unit {text_unit!r}; choose from {', '.join(TEXT_UNITS)}")
         self.asr_model = asr_model
@@ -163,10 +165,10 @@ class TextStage(Stage):
         self.dim = self.embedder.get_embedding_dimension()
 
     def load_asr(self):
-        """The resolved Whisper model, loaded by its backend (also what `rcma doctor` checks)."""
-        if self.asr_backend == "openai-whisper":
-            return asr.load_whisper(self.source, self.torch_device)
-        return asr.load_faster_whisper(self.source, self.torch_device, self.compute_type)
+        """The resolved Whisper model, loaded by its backend (also what `rcma doctor` checks); one
+        model in the process for this stage and the audio stage's Whisper encoder."""
+        compute_type = self.compute_type if self.asr_backend == "faster-whisper" else None
+        return asr.shared(self.asr_backend, self.source, self.torch_device, compute_type)
 
     def load_text_model(self):
         """The resolved sentence-transformers model (also what `rcma doctor` checks)."""

@@ -18,7 +18,9 @@ import torchaudio
 import whisper
 from conftest import CREMA_MP3, CREMA_MP4, JFK, SPEECH_VA
 from speech_media import media_of, remux
+from typer.testing import CliRunner
 
+from cli import app
 from pipeline import runner
 from pipeline.audio import LOGMEL_BANDS, LOGMEL_PATCH, SSL_BUNDLES, AudioStage
 from pipeline.errors import ModelUnavailable
@@ -49,14 +51,23 @@ def jfk() -> Media:
 
 @pytest.fixture(scope="module")
 def logmel() -> AudioStage:
-    stage = AudioStage()
+    stage = AudioStage(audio_model="logmel")
     stage.load()
     return stage
 
 
 @pytest.fixture(scope="module")
 def whisper_encoder() -> AudioStage:
+    """The default whisper-encoder: final states from the text stage's CTranslate2 model."""
     stage = AudioStage(audio_model="whisper-encoder")
+    stage.load()
+    return stage
+
+
+@pytest.fixture(scope="module")
+def whisper_padded() -> AudioStage:
+    """openai-whisper's torch encoder on windows padded to 30 s, as Whisper transcribes."""
+    stage = AudioStage(audio_model="whisper-encoder", asr_backend="openai-whisper", audio_window="padded")
     stage.load()
     return stage
 
@@ -113,31 +124,97 @@ def read_tone(seconds: float) -> np.ndarray:
     return (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
 
 
-def test_whisper_encoder_states_are_picked_by_time(whisper_encoder: AudioStage, jfk: Media):
-    rows = rows_of(whisper_encoder, jfk)
+def test_whisper_encoder_states_are_picked_by_time(whisper_padded: AudioStage, jfk: Media):
+    rows = rows_of(whisper_padded, jfk)
     assert rows["embedding"].shape == (330, 384) and rows["present"].all()
-    model = whisper_encoder.embedder.model
+    model = whisper_padded.embedder.model
     mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(jfk.audio())))
     with torch.inference_mode():
         states = model.encoder(mel[None])[0].numpy()
     # State i is centred on sample 320 i; frame at t takes the state centred nearest t.
     index = state_index(jfk.timestamps, centre=0)
     np.testing.assert_allclose(rows["embedding"], states[index], rtol=1e-2, atol=1e-2)
-    assert whisper_encoder.provenance()["whisper_model"] == "tiny.en"
-    assert len(whisper_encoder.provenance()["whisper_weights_sha256"]) == 64
+    assert whisper_padded.provenance()["whisper_model"] == "tiny.en"
+    assert len(whisper_padded.provenance()["whisper_weights_sha256"]) == 64
 
 
-def test_whisper_encoder_past_30_s_and_inner_layer(whisper_encoder: AudioStage):
+def test_whisper_encoder_clip_window_encodes_the_file_at_its_own_length(
+    whisper_padded: AudioStage, jfk: Media
+):
+    """The default window: the encoder sees the 11 s file alone (no 19 s of padding), its
+    positional embedding cut to 11 s; the states differ from the padded window's."""
+    clip = AudioStage(audio_model="whisper-encoder", asr_backend="openai-whisper")
+    clip.load()
+    assert clip.config()["audio_window"] == "clip" and clip.config()["whisper_runtime"] == "torch"
+    rows = rows_of(clip, jfk)
+    audio = jfk.audio()
+    padded = np.pad(audio, (0, -len(audio) % 320))
+    model = clip.embedder.model
+    mel = whisper.log_mel_spectrogram(torch.from_numpy(padded))[None]
+    encoder = model.encoder
+    with torch.inference_mode():
+        x = torch.nn.functional.gelu(encoder.conv2(torch.nn.functional.gelu(encoder.conv1(mel))))
+        x = x.permute(0, 2, 1) + encoder.positional_embedding[: x.shape[2]]
+        for block in encoder.blocks:
+            x = block(x)
+        states = encoder.ln_post(x)[0].numpy()
+    assert len(states) == len(padded) // 320  # one state per 20 ms of the file, none for padding
+    index = state_index(jfk.timestamps, centre=0).clip(0, len(states) - 1)
+    np.testing.assert_allclose(rows["embedding"], states[index], rtol=1e-2, atol=1e-2)
+    assert not np.allclose(rows["embedding"], rows_of(whisper_padded, jfk)["embedding"], atol=0.1)
+
+
+def test_whisper_encoder_default_shares_the_text_stage_model(whisper_encoder: AudioStage, jfk: Media):
+    """Final states come from the faster-whisper model the text stage transcribes with (one model
+    in the process), within CTranslate2 int8's rounding of the torch encoder's float32 states."""
+    from pipeline.text import TextStage
+
+    config = whisper_encoder.config()
+    assert config["whisper_runtime"] == "ctranslate2" and config["whisper_compute_type"] == "int8"
+    text = TextStage(device="cpu")
+    text.resolve()
+    assert text.load_asr() is whisper_encoder.embedder.model
+    torch_rows = AudioStage(audio_model="whisper-encoder", asr_backend="openai-whisper")
+    torch_rows.load()
+    a = rows_of(whisper_encoder, jfk)["embedding"].astype(np.float32)
+    b = rows_of(torch_rows, jfk)["embedding"].astype(np.float32)
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.mean() > 0.99 and cosine.min() > 0.9, (cosine.mean(), cosine.min())
+    exact = AudioStage(audio_model="whisper-encoder", asr_compute_type="float32")
+    exact.load()
+    np.testing.assert_allclose(rows_of(exact, jfk)["embedding"], b, atol=2e-2)  # float16 storage
+
+
+def test_whisper_encoder_options_that_cannot_work_are_refused(tmp_path: Path):
+    with pytest.raises(ValueError, match="--audio-window is for whisper-encoder"):
+        AudioStage(audio_model="logmel", audio_window="padded")
+    with pytest.raises(ValueError, match="unknown --audio-window"):
+        AudioStage(audio_model="whisper-encoder", audio_window="30s")
+    assert AudioStage(audio_model="whisper-encoder", audio_layer=2).embedder.runtime == "torch"
+    store = tmp_path / "store.h5"
+    run = ["extract", str(JFK), "--store", str(store), "--stage", "audio", "--quiet"]
+    result = CliRunner().invoke(app, [*run, "--audio-model", "logmel", "--audio-window", "padded"])
+    assert result.exit_code == 2 and not store.exists()
+    assert result.output.strip() == "error: --audio-window is for whisper-encoder, not logmel"
+
+
+def test_whisper_encoder_past_30_s_and_inner_layer(whisper_padded: AudioStage):
     audio = np.tile(read_tone(1.0) * np.linspace(0, 1, SAMPLE_RATE, dtype=np.float32), 65)  # 65 s
     timestamps = np.arange(0, 65, 0.5)
-    rows = rows_of(whisper_encoder, with_audio(audio, timestamps))
+    rows = rows_of(whisper_padded, with_audio(audio, timestamps))
     assert rows["embedding"].shape == (130, 384) and rows["present"].all()
     # The third 30 s window (60..65 s) alone, as Whisper pads it.
     chunk = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(audio[60 * SAMPLE_RATE :])))
     with torch.inference_mode():
-        states = whisper_encoder.embedder.model.encoder(chunk[None])[0].numpy()
+        states = whisper_padded.embedder.model.encoder(chunk[None])[0].numpy()
     index = state_index(timestamps[120:] - 60, centre=0)
     np.testing.assert_allclose(rows["embedding"][120:], states[index], rtol=1e-2, atol=1e-2)
+    # The clip window differs only in the last, shorter window: whole 30 s windows have no padding.
+    clip = AudioStage(audio_model="whisper-encoder", asr_backend="openai-whisper")
+    clip.load()
+    clip_rows = rows_of(clip, with_audio(audio, timestamps))
+    np.testing.assert_allclose(clip_rows["embedding"][:120], rows["embedding"][:120], atol=1e-2)
+    assert not np.allclose(clip_rows["embedding"][120:], rows["embedding"][120:], atol=0.1)
     inner = AudioStage(audio_model="whisper-encoder", audio_layer=2)
     inner.load()
     inner_rows = rows_of(inner, with_audio(audio[: 5 * SAMPLE_RATE], np.arange(0, 5, 0.5)))
