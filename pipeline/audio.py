@@ -17,6 +17,7 @@ file without an audio track, are `present` False with zero embeddings.
 
 from __future__ import annotations
 
+import itertools
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -336,15 +337,10 @@ class WhisperEncoder(StateSequence):
         return whisper.log_mel_spectrogram(audio, n_mels=self.n_mels)
 
     def states(self, chunks: list[np.ndarray]) -> list[np.ndarray]:
-        mels = [self.log_mel(c) for c in chunks]
         out: list[np.ndarray] = []
-        for lo in range(len(mels)):  # windows of one length are encoded together
-            if lo and mels[lo].shape == mels[lo - 1].shape:
-                continue
-            hi = lo + 1
-            while hi < len(mels) and mels[hi].shape == mels[lo].shape:
-                hi += 1
-            out += list(self._encode(torch.stack(mels[lo:hi])))
+        # Windows of one length are encoded together (with "clip", all but maybe the last).
+        for _, same in itertools.groupby(map(self.log_mel, chunks), key=lambda mel: mel.shape):
+            out += list(self._encode(torch.stack(list(same))))
         return [x[: self.n_states(len(c))] for x, c in zip(out, chunks, strict=True)]
 
     def _encode(self, mel: torch.Tensor) -> np.ndarray:
