@@ -65,7 +65,12 @@ def extract(
         ),
     ] = None,
     audio_layer: Annotated[
-        int | None, typer.Option(help="Transformer layer of the audio model (default: the last).")
+        int | None,
+        typer.Option(
+            help="Layer of the audio model (whisper-encoder: a block, default a middle one, or -1 "
+            "for its output; wav2vec2/hubert/wavlm: default the last).",
+            show_default=False,
+        ),
     ] = None,
     audio_weights: Annotated[
         str | None, typer.Option(help="Local checkpoint for wav2vec2/hubert/wavlm ($RCMA_AUDIO_WEIGHTS).")

@@ -7,8 +7,9 @@ Embedders (`--audio-model`):
   (96 x 64 = 6144 values, time-major), the input a VGGish network would take.
 - `wav2vec2`, `hubert`, `wavlm`: torchaudio's BASE bundles (12 layers, 768 wide, 50 states/s),
   the output of transformer layer `--audio-layer` (default: the last).
-- `whisper-encoder`: the encoder states of the Whisper model the text stage transcribes with
-  (50 states/s), after the final layer norm, or the output of block `--audio-layer`.
+- `whisper-encoder` (the default): the encoder states of the Whisper model the text stage
+  transcribes with (50 states/s): the output of block `--audio-layer` (default
+  DEFAULT_WHISPER_LAYER), or with -1 the encoder's output after its last layer norm.
 
 Models with a state sequence are mapped onto the frame grid by time: each frame takes the state
 whose centre is nearest its timestamp. Frames past the end of the audio, and every frame of a
@@ -34,7 +35,7 @@ from pipeline.stages import Extra, Rows, Stage, library_versions
 from pipeline.weights import fetch_weights, weights_checksum
 
 AUDIO_MODELS = ("logmel", "wav2vec2", "hubert", "wavlm", "whisper-encoder")
-DEFAULT_AUDIO_MODEL = "logmel"
+DEFAULT_AUDIO_MODEL = "whisper-encoder"  # chosen by bench/audio.py, see docs/benchmarks.md
 AUDIO_WEIGHTS_ENV = "RCMA_AUDIO_WEIGHTS"
 AUDIO_WEIGHTS_OPTION = "--audio-weights"
 ROWS_PER_BLOCK = 1024
@@ -58,6 +59,10 @@ WHISPER_STRIDE = 320  # 10 ms mel hops, conv2 stride 2 (checked against the mode
 WHISPER_BATCH = 4
 WHISPER_WINDOWS = ("clip", "padded")
 DEFAULT_WHISPER_WINDOW = "clip"
+# The block whose output carried valence and arousal best in bench/audio.py (tiny.en, 4 blocks);
+# WHISPER_FINAL asks for the encoder's output, after its last layer norm.
+DEFAULT_WHISPER_LAYER = 2
+WHISPER_FINAL = -1
 
 
 class AudioEmbedder(ABC):
@@ -384,10 +389,12 @@ def build_embedder(
     if audio_model == "whisper-encoder":
         if asr_backend not in asr.BACKENDS:
             raise ValueError(f"unknown --asr-backend {asr_backend!r}; choose from {', '.join(asr.BACKENDS)}")
+        layer = DEFAULT_WHISPER_LAYER if audio_layer is None else audio_layer
+        final = layer == WHISPER_FINAL
         # The final states from the text stage's own faster-whisper model; inner blocks from torch.
-        runtime = "ctranslate2" if audio_layer is None and asr_backend == "faster-whisper" else "torch"
+        runtime = "ctranslate2" if final and asr_backend == "faster-whisper" else "torch"
         window = audio_window or DEFAULT_WHISPER_WINDOW
-        return WhisperEncoder(asr_model, audio_layer, window, runtime, asr_compute_type)
+        return WhisperEncoder(asr_model, None if final else layer, window, runtime, asr_compute_type)
     raise ValueError(f"unknown --audio-model {audio_model!r}; choose from {', '.join(AUDIO_MODELS)}")
 
 
@@ -441,6 +448,9 @@ class AudioStage(Stage):
         config: dict[str, Any] = {"audio_model": self.audio_model, "sample_rate": SAMPLE_RATE}
         if self.audio_model == "logmel":
             config["logmel_pool"] = self.logmel_pool
+        elif isinstance(self.embedder, WhisperEncoder):
+            layer = self.embedder.layer
+            config["audio_layer"] = WHISPER_FINAL if layer is None else layer
         else:
             config["audio_layer"] = self.audio_layer
         if isinstance(self.embedder, SelfSupervised):

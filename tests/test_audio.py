@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline import runner
-from pipeline.audio import LOGMEL_BANDS, LOGMEL_PATCH, SSL_BUNDLES, AudioStage
+from pipeline.audio import DEFAULT_WHISPER_LAYER, LOGMEL_BANDS, LOGMEL_PATCH, SSL_BUNDLES, AudioStage
 from pipeline.errors import ModelUnavailable
 from pipeline.media import SAMPLE_RATE, Media, read_audio
 from pipeline.stages import Extra, Rows
@@ -58,8 +58,8 @@ def logmel() -> AudioStage:
 
 @pytest.fixture(scope="module")
 def whisper_encoder() -> AudioStage:
-    """The default whisper-encoder: final states from the text stage's CTranslate2 model."""
-    stage = AudioStage(audio_model="whisper-encoder")
+    """whisper-encoder's output (-1): final states from the text stage's CTranslate2 model."""
+    stage = AudioStage(audio_model="whisper-encoder", audio_layer=-1)
     stage.load()
     return stage
 
@@ -67,7 +67,7 @@ def whisper_encoder() -> AudioStage:
 @pytest.fixture(scope="module")
 def whisper_padded() -> AudioStage:
     """openai-whisper's torch encoder on windows padded to 30 s, as Whisper transcribes."""
-    stage = AudioStage(audio_model="whisper-encoder", asr_backend="openai-whisper", audio_window="padded")
+    stage = AudioStage("whisper-encoder", -1, asr_backend="openai-whisper", audio_window="padded")
     stage.load()
     return stage
 
@@ -85,7 +85,7 @@ def test_logmel_patch_is_centred_on_each_frame(logmel: AudioStage, jfk: Media):
 
 
 def test_logmel_flat_is_the_whole_patch(jfk: Media):
-    stage = AudioStage(logmel_pool="flat")
+    stage = AudioStage(audio_model="logmel", logmel_pool="flat")
     stage.load()
     rows = rows_of(stage, jfk)
     assert rows["embedding"].shape == (330, LOGMEL_PATCH * LOGMEL_BANDS)
@@ -143,7 +143,7 @@ def test_whisper_encoder_clip_window_encodes_the_file_at_its_own_length(
 ):
     """The default window: the encoder sees the 11 s file alone (no 19 s of padding), its
     positional embedding cut to 11 s; the states differ from the padded window's."""
-    clip = AudioStage(audio_model="whisper-encoder", asr_backend="openai-whisper")
+    clip = AudioStage(audio_model="whisper-encoder", audio_layer=-1, asr_backend="openai-whisper")
     clip.load()
     assert clip.config()["audio_window"] == "clip" and clip.config()["whisper_runtime"] == "torch"
     rows = rows_of(clip, jfk)
@@ -174,15 +174,38 @@ def test_whisper_encoder_default_shares_the_text_stage_model(whisper_encoder: Au
     text = TextStage(device="cpu")
     text.resolve()
     assert text.load_asr() is whisper_encoder.embedder.model
-    torch_rows = AudioStage(audio_model="whisper-encoder", asr_backend="openai-whisper")
+    torch_rows = AudioStage(audio_model="whisper-encoder", audio_layer=-1, asr_backend="openai-whisper")
     torch_rows.load()
     a = rows_of(whisper_encoder, jfk)["embedding"].astype(np.float32)
     b = rows_of(torch_rows, jfk)["embedding"].astype(np.float32)
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cosine.mean() > 0.99 and cosine.min() > 0.9, (cosine.mean(), cosine.min())
-    exact = AudioStage(audio_model="whisper-encoder", asr_compute_type="float32")
+    exact = AudioStage(audio_model="whisper-encoder", audio_layer=-1, asr_compute_type="float32")
     exact.load()
     np.testing.assert_allclose(rows_of(exact, jfk)["embedding"], b, atol=2e-2)  # float16 storage
+
+
+def test_default_is_a_middle_block_of_the_whisper_encoder_on_each_clip(jfk: Media):
+    """What `rcma extract --stage audio` gives with no audio option (chosen by bench/audio.py):
+    block DEFAULT_WHISPER_LAYER of the encoder on torch, each file at its own length; the same
+    loaded model as the text stage's when that transcribes with openai-whisper."""
+    from pipeline.text import TextStage
+
+    default = AudioStage(device="cpu")
+    default.load()
+    config = default.config()
+    assert config["audio_model"] == "whisper-encoder" and config["audio_layer"] == DEFAULT_WHISPER_LAYER
+    assert config["audio_window"] == "clip" and config["whisper_runtime"] == "torch"
+    text = TextStage(asr_backend="openai-whisper", device="cpu")
+    text.resolve()
+    assert text.load_asr() is default.embedder.model
+    explicit = AudioStage(audio_model="whisper-encoder", audio_layer=DEFAULT_WHISPER_LAYER, device="cpu")
+    explicit.load()
+    rows = rows_of(default, jfk)
+    np.testing.assert_array_equal(rows["embedding"], rows_of(explicit, jfk)["embedding"])
+    final = AudioStage(audio_layer=-1, asr_backend="openai-whisper", device="cpu")
+    final.load()
+    assert not np.allclose(rows["embedding"], rows_of(final, jfk)["embedding"], atol=0.1)
 
 
 def test_whisper_encoder_options_that_cannot_work_are_refused(tmp_path: Path):
@@ -210,7 +233,7 @@ def test_whisper_encoder_past_30_s_and_inner_layer(whisper_padded: AudioStage):
     index = state_index(timestamps[120:] - 60, centre=0)
     np.testing.assert_allclose(rows["embedding"][120:], states[index], rtol=1e-2, atol=1e-2)
     # The clip window differs only in the last, shorter window: whole 30 s windows have no padding.
-    clip = AudioStage(audio_model="whisper-encoder", asr_backend="openai-whisper")
+    clip = AudioStage(audio_model="whisper-encoder", audio_layer=-1, asr_backend="openai-whisper")
     clip.load()
     clip_rows = rows_of(clip, with_audio(audio, timestamps))
     np.testing.assert_allclose(clip_rows["embedding"][:120], rows["embedding"][:120], atol=1e-2)
@@ -310,3 +333,18 @@ def test_runner_audio_only_files_and_bad_audio(logmel: AudioStage, store: Path, 
         assert silent["present"].shape == (f["videos/no_audio"].attrs["n_frames"],)
         assert not silent["present"][:].any()
         assert silent.attrs["audio_embedder"] == "logmel" and "config_hash" in silent.attrs
+
+
+def test_a_store_made_with_the_old_default_is_refused_then_re_extracted(tmp_path: Path):
+    """A store whose audio is log-mel (the default until December 2026): extracting with today's
+    default stops in one line before any job, and `--force` re-extracts the audio."""
+    store = tmp_path / "store.h5"
+    run = ["extract", str(SPEECH_VA[0]), "--store", str(store), "--stage", "audio", "--workers", "1", "-q"]
+    assert CliRunner().invoke(app, [*run, "--audio-model", "logmel"]).exit_code == 0
+    refused = CliRunner().invoke(app, run)
+    assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1, refused.output
+    assert "made with other settings" in refused.output
+    assert "audio_model: logmel in the store, whisper-encoder now" in refused.output
+    assert CliRunner().invoke(app, [*run, "--force"]).exit_code == 0
+    with open_store(store) as f:
+        assert f[f"videos/{SPEECH_VA[0].stem}/audio"].attrs["audio_embedder"] == "whisper-encoder"

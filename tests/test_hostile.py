@@ -460,7 +460,9 @@ def test_a_store_in_a_read_only_folder_is_one_line(tmp_path):
     "options, needle",
     [
         (["--stage", "text", "--asr-model", "nope"], "Whisper model 'nope'"),
-        (["--stage", "audio", "--audio-layer", "5"], "--audio-layer is for"),
+        (["--stage", "audio", "--audio-model", "logmel", "--audio-layer", "5"], "--audio-layer is for"),
+        (["--stage", "audio", "--audio-layer", "5"], "--audio-layer 5: Whisper tiny.en has blocks 0..4"),
+        (["--stage", "audio", "--audio-window", "30s"], "unknown --audio-window '30s'"),
         (["--stage", "audio", "--audio-model", "wav2vec2", "--audio-layer", "13"], "has layers 1..12"),
         (["--stage", "audio", "--fps", "0"], "--fps 0:"),
         (["--stage", "audio", "--fps", "-5"], "--fps -5:"),

@@ -93,7 +93,8 @@ def test_checkpoint_records_the_stage_settings_of_its_features(model):
     stages = torch.load(model, weights_only=True)["data"]["stages"]
     assert set(stages) == {"faces", "audio", "text"}
     assert stages["faces"]["config"]["visual_model"] == "fer"
-    assert stages["audio"]["config"]["audio_model"] == "logmel"
+    assert stages["audio"]["config"]["audio_model"] == "whisper-encoder"  # the default
+    assert stages["audio"]["config"]["audio_window"] == "clip"
     assert stages["text"]["config"]["asr_model"] == "tiny.en"
     assert all(len(s["config_hash"]) == 16 for s in stages.values())
 
