@@ -9,8 +9,11 @@ Per clip set, in the same run and with the same torch thread count:
 - stage: FacesStage(visual_model="none") as the runner drives it: tracking, alignment, 112x112 crops
   (the runner builds the frame grid in the same decoding pass; here the grid is decoded beforehand,
   untimed, so *stage* is the stage's own time, decoding included).
-`--repeat` rounds run every workload once per clip set; each keeps its best time. The stage
-runs its detector on one thread (DETECTOR_CPU_THREADS) and decodes on another.
+Clip sets: the 360p clips of data/, the HD talking heads of data/liveportrait/ (1280x720 and a
+720x1280 phone video), and a 1920x1080 clip made in the run by upscaling the 1280x720 one
+(make_hd_video: a re-encode of a real clip, written to a temporary folder), each row with its own
+decode fps and ratios. `--repeat` rounds run every workload once per clip set; each keeps its
+best time. The stage runs its detector on one thread (DETECTOR_CPU_THREADS) and decodes on another.
 
 Accuracy is against the naive loop's detections (the full-resolution default detector): per frame
 where both found a face, the IoU of the stage's box with the best-matching default box, and the
@@ -48,12 +51,17 @@ from pipeline.faces import RGB_CONVERSION, FacesStage, iou  # noqa: E402
 from pipeline.media import Media, frame_grid, iter_video_frames, probe  # noqa: E402
 
 DATA = ROOT / "data"
+HD_SOURCE = DATA / "liveportrait" / "s18.mp4"
+HD_SIZE = (1920, 1080)
+HD_LABEL = "s18 re-encoded (1920x1080)"
 SETS = {
     "crema-d (6 clips, 480x360)": sorted((DATA / "crema-d" / "mp4").glob("*.mp4")),
     "pexels woman (640x360)": [DATA / "pexels" / "WolfgangLanger_Pexels.mp4"],
     "pexels man (640x360)": [DATA / "pexels" / "single_face.mp4"],
     "hamilton (640x360, cuts)": [DATA / "hamilton" / "short_hamilton_clip.mp4"],
-}
+    "liveportrait s18 (1280x720)": [DATA / "liveportrait" / "s18.mp4"],
+    "liveportrait d13 (720x1280)": [DATA / "liveportrait" / "d13.mp4"],
+}  # and HD_LABEL, made in the run (make_hd_video)
 LONG_SOURCES = [DATA / "pexels" / "WolfgangLanger_Pexels.mp4", DATA / "hamilton" / "short_hamilton_clip.mp4"]
 LONG_SIZE = (640, 360)
 NAIVE_THREADS = sorted({1, min(2, os.cpu_count() or 1)})
@@ -134,26 +142,36 @@ def speed_and_accuracy(repeat: int, stage_threads: int) -> list[dict]:
     warm = SETS["pexels man (640x360)"][:1]
     naive(warm, mtcnn), stage_run(warm, stage), decode_only(warm)
     rows = []
-    for label, paths in SETS.items():
-        best = {"decode": np.inf, "decode_cv": np.inf, "naive": np.inf, "stage": np.inf}
-        reference = ours = None
-        n = 0
-        for _ in range(repeat):
-            seconds, n = timed(decode_only, paths)
-            best["decode"] = min(best["decode"], seconds)
-            seconds, _ = timed(decode_only, paths, RGB_CONVERSION)
-            best["decode_cv"] = min(best["decode_cv"], seconds)
-            for threads in NAIVE_THREADS:  # the naive loop gets whichever thread count suits it best
-                torch.set_num_threads(threads)
-                seconds, reference = timed(naive, paths, mtcnn)
-                best["naive"] = min(best["naive"], seconds)
-            torch.set_num_threads(stage_threads)
-            seconds, ours = timed(stage_run, paths, stage)
-            best["stage"] = min(best["stage"], seconds)
-        fps = {k: n / v for k, v in best.items()}
-        rows.append({"set": label, "frames": n, "fps": fps, **accuracy(reference, ours)})
-        print_row(rows[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = {**SETS, HD_LABEL: [make_hd_video(Path(tmp) / "hd.mp4")]}
+        for label, paths in sets.items():
+            rows.append(speed_and_accuracy_row(label, paths, repeat, stage_threads, mtcnn, stage))
     return rows
+
+
+def speed_and_accuracy_row(
+    label: str, paths: list[Path], repeat: int, stage_threads: int, mtcnn, stage: FacesStage
+) -> dict:
+    """One clip set's speeds (each workload's best of `repeat` rounds, in the same run) and accuracy."""
+    best = {"decode": np.inf, "decode_cv": np.inf, "naive": np.inf, "stage": np.inf}
+    reference = ours = None
+    n = 0
+    for _ in range(repeat):
+        seconds, n = timed(decode_only, paths)
+        best["decode"] = min(best["decode"], seconds)
+        seconds, _ = timed(decode_only, paths, RGB_CONVERSION)
+        best["decode_cv"] = min(best["decode_cv"], seconds)
+        for threads in NAIVE_THREADS:  # the naive loop gets whichever thread count suits it best
+            torch.set_num_threads(threads)
+            seconds, reference = timed(naive, paths, mtcnn)
+            best["naive"] = min(best["naive"], seconds)
+        torch.set_num_threads(stage_threads)
+        seconds, ours = timed(stage_run, paths, stage)
+        best["stage"] = min(best["stage"], seconds)
+    fps = {k: n / v for k, v in best.items()}
+    row = {"set": label, "frames": n, "fps": fps, **accuracy(reference, ours)}
+    print_row(row)
+    return row
 
 
 def print_row(row: dict) -> None:
@@ -166,6 +184,24 @@ def print_row(row: dict) -> None:
         f"{row['landmark_err_p95']:>6.3f} {row['frames_default_only']:>4} {row['frames_stage_only']:>4}",
         flush=True,
     )
+
+
+def make_hd_video(path: Path, source: Path = HD_SOURCE, size: tuple[int, int] = HD_SIZE) -> Path:
+    """`source` upscaled (bicubic) to `size` and re-encoded as H.264: the same real face, at 1080p."""
+    with av.open(str(source)) as src, av.open(str(path), "w") as out:
+        video = src.streams.video[0]
+        rate = video.average_rate
+        stream = out.add_stream("libx264", rate=rate)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"preset": "veryfast", "crf": "20"}
+        for index, frame in enumerate(src.decode(video)):
+            image = frame.reformat(width=size[0], height=size[1], format="yuv420p", interpolation="BICUBIC")
+            image.pts = index
+            image.time_base = 1 / Fraction(rate)
+            out.mux(stream.encode(image))
+        out.mux(stream.encode(None))
+    return path
 
 
 def make_long_video(path: Path, minutes: float, fps: int) -> int:

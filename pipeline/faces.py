@@ -14,8 +14,10 @@ Per frame it writes (absent frames in brackets):
 Speed: MTCNN spends most of its time running P-Net over the fine levels of a full-frame image
 pyramid. Once the subject is found, the next frames are tracked by O-Net alone (MTCNN's last
 stage, under 1 ms a frame) on the square around the last box, as MTCNN runs it on R-Net's boxes,
-TRACK_BATCH frames in one batch on the same square while the track holds (frames after an unsure
-one go one by one, each on the box before it); only that square is resized, and where it
+up to TRACK_BATCH frames in one batch on the same square while the track holds (after a frame
+whose face moved off it, the next batch starts there, on the box before it, and is as long as the
+last one held); only that square is resized (halved first while it is several times O-Net's
+48 px: HALVE_HEADROOM), so an HD frame costs the tracker about what a small one does; where it
 reaches past the frame's edge it is padded with zeros (as the original MTCNN pads;
 facenet-pytorch clips, which squashes the face O-Net sees and makes a track along the edge
 drift). O-Net's regression lags a fast-moving face and
@@ -26,8 +28,9 @@ of the full detector that fit faces from SEARCH_MIN_FACE times the tracked size 
 REFINE_FRAMES-th frame. The whole frame is searched (at the same levels) only when the window
 holds no face that matches the track, and at every level only while no subject is tracked. The
 detector itself is MTCNN's three stages with their crops batched and OpenCV's area resize of
-uint8 pixels. On talking heads most frames cost one O-Net pass, and the boxes and landmarks
-stay within the spread of the full detector's own results (bench/faces.py measures both).
+uint8 pixels (AreaResizer: the pyramid's levels share one chain of halvings of the frame). On
+talking heads most frames cost one O-Net pass, and the boxes and landmarks stay within the
+spread of the full detector's own results (bench/faces.py measures both, HD clips included).
 
 Subject: the largest face of the first frame with a face; then the detection that overlaps or
 is near the last box, so another face entering the frame does not take the track over. A track
@@ -69,11 +72,15 @@ SEARCH_MIN_FACE = 0.7  # smallest face looked for in the window, relative to the
 MATCH_IOU = 0.3  # a detection with this IoU with the last box is the same subject...
 MATCH_CENTRE = 0.5  # ...or one whose centre is within this many box sizes of the last one's
 MATCH_SCALE = 1.5  # ...and whose size is within this factor of it
-TRACK_BATCH = 16  # frames O-Net tracks in one batch, all on the box before them
+TRACK_BATCH = 16  # frames O-Net tracks in one batch, all on the box before them...
+TRACK_MIN_BATCH = 2  # ...or fewer, down to this, as many as stayed on the box in the batch before
 REFINE_FRAMES = 120  # at most this many frames tracked by O-Net alone between two window searches
 TRACK_SCORE = 0.95  # a face O-Net tracks with a lower score is searched for in its window instead...
 TRACK_IOU = 0.85  # ...and so is one whose box overlaps the box it was tracked from by less...
 START_MIN_FACE = 0.1  # a track starts on faces this fraction of the short side or larger, if any
+# Area resizes (pyramid levels, the nets' crops) first halve a large image while it stays this many
+# times the target size: on HD frames a face square's resize then costs one read of its pixels
+HALVE_HEADROOM = 2
 REACQUIRE_AFTER_S = 0.5  # a track lost this long is given up for the largest face in view
 SUBJECTS = ("largest", "left", "right")
 DECODE_BATCH = 16
@@ -156,10 +163,11 @@ class Mtcnn:
         if min(height, width) < min_face:
             return []  # no pyramid level fits
         image = np.ascontiguousarray(image)
+        resize = AreaResizer(image)
         scale, side = 12.0 / min_face, min(height, width) * 12.0 / min_face
         proposals = []
         while side >= 12:
-            level = area_resize(image, int(height * scale + 1), int(width * scale + 1))
+            level = resize(int(height * scale + 1), int(width * scale + 1))
             reg, prob = self.nets[0](self.tensor(level[None]))
             boxes, _ = generateBoundingBox(reg, prob[:, 1], scale, THRESHOLDS[0])
             proposals.append(boxes[nms(boxes[:, :4], boxes[:, 4], 0.5)])
@@ -240,10 +248,43 @@ class Mtcnn:
 
 def area_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """uint8 (h,w,3) pixels resized by pixel-area averaging, MTCNN's resize for its pyramid and
-    crops. OpenCV's INTER_AREA on the uint8 pixels: several times faster than detect_face's
-    torch "area" resize of float pixels, with the same intent (its weights are exact pixel
-    overlaps where torch's bins overlap by whole pixels, so values differ slightly)."""
-    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    crops (see AreaResizer)."""
+    return AreaResizer(image)(height, width)
+
+
+class AreaResizer:
+    """Pixel-area resizes of one uint8 (h,w,3) image, MTCNN's resize for its pyramid and crops.
+
+    OpenCV's INTER_AREA on the uint8 pixels: several times faster than detect_face's torch "area"
+    resize of float pixels, with the same intent (its weights are exact pixel overlaps where
+    torch's bins overlap by whole pixels, so values differ slightly). A large reduction first
+    halves the image (2x2 pixel means, OpenCV's fast path) while the result stays at least
+    HALVE_HEADROOM times the target size, then averages the rest: the cost of a resize is then
+    about one read of the source instead of growing with its size over the target's (a face
+    square of an HD frame cut to O-Net's 48 px, a pyramid level of the whole frame). The halvings
+    are kept for the next resize of the same image (the pyramid's levels share them). An odd
+    last row or column is left out of a halving (at most 2**k - 1 source pixels at the far edges
+    after k halvings)."""
+
+    def __init__(self, image: np.ndarray):
+        self.halvings = [image]
+
+    def __call__(self, height: int, width: int) -> np.ndarray:
+        k = 0
+        while True:
+            h, w = self.halvings[k].shape[:2]
+            if h // 2 < HALVE_HEADROOM * height or w // 2 < HALVE_HEADROOM * width:
+                break
+            if k + 1 == len(self.halvings):
+                self.halvings.append(halve(self.halvings[k]))
+            k += 1
+        return cv2.resize(self.halvings[k], (width, height), interpolation=cv2.INTER_AREA)
+
+
+def halve(image: np.ndarray) -> np.ndarray:
+    """Each 2x2 block of pixels averaged (an odd last row or column left out)."""
+    h, w = image.shape[0] // 2, image.shape[1] // 2
+    return cv2.resize(image[: 2 * h, : 2 * w], (w, h), interpolation=cv2.INTER_AREA)
 
 
 def square_box(box: np.ndarray) -> np.ndarray:
@@ -295,15 +336,18 @@ class SubjectTracker:
         self.full_detections = 0
         self.refined = 0  # frames since the last window search
         self.window_searches = 0
+        self.batch = TRACK_BATCH  # frames O-Net tracks in its next batch
 
     def track(self, frames: np.ndarray) -> list[Face | None]:
         """`update` over consecutive frames. While the track is steady, O-Net runs on the same
-        square (the last box before them) in all of them in one batch; from the first frame whose
-        face is not steady on it, frames go through `update` one by one until it is again."""
+        square (the last box before them) in a batch of them. The first frame whose face moved
+        off that square starts the next batch, on the box just before it, as long as the batch
+        before held (at least TRACK_MIN_BATCH; a batch that holds doubles the next, up to
+        TRACK_BATCH); a frame O-Net loses on the box just before it is searched for."""
         faces: list[Face | None] = []
         while len(faces) < len(frames):
             if self.last is not None and self.missed == 0 and self.refined < REFINE_FRAMES:
-                ahead = frames[len(faces) : len(faces) + min(TRACK_BATCH, REFINE_FRAMES - self.refined)]
+                ahead = frames[len(faces) : len(faces) + min(self.batch, REFINE_FRAMES - self.refined)]
                 anchor = self.last
                 done = len(faces)
                 for face in self.detector.refine_many(list(ahead), anchor.box):
@@ -313,10 +357,15 @@ class SubjectTracker:
                     self.last = face
                     faces.append(face)
                 else:
+                    if len(ahead) == self.batch:
+                        self.batch = min(TRACK_BATCH, 2 * self.batch)
                     continue
+                self.batch = max(TRACK_MIN_BATCH, len(faces) - done)
                 if len(faces) == done:  # O-Net on the last box just failed on this frame: search
                     faces.append(self._search(frames[done]))
-                    continue
+                # else the face moved from the batch's box: the next batch starts at this frame, on
+                # the box just before it
+                continue
             faces.append(self.update(frames[len(faces)]))
         return faces
 
@@ -462,10 +511,12 @@ class FacesStage(Stage):
                 "match_scale": MATCH_SCALE,
                 "refine_frames": REFINE_FRAMES,
                 "track_batch": TRACK_BATCH,
+                "track_min_batch": TRACK_MIN_BATCH,
                 "first_decode_batch": FIRST_DECODE_BATCH,
                 "track_score": TRACK_SCORE,
                 "track_iou": TRACK_IOU,
                 "resize": "opencv-inter-area-uint8",
+                "halve_headroom": HALVE_HEADROOM,
                 "rgb_conversion": RGB_CONVERSION,
                 "track_padding": "zeros",
                 "start_min_face": START_MIN_FACE,

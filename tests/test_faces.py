@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import CREMA_FLV, CREMA_MP4, HAMILTON, JFK, PEXELS, SINGLE_FACE
+from conftest import CREMA_FLV, CREMA_MP4, DATA, HAMILTON, JFK, PEXELS, SINGLE_FACE
 
 from pipeline import visual
 from pipeline.align import ARCFACE_TEMPLATE, CROP_SIZE, similarity_transform
 from pipeline.errors import ModelUnavailable
-from pipeline.faces import FacesStage, Mtcnn
+from pipeline.faces import TRACK_MIN_BATCH, AreaResizer, Face, FacesStage, Mtcnn, SubjectTracker, iou
 from pipeline.files import CACHE_ENV
 from pipeline.media import Media, frame_grid, grid_rows, iter_video_frames, probe
 from pipeline.runner import Extractor, FatalError, discover, run_local
@@ -632,3 +633,88 @@ def test_a_store_whose_faces_hash_held_the_subject_keeps_its_videos(tmp_path: Pa
     assert stage_counts(store)["faces"].done == ["one", "two"]
     code, output = extract_faces(store, two, "--subject", "left")
     assert code == 0 and "0 done, 1 already done" in output, output
+
+
+HD_CLIPS = [DATA / "liveportrait" / "s18.mp4", DATA / "liveportrait" / "d13.mp4"]  # 1280x720, 720x1280
+# the default detector on the full-resolution frames (tests/fixtures/make_hd_faces_reference.py)
+HD_REFERENCE = Path(__file__).parent / "fixtures" / "hd_faces_reference.npz"
+HD_FRAMES = 36  # the first three decode batches (4 + 16 + 16 frames)
+
+
+@pytest.mark.parametrize("path", HD_CLIPS, ids=lambda p: p.stem)
+def test_hd_faces_agree_with_full_resolution_mtcnn(stage: FacesStage, path: Path):
+    """On HD talking heads the stage's boxes and landmarks stay within the accuracy bounds (mean
+    box IoU >= 0.90, landmark error <= 0.04 of the eye distance) of the default detector on the
+    full-resolution frames (bench/faces.py measures whole clips, and a 1080p one)."""
+    blocks = stage.run(media_for(path))
+    rows: list[Rows] = []
+    while sum(len(b) for b in rows) < HD_FRAMES:
+        rows.append(next(blocks))
+    blocks.close()
+    ours = {
+        k: np.concatenate([b.arrays[k] for b in rows])[:HD_FRAMES] for k in ("present", "boxes", "landmarks")
+    }
+    with np.load(HD_REFERENCE) as reference:
+        boxes, points = reference[f"{path.stem}_boxes"], reference[f"{path.stem}_landmarks"]
+    assert ours["present"].all()
+    overlaps = [iou(a, b) for a, b in zip(ours["boxes"], boxes, strict=True)]
+    eyes = np.linalg.norm(points[:, 0] - points[:, 1], axis=1)
+    errors = np.linalg.norm(ours["landmarks"] - points, axis=2).mean(1) / eyes
+    assert np.mean(overlaps) >= 0.90 and min(overlaps) >= 0.80, overlaps
+    assert errors.mean() <= 0.04 and errors.max() <= 0.08, errors
+
+
+def test_area_resizer_halves_large_reductions_and_keeps_the_pixels():
+    frame = next(iter_video_frames(HD_CLIPS[0], 1))[1][0]  # 1280x720, a face in the middle
+    square = frame[100:700, 340:940]  # 600 px
+    resize = AreaResizer(square)
+    small = resize(48, 48)
+    # 600 -> 300 -> 150, then INTER_AREA to 48: halved while the result stays >= 2x the target
+    assert [h.shape[0] for h in resize.halvings] == [600, 300, 150]
+    direct = cv2.resize(square, (48, 48), interpolation=cv2.INTER_AREA)
+    assert np.abs(small.astype(int) - direct.astype(int)).mean() < 1.5
+    resize(96, 96)  # the next resize of the same image reuses the halvings
+    assert len(resize.halvings) == 3
+    odd = AreaResizer(frame[:601, :599])  # an odd last row / column is left out of a halving
+    assert odd(48, 48).shape == (48, 48, 3) and odd.halvings[1].shape == (300, 299, 3)
+    near = AreaResizer(square[:150, :150])  # under 4x the target: one INTER_AREA, as before
+    assert np.array_equal(
+        near(48, 48), cv2.resize(square[:150, :150], (48, 48), interpolation=cv2.INTER_AREA)
+    )
+    assert len(near.halvings) == 1
+
+
+class MovingFace:
+    """A stand-in detector: frame i (its pixel value) holds a sure face at x = STEP * i, which
+    O-Net finds exactly from any box; the face moves off a box within three frames."""
+
+    STEP = 4.0
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def face(self, index: int) -> Face:
+        box = np.array([self.STEP * index, 0, self.STEP * index + 100, 100], dtype=np.float32)
+        return Face(box, np.zeros((5, 2), np.float32), 0.99)
+
+    def refine_many(self, images: list[np.ndarray], box: np.ndarray) -> list[Face | None]:
+        self.batches.append(len(images))
+        return [self.face(int(image.flat[0])) for image in images]
+
+    def detect(self, image: np.ndarray, min_face: float) -> list[Face]:
+        return [self.face(int(image.flat[0]))]
+
+
+def test_tracking_batches_shrink_to_what_holds_on_a_moving_face():
+    """A face moving off the batch's box within a few frames: the next batch is as long as the
+    last one held, not TRACK_BATCH frames of which most are thrown away, nor one frame at a time."""
+    detector = MovingFace()
+    tracker = SubjectTracker(detector, reacquire_after=15)  # type: ignore[arg-type]
+    tracker.last = detector.face(0)
+    frames = np.arange(1, 97, dtype=np.uint8).reshape(-1, 1, 1, 1)
+    faces = []
+    for start in range(0, len(frames), 16):
+        faces += tracker.track(frames[start : start + 16])
+    assert [f.box[0] for f in faces] == [MovingFace.STEP * i for i in range(1, 97)]
+    assert min(detector.batches) >= TRACK_MIN_BATCH
+    assert sum(detector.batches) <= 1.75 * len(frames), detector.batches  # TRACK_BATCH each: 5.7x
