@@ -63,6 +63,8 @@ format: setup
 
 bench: setup
 	$(BIN)/python bench/faces.py
+	$(BIN)/python bench/visual.py
+	$(BIN)/python bench/audio.py
 	$(BIN)/python bench/audio_text.py
 	$(BIN)/python bench/asr_batching.py
 	$(BIN)/python bench/train.py
