@@ -143,10 +143,10 @@ def _frame_ccc(pred: np.ndarray, true: np.ndarray, frames: np.ndarray) -> list[f
 
 
 def ridge_scores(
-    store: Path, videos: list[str], groups: dict[str, str], folds: int, seed: int
+    store: Path, stage: str, videos: list[str], groups: dict[str, str], folds: int, seed: int
 ) -> list[float]:
     """[valence CCC, arousal CCC]: each the mean over folds, on the test clips' frames."""
-    x, y, n = clip_means(store, videos)
+    x, y, n = clip_means(store, stage, videos)
     fold = np.array(fold_of_videos(videos, groups, folds, seed))
     per_fold = []
     for k in range(folds):
