@@ -115,8 +115,9 @@ def extract(
     workers: Annotated[
         str,
         typer.Option(
-            help="Worker processes on this machine: auto (one per core; with CUDA, 2 per GPU) or a "
-            "number (1: everything in this process)."
+            help="Worker processes on this machine: auto (starts in this process, adds workers when the "
+            "files left pay for their start-up, up to one per core; with CUDA, 2 per GPU) or a number "
+            "(1: everything in this process)."
         ),
     ] = "auto",
     scheduler: Annotated[

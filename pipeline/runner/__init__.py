@@ -6,6 +6,7 @@ One module a concern:
                    the configs check and the index refreshes every run does around its jobs
     extractor.py   the Extractor: one video's stages, in turn, into its shards
     run.py         where jobs run: `extract` chooses; `run_local` runs them in this process
+    pool.py        `--workers auto`: jobs start in this process; workers are added when they pay
     cluster.py     on Dask: a LocalCluster started here, or an existing scheduler (`connect`)
     worker.py      a Dask worker process: its environment, its setup, the tasks it runs
 """
@@ -23,6 +24,7 @@ from pipeline.runner.jobs import (
     discover,
     shard_of,
 )
+from pipeline.runner.pool import extra_workers, finish_time, run_pool
 from pipeline.runner.run import auto_workers, extract, progress_bars, resolve_workers, run_local
 from pipeline.runner.worker import WorkerSetup, local_cluster
 from pipeline.stages import build_stage
@@ -44,7 +46,9 @@ __all__ = [
     "connect",
     "cpu_count",
     "discover",
+    "extra_workers",
     "extract",
+    "finish_time",
     "gpu_count",
     "local_cluster",
     "progress_bars",
@@ -52,5 +56,6 @@ __all__ = [
     "run_dask",
     "run_local",
     "run_local_cluster",
+    "run_pool",
     "shard_of",
 ]

@@ -2,7 +2,8 @@
 
 Both are one code path (`_run_on_client`): every worker is checked (it can write the store, it
 resolves the same stage configs), then one task a job is submitted, largest file first. Workers
-write their own shards; this process records failures and rebuilds the index.
+write their own shards; this process records failures and rebuilds the index. Its pieces
+(`ready_workers`, `submit`, `job_result`) also run the workers `--workers auto` adds (pool.py).
 """
 
 from __future__ import annotations
@@ -184,69 +185,109 @@ def _run_on_client(
 ) -> list[Outcome]:
     from distributed import as_completed
 
-    # Workers may run in other folders: give them absolute paths, for media and for model files.
-    specs = [(name, {k: _absolute_if_path(v) for k, v in options.items()}) for name, options in stage_specs]
-    where = str(store.resolve())
+    specs = worker_specs(stage_specs)
     shard_root(store).mkdir(parents=True, exist_ok=True)
     outcomes: list[Outcome] = []
     index = IndexRefresher(store)
-    resources = _gpu_resources(client, specs)
+    resources = gpu_resources(client, specs)
     if progress:
         client.subscribe_topic(PROGRESS_TOPIC, lambda event: progress(*event[1]))
     try:
-        check = lambda: client.run(_check_writable_on_worker, where)  # noqa: E731 (every worker)
-        problems = _lost_cluster_is_a_run_error(scheduler, check)
-        problem = next((p for p in problems.values() if p), "")
-        if problem:
-            raise FatalError(problem)
-        prepared = _lost_cluster_is_a_run_error(
-            scheduler, lambda: _prepare_every_worker(client, where, specs, fps, force, setup, resources)
-        )
+        prepared = ready_workers(client, scheduler, store, specs, fps, force, setup, resources)
         check_configs(store, prepared, force)
-        futures = {
-            client.submit(
-                _extract_on_worker,
-                Job(job.path.absolute(), job.video_id),
-                where,
-                specs,
-                fps,
-                force,
-                setup,
-                pure=False,
-                retries=2,
-                resources=resources,
-                priority=_size(job.path),  # the largest files first, so none is left to run alone at the end
-            ): job
-            for job in jobs
-        }
+        futures = {submit(client, job, store, specs, fps, force, setup, resources): job for job in jobs}
         for future in as_completed(futures):
-            job = futures[future]
             try:
-                result = _lost_cluster_is_a_run_error(scheduler, future.result)
+                result = job_result(future, futures[future], scheduler, store, stage_specs)
             except FatalError:
                 for other in futures:
                     other.cancel()
                 raise
-            except Exception as e:
-                result = [
-                    Outcome(job.video_id, str(job.path), name, "failed", error=_one_line(e))
-                    for name, _ in stage_specs
-                ]
-                for outcome in result:
-                    record_failure(store, outcome.stage, job.video_id, str(job.path), outcome.error)
-            if isinstance(result, RunErrorOnWorker):
-                for other in futures:
-                    other.cancel()
-                raise FatalError(result.error)
             outcomes += result
             if on_job_done:
-                on_job_done(job, result)
+                on_job_done(futures[future], result)
             index.refresh()
     finally:
         if progress:
             _quietly(lambda: client.unsubscribe_topic(PROGRESS_TOPIC))
         index.refresh(now=True)
     return outcomes
+
+
+def worker_specs(stage_specs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """The stage specs as workers get them: paths absolute, since workers may run in other folders
+    (for media and for model files)."""
+    return [(name, {k: _absolute_if_path(v) for k, v in options.items()}) for name, options in stage_specs]
+
+
+def ready_workers(
+    client,
+    scheduler: str,
+    store: Path,
+    specs: list[tuple[str, dict]],
+    fps: float,
+    force: bool,
+    setup: WorkerSetup,
+    resources: dict[str, int] | None,
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Checks that every worker can write the store and resolves the same stage configs; returns
+    them (a run error otherwise)."""
+    where = str(store.resolve())
+    check = lambda: client.run(_check_writable_on_worker, where)  # noqa: E731 (every worker)
+    problems = _lost_cluster_is_a_run_error(scheduler, check)
+    problem = next((p for p in problems.values() if p), "")
+    if problem:
+        raise FatalError(problem)
+    return _lost_cluster_is_a_run_error(
+        scheduler, lambda: _prepare_every_worker(client, where, specs, fps, force, setup, resources)
+    )
+
+
+def submit(
+    client,
+    job: Job,
+    store: Path,
+    specs: list[tuple[str, dict]],
+    fps: float,
+    force: bool,
+    setup: WorkerSetup,
+    resources: dict[str, int] | None,
+):
+    """The Dask task of one job (`specs` from `worker_specs`), retried where its worker is lost."""
+    return client.submit(
+        _extract_on_worker,
+        Job(job.path.absolute(), job.video_id),
+        str(store.resolve()),
+        specs,
+        fps,
+        force,
+        setup,
+        pure=False,
+        retries=2,
+        resources=resources,
+        priority=file_size(job.path),  # the largest files first, so none is left to run alone at the end
+    )
+
+
+def job_result(
+    future, job: Job, scheduler: str, store: Path, stage_specs: list[tuple[str, dict]]
+) -> list[Outcome]:
+    """A finished task's outcomes; the job's failure when the task raised (recorded in the store).
+    FatalError for a run error (the caller cancels the other tasks) or a lost scheduler."""
+    try:
+        result = _lost_cluster_is_a_run_error(scheduler, future.result)
+    except FatalError:
+        raise
+    except Exception as e:
+        result = [
+            Outcome(job.video_id, str(job.path), name, "failed", error=_one_line(e))
+            for name, _ in stage_specs
+        ]
+        for outcome in result:
+            record_failure(store, outcome.stage, job.video_id, str(job.path), outcome.error)
+    if isinstance(result, RunErrorOnWorker):
+        raise FatalError(result.error)
+    return result
 
 
 def _prepare_every_worker(
@@ -293,14 +334,14 @@ def _prepare_every_worker(
     return first
 
 
-def _size(path: Path) -> int:
+def file_size(path: Path) -> int:
     try:
         return path.stat().st_size
     except OSError:
         return 0
 
 
-def _gpu_resources(client, specs: list[tuple[str, dict]]) -> dict[str, int] | None:
+def gpu_resources(client, specs: list[tuple[str, dict]]) -> dict[str, int] | None:
     """{"GPU": 1} when the cluster's workers declare GPUs (`dask worker --resources GPU=1`) and the
     stages may use one: a job then runs only where a GPU is free. None otherwise, so that a
     cluster without GPUs (or `--device cpu`) runs every job on any worker."""

@@ -77,6 +77,12 @@ class Extractor:
         self._loaded: set[str] = set()
         self._unloadable: dict[str, str] = {}
         self._configs: dict[str, tuple[str, dict[str, Any]]] | None = None
+        # What setting up the stages has cost so far (`--workers auto` sizes its pool from it): CPU
+        # seconds resolving them and loading their models, the wall seconds of the finished loads,
+        # and when the load under way began.
+        self.setup_cpu_seconds = 0.0
+        self.load_seconds = 0.0
+        self.loading_since: float | None = None
 
     def run_job(self, job: Job, progress: Progress | None = None) -> list[Outcome]:
         configs = self.prepare()
@@ -149,6 +155,7 @@ class Extractor:
         a bad option or a missing model is one run error, not one failure per video. Returns each
         stage's (config hash, config)."""
         if self._configs is None:
+            cpu = time.process_time()
             configs = {}
             for stage in self.stages:
                 try:
@@ -159,6 +166,7 @@ class Extractor:
                     raise FatalError(f"{stage.name}: {_one_line(e)}") from None
                 configs[stage.name] = (config_hash(stage), stage.config())
             self._configs = configs
+            self.setup_cpu_seconds += time.process_time() - cpu
         return self._configs
 
     def _fail(self, job: Job, stage: str, error: str) -> Outcome:
@@ -170,11 +178,17 @@ class Extractor:
             return
         if stage.name in self._unloadable:  # tried once: every later job fails the same way
             raise FatalError(self._unloadable[stage.name])
+        started, cpu = time.perf_counter(), time.process_time()
+        self.loading_since = started
         try:
             stage.load()
         except (ModelUnavailable, ValueError) as e:  # an option out of range for the model loaded
             self._unloadable[stage.name] = f"{stage.name}: {_one_line(e)}"
             raise FatalError(self._unloadable[stage.name]) from None
+        finally:
+            self.loading_since = None
+            self.load_seconds += time.perf_counter() - started
+            self.setup_cpu_seconds += time.process_time() - cpu
         self._loaded.add(stage.name)
 
     def _media(self, job: Job, share: bool) -> tuple[Media, dict[str, Any]]:

@@ -1,5 +1,6 @@
-"""Where jobs run: in this process (one worker), on a Dask LocalCluster of worker processes, or
-on an existing Dask cluster (`scheduler`); `extract` chooses, and `run_local` is the in-process run.
+"""Where jobs run: in this process (one worker), in this process with workers added when they pay
+(`--workers auto`, pool.py), on a Dask LocalCluster of N worker processes, or on an existing Dask
+cluster (`scheduler`); `extract` chooses, and `run_local` is the in-process run.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pipeline.media import DEFAULT_FPS
 from pipeline.runner.cluster import gpu_count, run_dask, run_local_cluster
 from pipeline.runner.extractor import Extractor
 from pipeline.runner.jobs import IndexRefresher, Job, Outcome, Progress, check_configs
+from pipeline.runner.pool import run_pool
 from pipeline.stages import build_stage
 from pipeline.store import clean_store_temps, shard_root
 from pipeline.store.scan import cpu_count
@@ -31,16 +33,25 @@ def extract(
     on_job_done: Callable[[Job, list[Outcome]], None] | None = None,
     on_note: Callable[[str], None] | None = None,
 ) -> list[Outcome]:
-    """Runs `jobs`: on the Dask cluster at `scheduler`, else here with `workers` processes
-    ("auto": see `auto_workers`); one worker runs in this process, as rcma always did. `on_note`
-    is given a line about the run that is worth a user's attention (a slow worker setting)."""
+    """Runs `jobs`: on the Dask cluster at `scheduler`, else here with `workers` processes; one
+    worker runs in this process, as rcma always did. "auto" starts in this process and adds worker
+    processes, up to `auto_workers`, only when they finish the rest sooner (`pool.run_pool`).
+    `on_note` is given a line about the run that is worth a user's attention (a slow worker
+    setting). `on_job_done` is called for one job at a time, not always from this thread."""
     if scheduler:
         outcomes = run_dask(jobs, scheduler, store, stage_specs, fps, force, on_job_done, progress, on_note)
     else:
         count = resolve_workers(workers, len(jobs), stage_specs)
-        if count == 1:
+        if count == 1 or workers == "auto":
             stages = [build_stage(name, options) for name, options in stage_specs]
-            outcomes = run_local(jobs, Extractor(store, stages, fps, force), progress, on_job_done)
+            extractor = Extractor(store, stages, fps, force)
+            if count == 1:
+                outcomes = run_local(jobs, extractor, progress, on_job_done)
+            else:
+                gpus = gpu_count(stage_specs)
+                outcomes, _ = run_pool(
+                    jobs, extractor, count, cpu_count(), gpus, stage_specs, progress, on_job_done
+                )
         else:
             outcomes = run_local_cluster(jobs, count, store, stage_specs, fps, force, progress, on_job_done)
     if shard_root(store).is_dir():  # temp files of writers killed in this run or before, never a live one
@@ -63,8 +74,9 @@ def progress_bars(console: Any, quiet: bool) -> Any:
 
 
 def auto_workers(n_jobs: int, cores: int, gpus: int) -> int:
-    """One worker per core; with GPUs, WORKERS_PER_GPU per GPU (at most one per core), so that
-    each GPU has one worker decoding while another computes. Never more workers than jobs."""
+    """The most workers `--workers auto` runs (this process counting as one): one per core; with
+    GPUs, WORKERS_PER_GPU per GPU (at most one per core), so that each GPU has one worker decoding
+    while another computes. Never more workers than jobs."""
     wanted = min(cores, WORKERS_PER_GPU * gpus) if gpus else cores
     return max(1, min(wanted, n_jobs))
 

@@ -41,10 +41,12 @@ class RunErrorOnWorker:
 @dataclass(frozen=True)
 class WorkerSetup:
     """How a worker process runs jobs: its share of CPU threads (None: leave torch's default, as on
-    a cluster whose workers were started with their own settings) and its GPU (None: the default)."""
+    a cluster whose workers were started with their own settings) and its GPU (None: the default).
+    `first_gpu`: the GPU of LocalCluster worker 0, 1 where this process already computes on GPU 0."""
 
     threads: int | None = None
     gpus: int = 0
+    first_gpu: int = 0
 
 
 def _worker_extractor(
@@ -62,7 +64,7 @@ def _worker_extractor(
 
 def _set_up_worker(setup: WorkerSetup) -> None:
     """Gives this worker process its share of CPU threads and, with several GPUs, its GPU (workers
-    of a LocalCluster are named 0, 1, ...: worker i uses GPU i mod the number of GPUs)."""
+    of a LocalCluster are named 0, 1, ...: worker i uses GPU (first_gpu + i) mod the number of GPUs)."""
     import torch
 
     if setup.threads:
@@ -74,7 +76,9 @@ def _set_up_worker(setup: WorkerSetup) -> None:
             index = int(get_worker().name)
         except (ValueError, TypeError):
             index = 0
-        torch.cuda.set_device(index % setup.gpus)  # "cuda" then means this GPU, for every model
+        torch.cuda.set_device(
+            (setup.first_gpu + index) % setup.gpus
+        )  # "cuda" then means this GPU, for every model
 
 
 def _prepare_on_worker(
