@@ -376,8 +376,9 @@ def build_embedder(
     audio_window: str | None,
     asr_model: str | None,
     asr_backend: str,
-    asr_compute_type: str | None,
 ) -> AudioEmbedder:
+    """The embedder the options name; a CTranslate2 encoder's compute type is set when the stage
+    resolves its device (`AudioStage.resolve`)."""
     if audio_model != "whisper-encoder" and audio_window is not None:
         raise ValueError(f"--audio-window is for whisper-encoder, not {audio_model}")
     if audio_model == "logmel":
@@ -394,7 +395,7 @@ def build_embedder(
         # The final states from the text stage's own faster-whisper model; inner blocks from torch.
         runtime = "ctranslate2" if final and asr_backend == "faster-whisper" else "torch"
         window = audio_window or DEFAULT_WHISPER_WINDOW
-        return WhisperEncoder(asr_model, None if final else layer, window, runtime, asr_compute_type)
+        return WhisperEncoder(asr_model, None if final else layer, window, runtime)
     raise ValueError(f"unknown --audio-model {audio_model!r}; choose from {', '.join(AUDIO_MODELS)}")
 
 
@@ -426,7 +427,6 @@ class AudioStage(Stage):
             audio_window,
             asr_model,
             asr_backend or asr.DEFAULT_BACKEND,
-            None,  # resolved with the device
         )
         self.weights_sha256 = ""
 
